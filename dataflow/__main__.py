@@ -1,0 +1,3 @@
+from dataflow.cli import app
+
+app()
