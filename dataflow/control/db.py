@@ -1,0 +1,202 @@
+"""The run database: one WAL-mode SQLite file shared by every process of a run.
+
+Connections are autocommit (`isolation_level=None`); every write goes through `immediate()`, which takes
+the write lock up front (a deferred read that later upgrades to a write fails with SQLITE_BUSY at once,
+whatever busy_timeout says).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dataflow.errors import DatabaseError
+
+APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
+BUSY_TIMEOUT_MS = 30_000
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
+
+# Forward-only migrations: MIGRATIONS[i] takes a database from user_version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL              -- JSON
+    ) WITHOUT ROWID;
+
+    CREATE TABLE tasks (
+        id             INTEGER PRIMARY KEY,
+        key            TEXT NOT NULL UNIQUE,
+        payload        TEXT NOT NULL,    -- JSON
+        state          INTEGER NOT NULL DEFAULT 0,
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        lease_token    TEXT,
+        lease_owner    TEXT,
+        lease_deadline REAL,
+        last_error     TEXT,
+        created_at     REAL NOT NULL,
+        done_at        REAL
+    );
+    CREATE INDEX tasks_claim ON tasks(state, id);
+    CREATE INDEX tasks_expiry ON tasks(state, lease_deadline);
+    CREATE UNIQUE INDEX tasks_token ON tasks(lease_token) WHERE lease_token IS NOT NULL;
+
+    CREATE TABLE refs (
+        id             INTEGER PRIMARY KEY,
+        key            TEXT NOT NULL UNIQUE,
+        shard          INTEGER NOT NULL, -- crc32(key): rank r of n prefers shard % n == r
+        state          INTEGER NOT NULL DEFAULT 0,
+        store          TEXT NOT NULL,    -- arena name or files-store id
+        handle         TEXT NOT NULL,    -- JSON, never tensor bytes
+        nbytes         INTEGER NOT NULL,
+        task_id        INTEGER REFERENCES tasks(id),
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        lease_token    TEXT,
+        lease_owner    TEXT,
+        lease_deadline REAL,
+        last_error     TEXT,
+        created_at     REAL NOT NULL,
+        acked_at       REAL,
+        checkpoint_id  INTEGER
+    );
+    CREATE INDEX refs_claim ON refs(state, id);
+    CREATE INDEX refs_expiry ON refs(state, lease_deadline);
+    CREATE INDEX refs_store ON refs(store, state);
+    CREATE UNIQUE INDEX refs_token ON refs(lease_token) WHERE lease_token IS NOT NULL;
+
+    CREATE TABLE processes (
+        id           TEXT PRIMARY KEY,
+        role         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        host         TEXT NOT NULL,
+        started_at   REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        status       TEXT NOT NULL,
+        info         TEXT NOT NULL       -- JSON
+    ) WITHOUT ROWID;
+
+    CREATE TABLE checkpoints (
+        id         INTEGER PRIMARY KEY,
+        step       INTEGER NOT NULL,
+        path       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        num_refs   INTEGER NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that holds the write lock from its first statement; rolls back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest matching mount point)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = str(path.resolve())
+    best, best_type = "", "unknown"
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def _check_location(path: Path, allow_network_fs: bool) -> None:
+    directory = path.parent
+    if not directory.is_dir():
+        raise DatabaseError(f"{path}: directory {directory} does not exist; create it or pick another --db path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DatabaseError(
+            f"{path}: directory {directory} is not writable (SQLite needs it for the WAL); "
+            "fix its permissions or pick another --db path"
+        )
+    fs = filesystem_type(directory)
+    if fs in NETWORK_FILESYSTEMS and not allow_network_fs:
+        raise DatabaseError(
+            f"{path}: on a network filesystem ({fs}), where SQLite WAL is unsafe; put the database on a local "
+            "disk, or pass --allow-network-fs if every process runs on this one host"
+        )
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a non-empty file that is not SQLite before SQLite tries to open it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        magic = f.read(16)
+    if magic != b"SQLite format 3\x00":
+        raise DatabaseError(f"{path}: not a dataflow database (not SQLite at all); pass a new --db path")
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    with immediate(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        if app_id != APPLICATION_ID and (has_tables or version):
+            raise DatabaseError(f"{path}: an SQLite file that is not a dataflow database; pass a new --db path")
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{path}: schema version {version} is newer than this dataflow understands ({SCHEMA_VERSION}); "
+                "upgrade dataflow"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        if version == 0:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('run_id', :run_id), ('created_at', :created_at)",
+                {"run_id": json.dumps(uuid.uuid4().hex), "created_at": json.dumps(time.time())},
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) a run database, refusing anything unsafe with one clear line."""
+    path = Path(path)
+    _check_location(path, allow_network_fs)
+    _check_header(path)
+    existed = path.exists()
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"{path}: cannot open as a database ({e}); pass a new --db path") from None
+    if mode.lower() != "wal":
+        raise DatabaseError(f"{path}: could not switch to WAL mode (got {mode}); put the database on a local disk")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not existed:
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    _migrate(conn, path)
+    return conn

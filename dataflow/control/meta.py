@@ -1,0 +1,144 @@
+"""Run metadata: config, heartbeats, end-of-stream / finished marks, and durable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from dataflow.control.db import immediate
+from dataflow.control.queue import RefState
+from dataflow.errors import ConfigMismatch
+
+WAL_CHECKPOINT_EVERY_S = 30.0
+STALE_AFTER_S = 30.0  # a process whose heartbeat is older than this is presumed dead
+
+
+@dataclass(frozen=True)
+class Process:
+    id: str
+    role: str
+    pid: int
+    host: str
+    started_at: float
+    heartbeat_at: float
+    status: str
+    info: dict
+
+    def alive(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> bool:
+        return (now or time.time()) - self.heartbeat_at < stale_after
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: int
+    step: int
+    path: str
+    created_at: float
+    num_refs: int
+
+
+class RunMeta:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self._last_wal_checkpoint = time.monotonic()
+
+    @property
+    def run_id(self) -> str:
+        return self.get("run_id")
+
+    def get(self, key: str, default=None):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set(self, key: str, value) -> None:
+        with immediate(self.conn):
+            self.conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def check_config(self, section: str, config: dict) -> None:
+        """Record `config` the first time a section is seen; afterwards refuse any differing key."""
+        key = f"config.{section}"
+        config = json.loads(json.dumps(config))  # normalise tuples, paths-as-str, etc. as stored
+        with immediate(self.conn):
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(config)))
+                return
+        recorded = json.loads(row[0])
+        for name in sorted(set(recorded) | set(config)):
+            if recorded.get(name) != config.get(name):
+                raise ConfigMismatch(
+                    f"this run was started with {section} {name}={recorded.get(name)!r}, now {config.get(name)!r}; "
+                    "use the original value or start a new run with another --db"
+                )
+
+    def heartbeat(self, process_id: str, role: str, status: str = "running", info: dict | None = None) -> None:
+        now = time.time()
+        with immediate(self.conn):
+            self.conn.execute(
+                """INSERT INTO processes(id, role, pid, host, started_at, heartbeat_at, status, info)
+                   VALUES (:id, :role, :pid, :host, :now, :now, :status, :info)
+                   ON CONFLICT(id) DO UPDATE SET
+                       heartbeat_at = :now, status = :status, info = :info, role = :role,
+                       started_at = CASE WHEN processes.pid != :pid THEN :now ELSE processes.started_at END,
+                       pid = :pid, host = :host""",
+                {
+                    "id": process_id,
+                    "role": role,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "now": now,
+                    "status": status,
+                    "info": json.dumps(info or {}),
+                },
+            )
+        self.maybe_checkpoint_wal()
+
+    def processes(self, role: str | None = None) -> list[Process]:
+        rows = self.conn.execute(
+            "SELECT * FROM processes WHERE :role IS NULL OR role = :role ORDER BY id", {"role": role}
+        ).fetchall()
+        return [Process(**{**dict(r), "info": json.loads(r["info"])}) for r in rows]
+
+    def set_end_of_stream(self) -> None:
+        self.set("end_of_stream", True)
+
+    def end_of_stream(self) -> bool:
+        return bool(self.get("end_of_stream", False))
+
+    def set_train_finished(self) -> None:
+        self.set("train_finished", True)
+
+    def train_finished(self) -> bool:
+        return bool(self.get("train_finished", False))
+
+    def record_checkpoint(self, step: int, path: str, ref_ids: list[int]) -> int:
+        """Invariant 5: in one transaction, note the durable checkpoint and move the refs its update
+        contains from ACKED to TRAINED."""
+        with immediate(self.conn):
+            checkpoint_id = self.conn.execute(
+                "INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (?, ?, ?, ?) RETURNING id",
+                (step, str(path), time.time(), len(ref_ids)),
+            ).fetchone()[0]
+            self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.TRAINED:d}, checkpoint_id = :cid
+                    WHERE state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))""",
+                {"cid": checkpoint_id, "ids": json.dumps(list(ref_ids))},
+            )
+        return checkpoint_id
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        row = self.conn.execute("SELECT * FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else Checkpoint(**dict(row))
+
+    def maybe_checkpoint_wal(self, force: bool = False) -> None:
+        """Bound the WAL: a passive checkpoint every so often (never blocks writers; readers are short)."""
+        if force or time.monotonic() - self._last_wal_checkpoint > WAL_CHECKPOINT_EVERY_S:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._last_wal_checkpoint = time.monotonic()

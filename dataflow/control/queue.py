@@ -1,0 +1,261 @@
+"""The ref queue: one row per sample whose features sit in a feature store, with its life cycle.
+
+    pending --lease--> leased --ack--> acked --checkpoint durable--> trained
+       ^                 |  \\--fail (retryable)--> pending        \\--fail / attempts used up--> dead
+       +--lease expired--+
+    leased|pending --features lost--> lost --> its prompt task re-queued (a re-put revives the key)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable, Iterable
+
+from dataflow.control import leases
+from dataflow.control.db import immediate
+from dataflow.control.leases import LeaseState
+
+
+class RefState(IntEnum):
+    PENDING = LeaseState.PENDING
+    LEASED = LeaseState.LEASED
+    ACKED = 2
+    TRAINED = 3
+    DEAD = LeaseState.DEAD
+    LOST = 5
+
+
+LIVE_STATES = (RefState.PENDING, RefState.LEASED)  # states whose feature bytes must stay intact
+
+
+@dataclass(frozen=True)
+class RefItem:
+    key: str
+    handle: dict
+    nbytes: int
+    store: str
+    task_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: int
+    key: str
+    token: str
+    handle: dict
+    nbytes: int
+    store: str
+    attempts: int
+    deadline: float
+    task_id: int | None
+
+
+@dataclass(frozen=True)
+class DeadRef:
+    id: int
+    key: str
+    attempts: int
+    last_error: str | None
+
+
+def shard_of(key: str) -> int:
+    return zlib.crc32(key.encode())
+
+
+def put_rows(conn: sqlite3.Connection, items: Iterable[RefItem], now: float) -> list[bool]:
+    """Insert refs inside the caller's transaction. A key already present is left alone (idempotent put),
+    unless its features were LOST: then the new handle revives it as PENDING."""
+    new = []
+    for item in items:
+        row = conn.execute(
+            f"""INSERT INTO refs(key, shard, state, store, handle, nbytes, task_id, created_at)
+                VALUES (:key, :shard, {RefState.PENDING:d}, :store, :handle, :nbytes, :task_id, :now)
+                ON CONFLICT(key) DO UPDATE SET
+                    state = {RefState.PENDING:d}, store = excluded.store, handle = excluded.handle,
+                    nbytes = excluded.nbytes, task_id = excluded.task_id, attempts = 0, lease_token = NULL
+                WHERE refs.state = {RefState.LOST:d}
+                RETURNING id""",
+            {
+                "key": item.key,
+                "shard": shard_of(item.key),
+                "store": item.store,
+                "handle": json.dumps(item.handle),
+                "nbytes": item.nbytes,
+                "task_id": item.task_id,
+                "now": now,
+            },
+        ).fetchone()
+        new.append(row is not None)
+    return new
+
+
+def requeue_tasks(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> None:
+    """Send finished prompt tasks back so a rollout regenerates their lost features."""
+    ids = [t for t in task_ids if t is not None]
+    conn.execute(
+        f"""UPDATE tasks SET state = {LeaseState.PENDING:d}, attempts = 0, lease_token = NULL, done_at = NULL
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND state != {LeaseState.LEASED:d}""",
+        {"ids": json.dumps(ids)},
+    )
+
+
+def _lease_of(row: sqlite3.Row) -> Lease:
+    return Lease(
+        id=row["id"],
+        key=row["key"],
+        token=row["lease_token"],
+        handle=json.loads(row["handle"]),
+        nbytes=row["nbytes"],
+        store=row["store"],
+        attempts=row["attempts"],
+        deadline=row["lease_deadline"],
+        task_id=row["task_id"],
+    )
+
+
+class RefQueue:
+    def __init__(self, conn: sqlite3.Connection, max_attempts: int = 3):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.conn = conn
+        self.max_attempts = max_attempts
+
+    def put(self, item: RefItem) -> bool:
+        return self.put_many([item])[0]
+
+    def put_many(self, items: list[RefItem]) -> list[bool]:
+        with immediate(self.conn):
+            return put_rows(self.conn, items, time.time())
+
+    def lease(self, owner: str, n: int = 1, ttl: float = 60.0, partition: tuple[int, int] = (0, 1)) -> list[Lease]:
+        """Claim up to n refs. Rank r of world w takes its own shard first, then anything pending, so it
+        never idles while the global pool has work (and a change of world size needs no migration)."""
+        rank, world = partition
+        if not 0 <= rank < world:
+            raise ValueError(f"partition rank {rank} is not in [0, {world})")
+        now = time.time()
+        with immediate(self.conn):
+            leases.reclaim_expired(self.conn, "refs", now, self.max_attempts)
+            rows = []
+            if world > 1:
+                rows = leases.claim(
+                    self.conn, "refs", owner, n, now + ttl, "AND shard % :world = :rank", world=world, rank=rank
+                )
+            if len(rows) < n:
+                rows += leases.claim(self.conn, "refs", owner, n - len(rows), now + ttl)
+        return [_lease_of(r) for r in rows]
+
+    def ack(self, tokens: list[str]) -> list[str]:
+        """Mark leased refs ACKED; returns the tokens that were not acked because the lease is not yours."""
+        with immediate(self.conn):
+            done = self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.ACKED:d}, acked_at = :now
+                    WHERE state = {RefState.LEASED:d} AND lease_token IN (SELECT value FROM json_each(:tokens))
+                    RETURNING lease_token""",
+                {"now": time.time(), "tokens": json.dumps(list(tokens))},
+            ).fetchall()
+        return sorted(set(tokens) - {r[0] for r in done})
+
+    def fail(self, token: str, error: str, retryable: bool = True) -> bool:
+        with immediate(self.conn):
+            return leases.fail(self.conn, "refs", token, error, retryable, self.max_attempts)
+
+    def extend(self, tokens: list[str], ttl: float) -> list[str]:
+        with immediate(self.conn):
+            return leases.extend(self.conn, "refs", tokens, time.time() + ttl)
+
+    def reclaim(self) -> int:
+        with immediate(self.conn):
+            return leases.reclaim_expired(self.conn, "refs", time.time(), self.max_attempts)
+
+    def mark_lost(self, token: str, error: str) -> bool:
+        """The features behind a lease cannot be read: the ref is LOST and its prompt goes back to the rollout."""
+        with immediate(self.conn):
+            row = self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.LOST:d}, last_error = :error, lease_token = NULL
+                    WHERE lease_token = :token AND state = {RefState.LEASED:d} RETURNING task_id""",
+                {"token": token, "error": error},
+            ).fetchone()
+            if row is not None:
+                requeue_tasks(self.conn, [row[0]])
+        return row is not None
+
+    def lose_store(self, store: str, error: str) -> int:
+        """Every live ref of a store whose memory is gone (e.g. its arena vanished) becomes LOST."""
+        with immediate(self.conn):
+            rows = self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.LOST:d}, last_error = :error, lease_token = NULL
+                    WHERE store = :store AND state IN ({RefState.PENDING:d}, {RefState.LEASED:d}) RETURNING task_id""",
+                {"store": store, "error": error},
+            ).fetchall()
+            requeue_tasks(self.conn, [r[0] for r in rows])
+        return len(rows)
+
+    def put_back_acked(self, retained: Callable[[dict], bool]) -> tuple[int, int]:
+        """Trainer restart: refs acked after the last durable checkpoint never counted. Those whose features
+        survive go back to PENDING; the others are LOST and their prompts re-queued. Returns (requeued, lost)."""
+        with immediate(self.conn):
+            rows = self.conn.execute(f"SELECT id, handle, task_id FROM refs WHERE state = {RefState.ACKED:d}").fetchall()
+            survives = {r["id"]: retained(json.loads(r["handle"])) for r in rows}
+            keep = [r["id"] for r in rows if survives[r["id"]]]
+            gone = [r for r in rows if not survives[r["id"]]]
+            self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.PENDING:d}, lease_token = NULL, acked_at = NULL
+                    WHERE id IN (SELECT value FROM json_each(:ids))""",
+                {"ids": json.dumps(keep)},
+            )
+            self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.LOST:d}, lease_token = NULL, acked_at = NULL,
+                    last_error = 'acked after the last durable checkpoint; features already freed'
+                    WHERE id IN (SELECT value FROM json_each(:ids))""",
+                {"ids": json.dumps([r["id"] for r in gone])},
+            )
+            requeue_tasks(self.conn, [r["task_id"] for r in gone])
+        return len(keep), len(gone)
+
+    def live_handles(self, store: str) -> list[dict]:
+        rows = self.conn.execute(
+            f"SELECT handle FROM refs WHERE store = :store AND state IN ({RefState.PENDING:d}, {RefState.LEASED:d})",
+            {"store": store},
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def live_bytes(self, store: str | None = None) -> int:
+        where = "AND store = :store" if store is not None else ""
+        return self.conn.execute(
+            f"""SELECT coalesce(sum(nbytes), 0) FROM refs
+                WHERE state IN ({RefState.PENDING:d}, {RefState.LEASED:d}) {where}""",
+            {"store": store},
+        ).fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        return leases.counts(self.conn, "refs", RefState)
+
+    def depth(self) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+
+    def in_flight(self) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.LEASED:d}").fetchone()[0]
+
+    def dead(self, limit: int = 100) -> list[DeadRef]:
+        rows = self.conn.execute(
+            f"SELECT id, key, attempts, last_error FROM refs WHERE state = {RefState.DEAD:d} ORDER BY id LIMIT :limit",
+            {"limit": limit},
+        ).fetchall()
+        return [DeadRef(**dict(r)) for r in rows]
+
+    def requeue_dead(self, ids: list[int] | None = None) -> int:
+        """Give dead refs a fresh set of attempts (all of them, or those ids)."""
+        where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
+        with immediate(self.conn):
+            cur = self.conn.execute(
+                f"""UPDATE refs SET state = {RefState.PENDING:d}, attempts = 0, lease_token = NULL
+                    WHERE state = {RefState.DEAD:d} {where}""",
+                {"ids": json.dumps(ids or [])},
+            )
+        return cur.rowcount

@@ -1,0 +1,99 @@
+"""Prompt tasks: the dataset split among rollout workers with the same lease discipline as refs.
+
+A task is one sample to produce. `complete` commits its refs and closes the task in one transaction, so a
+rollout killed at any instant either produced the sample (and will not again) or will produce it later.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+from dataflow.control import leases
+from dataflow.control.db import immediate
+from dataflow.control.leases import LeaseState
+from dataflow.control.queue import RefItem, put_rows
+
+
+class TaskState(IntEnum):
+    PENDING = LeaseState.PENDING
+    LEASED = LeaseState.LEASED
+    DONE = 2
+    DEAD = LeaseState.DEAD
+
+
+@dataclass(frozen=True)
+class TaskLease:
+    id: int
+    key: str
+    token: str
+    payload: dict
+    attempts: int
+
+
+class TaskQueue:
+    def __init__(self, conn: sqlite3.Connection, max_attempts: int = 3):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.conn = conn
+        self.max_attempts = max_attempts
+
+    def add_many(self, items: list[tuple[str, dict]]) -> int:
+        """Add (key, payload) tasks; keys already present are left alone. Returns how many were new."""
+        now = time.time()
+        with immediate(self.conn):
+            before = self.conn.total_changes
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO tasks(key, payload, created_at) VALUES (?, ?, ?)",
+                [(key, json.dumps(payload), now) for key, payload in items],
+            )
+            return self.conn.total_changes - before
+
+    def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
+        now = time.time()
+        with immediate(self.conn):
+            leases.reclaim_expired(self.conn, "tasks", now, self.max_attempts)
+            rows = leases.claim(self.conn, "tasks", owner, n, now + ttl)
+        return [TaskLease(r["id"], r["key"], r["lease_token"], json.loads(r["payload"]), r["attempts"]) for r in rows]
+
+    def complete(self, token: str, refs: list[RefItem] = ()) -> bool:
+        """Put the task's refs and mark it DONE, atomically. False (and nothing put) if the lease is not yours."""
+        now = time.time()
+        with immediate(self.conn):
+            row = self.conn.execute(
+                f"""UPDATE tasks SET state = {TaskState.DONE:d}, done_at = :now, lease_token = NULL
+                    WHERE lease_token = :token AND state = {TaskState.LEASED:d} RETURNING id""",
+                {"token": token, "now": now},
+            ).fetchone()
+            if row is None:
+                return False
+            put_rows(self.conn, [RefItem(r.key, r.handle, r.nbytes, r.store, row[0]) for r in refs], now)
+        return True
+
+    def set_payload(self, token: str, payload: dict) -> bool:
+        with immediate(self.conn):
+            cur = self.conn.execute(
+                f"UPDATE tasks SET payload = :payload WHERE lease_token = :token AND state = {TaskState.LEASED:d}",
+                {"payload": json.dumps(payload), "token": token},
+            )
+        return cur.rowcount == 1
+
+    def fail(self, token: str, error: str, retryable: bool = True) -> bool:
+        with immediate(self.conn):
+            return leases.fail(self.conn, "tasks", token, error, retryable, self.max_attempts)
+
+    def extend(self, tokens: list[str], ttl: float) -> list[str]:
+        with immediate(self.conn):
+            return leases.extend(self.conn, "tasks", tokens, time.time() + ttl)
+
+    def counts(self) -> dict[str, int]:
+        return leases.counts(self.conn, "tasks", TaskState)
+
+    def remaining(self) -> int:
+        """Tasks not yet produced: pending or leased (an expired lease still counts; it will come back)."""
+        return self.conn.execute(
+            f"SELECT count(*) FROM tasks WHERE state IN ({TaskState.PENDING:d}, {TaskState.LEASED:d})"
+        ).fetchone()[0]
