@@ -1,0 +1,70 @@
+"""A point-in-time view of a run, read in one short read transaction (no lock held afterwards)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue, RefState
+from dataflow.control.tasks import TaskQueue
+
+RATE_WINDOW_S = 60.0
+
+
+def _rate(conn: sqlite3.Connection, column: str, now: float) -> float:
+    """Events per second over the last window, from a timestamp column of refs."""
+    first, count = conn.execute(
+        f"SELECT min({column}), count(*) FROM refs WHERE {column} >= :since", {"since": now - RATE_WINDOW_S}
+    ).fetchone()
+    if not count:
+        return 0.0
+    return count / max(now - first, 1.0)
+
+
+def snapshot(conn: sqlite3.Connection) -> dict:
+    now = time.time()
+    meta, refs, tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
+    conn.execute("BEGIN")  # one consistent read; ended right below so no reader pins the WAL
+    try:
+        ref_counts = refs.counts()
+        task_counts = tasks.counts()
+        oldest = conn.execute(f"SELECT min(created_at) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+        produced_per_s = _rate(conn, "created_at", now)
+        acked_per_s = _rate(conn, "acked_at", now)
+        checkpoint = meta.last_checkpoint()
+        processes = meta.processes()
+        in_flight_bytes = refs.live_bytes()
+        run_id, end_of_stream, train_finished = meta.run_id, meta.end_of_stream(), meta.train_finished()
+    finally:
+        conn.execute("COMMIT")
+    remaining = task_counts["pending"] + task_counts["leased"] + ref_counts["pending"] + ref_counts["leased"]
+    return {
+        "run_id": run_id,
+        "refs": ref_counts,
+        "tasks": task_counts,
+        "in_flight_bytes": in_flight_bytes,
+        "oldest_pending_age_s": None if oldest is None else round(now - oldest, 3),
+        "produced_per_s": round(produced_per_s, 3),
+        "acked_per_s": round(acked_per_s, 3),
+        "eta_s": round(remaining / acked_per_s, 1) if acked_per_s > 0 else None,
+        "dead": ref_counts["dead"] + task_counts["dead"],
+        "end_of_stream": end_of_stream,
+        "train_finished": train_finished,
+        "last_checkpoint": None
+        if checkpoint is None
+        else {"step": checkpoint.step, "path": checkpoint.path, "age_s": round(now - checkpoint.created_at, 1)},
+        "processes": [
+            {
+                "id": p.id,
+                "role": p.role,
+                "pid": p.pid,
+                "host": p.host,
+                "alive": p.alive(now),
+                "last_seen_s": round(now - p.heartbeat_at, 1),
+                "status": p.status,
+                "info": p.info,
+            }
+            for p in processes
+        ],
+    }

@@ -1,0 +1,39 @@
+"""Rich renderings shared by the CLI commands (status, the combined run view)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def status_view(snap: dict) -> Group:
+    """Counts by state, rates, lag and per-process liveness of one `control.status.snapshot`."""
+    run = Table(title=f"run {snap['run_id'][:12]}", show_header=False, box=None)
+    refs, tasks = snap["refs"], snap["tasks"]
+    run.add_row("prompts", ", ".join(f"{k} {v}" for k, v in tasks.items()))
+    run.add_row("refs", ", ".join(f"{k} {v}" for k, v in refs.items()))
+    run.add_row("in flight", human_bytes(snap["in_flight_bytes"]))
+    run.add_row("rates", f"produced {snap['produced_per_s']:.2f}/s, consumed {snap['acked_per_s']:.2f}/s")
+    oldest = snap["oldest_pending_age_s"]
+    run.add_row("lag", "none pending" if oldest is None else f"oldest pending {oldest:.1f}s")
+    run.add_row("eta", "-" if snap["eta_s"] is None else f"{snap['eta_s']:.0f}s")
+    run.add_row("dead-letter", str(snap["dead"]) + ("  (see `dataflow dead`)" if snap["dead"] else ""))
+    marks = [m for m in ("end_of_stream", "train_finished") if snap[m]]
+    run.add_row("marks", ", ".join(marks) or "-")
+    ckpt = snap["last_checkpoint"]
+    run.add_row("checkpoint", "-" if ckpt is None else f"step {ckpt['step']} ({ckpt['age_s']:.0f}s ago) {ckpt['path']}")
+    procs = Table(title="processes")
+    for col in ("id", "role", "pid", "host", "alive", "last seen", "status"):
+        procs.add_column(col)
+    for p in snap["processes"]:
+        alive = "[green]yes[/]" if p["alive"] else "[red]no[/]"
+        procs.add_row(p["id"], p["role"], str(p["pid"]), p["host"], alive, f"{p['last_seen_s']:.0f}s", p["status"])
+    return Group(run, procs)

