@@ -117,6 +117,21 @@ def dead(
         typer.echo(f"requeued {queue.requeue_dead()} dead refs")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@one_line_errors
+def run(ctx: typer.Context, db: Path = DbOption) -> None:
+    """Run `dataflow rollout` and `dataflow train` as two child processes on one DB, with one live view.
+
+    Any other option is passed to whichever of the two commands accepts it (--db to both). Ctrl-C stops
+    both cleanly (the run resumes later); exits non-zero if either fails. Logs go to DB-stem.logs/.
+    """
+    from dataflow.run import ROLES, route_options, run_pair
+
+    group = typer.main.get_command(app)
+    routed = route_options(["--db", str(db), *ctx.args], {role: group.commands[role] for role in ROLES})
+    run_pair(db, routed, log_dir=db.parent / f"{db.stem}.logs")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,149 @@
+"""`dataflow run`: the rollout and the trainer as two child processes on one run, with one live view.
+
+The two commands stay the primary interface; this only spawns them, routes each option to the command(s)
+that accept it, shows the run's status plus the tail of each child's log, forwards Ctrl-C, and fails if
+either child fails.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
+
+from dataflow.errors import DataflowError, InputError
+
+ROLES = ("rollout", "train")
+STOP_GRACE_S = 60.0
+
+
+def option_arity(command: click.Command) -> dict[str, bool]:
+    """Every option string a click command accepts -> whether it takes a value."""
+    arity = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for name in (*param.opts, *param.secondary_opts):
+                arity[name] = not (param.is_flag or param.count)
+    return arity
+
+
+def route_options(args: list[str], commands: dict[str, click.Command]) -> dict[str, list[str]]:
+    """Send each `--opt [value]` to every command that knows it (e.g. --db to both); unknown ones are errors."""
+    arities = {role: option_arity(cmd) for role, cmd in commands.items()}
+    routed: dict[str, list[str]] = {role: [] for role in commands}
+    i = 0
+    while i < len(args):
+        name, _, inline_value = args[i].partition("=")
+        takers = [role for role, arity in arities.items() if name in arity]
+        if not takers:
+            raise InputError(f"`dataflow run`: option {args[i]!r} is known to neither `dataflow rollout` nor `dataflow train`")
+        takes_value = any(arities[role][name] for role in takers) and not inline_value
+        if takes_value and i + 1 >= len(args):
+            raise InputError(f"`dataflow run`: option {name} needs a value")
+        chunk = args[i : i + 2] if takes_value else args[i : i + 1]
+        for role in takers:
+            routed[role] += chunk
+        i += len(chunk)
+    return routed
+
+
+@dataclass
+class Child:
+    role: str
+    log_path: Path
+    proc: subprocess.Popen
+    tail: deque = field(default_factory=lambda: deque(maxlen=4))
+    _offset: int = 0
+
+    def poll_log(self) -> None:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        for line in chunk.decode(errors="replace").replace("\r", "\n").splitlines():
+            if line.strip():
+                self.tail.append(line.rstrip())
+
+
+def spawn(role: str, args: list[str], log_dir: Path) -> Child:
+    log_path = log_dir / f"{role}.log"
+    log = open(log_path, "ab")
+    start_offset = log.tell()
+    # Own process group: a terminal Ctrl-C reaches only us, and we decide how the children stop.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflow", role, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log.close()
+    return Child(role, log_path, proc, _offset=start_offset)
+
+
+def view(db: Path, children: list[Child]):
+    from dataflow.control.db import connect
+    from dataflow.control.status import snapshot
+    from dataflow.ui import status_view
+
+    parts = []
+    if db.exists():
+        parts.append(status_view(snapshot(connect(db))))
+    for child in children:
+        state = "running" if child.proc.poll() is None else f"exited {child.proc.returncode}"
+        body = Text("\n".join(child.tail) or "(no output yet)")
+        parts.append(Panel(body, title=f"{child.role} (pid {child.proc.pid}, {state}) {child.log_path}"))
+    return Group(*parts)
+
+
+def stop(children: list[Child]) -> None:
+    """SIGINT first (children stop at a safe point and stay resumable), SIGKILL after a grace period."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+
+
+def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: float = 1.0) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    children = [spawn(role, routed[role], log_dir) for role in ROLES]
+    try:
+        with Live(view(db, children), console=console, auto_refresh=False) as live:
+            while any(c.proc.poll() is None for c in children):
+                failed = [c for c in children if c.proc.poll() not in (None, 0)]
+                if failed:
+                    break
+                time.sleep(refresh_s)
+                for c in children:
+                    c.poll_log()
+                live.update(view(db, children), refresh=True)
+    except KeyboardInterrupt:
+        stop(children)
+        raise
+    stop(children)
+    for c in children:
+        c.poll_log()
+    failed = [c for c in children if c.proc.returncode not in (0, -signal.SIGINT, 130)]
+    if failed:
+        first = failed[0]
+        last = first.tail[-1] if first.tail else "no output"
+        raise DataflowError(
+            f"`dataflow {first.role}` failed (exit {first.proc.returncode}): {last}; full log in {first.log_path}"
+        )
