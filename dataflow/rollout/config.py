@@ -1,0 +1,66 @@
+"""Settings of one rollout process. The keys that must not change between restarts of a run are
+recorded with RunMeta.check_config("rollout", config.run_identity(...))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    dataset: Path | None = None
+    """jsonl of conversations; None = the bundled default dataset."""
+    on_bad_row: Literal["skip", "fail"] = "fail"
+    """What to do with malformed dataset rows."""
+    num_samples: int | None = None
+    """Use only the first N rows of the dataset."""
+    epochs: int = 1
+    """Passes over the dataset (one target forward per sample per epoch)."""
+    seed: int = 0
+    """Shuffles each epoch's order and seeds sampled regeneration."""
+    max_length: int = 2048
+    """Tokens per sample; longer samples are truncated with their loss mask."""
+    train_only_last_turn: bool = False
+    """Mask only the last assistant reply."""
+    draft_vocab_size: int | None = None
+    """Draft vocabulary size; None = min(32000, target vocab)."""
+    regenerate: bool = False
+    """Let the target write the assistant replies first (kept across restarts)."""
+    max_new_tokens: int = 256
+    """Reply length limit for --regenerate."""
+    temperature: float = 0.0
+    """0 = greedy regeneration; > 0 samples."""
+    token_budget: int = 4096
+    """Padded tokens per forward batch."""
+    tasks_per_lease: int = 32
+    """Prompt tasks leased at once (length-sorted into batches together)."""
+    lease_ttl: float = 120.0
+    """Seconds a leased task stays ours without an extension (a killed rollout's tasks return after it)."""
+    store: Literal["shm", "files"] = "shm"
+    """Feature store of the data plane."""
+    store_dir: Path | None = None
+    """Directory of the files store."""
+    max_inflight_bytes: int = 1 << 30
+    """Byte watermark: the rollout waits while this many feature bytes are not yet consumed."""
+    worker_id: str | None = None
+    """Names this process in heartbeats and leases; None = host-pid."""
+
+    def __post_init__(self):
+        positive = ("epochs", "max_length", "max_new_tokens", "token_budget", "tasks_per_lease", "max_inflight_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
+        if self.on_bad_row not in ("skip", "fail"):
+            raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {self.on_bad_row!r}")
+        if self.store not in ("shm", "files"):
+            raise ValueError(f"store must be 'shm' or 'files', got {self.store!r}")

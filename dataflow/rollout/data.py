@@ -1,0 +1,120 @@
+"""Datasets: jsonl rows of conversations (native or ShareGPT) or pre-formatted text, validated per line.
+
+    {"id": "a1", "conversations": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}
+    {"id": "a2", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
+    {"id": "a3", "text": "pre-formatted text, trained on every token"}
+
+A row without "id" gets "line<N>". Bad rows are reported with file and line number; `on_bad_row="skip"`
+drops them (and counts them), `"fail"` raises one InputError that also says how many would be skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from dataflow.errors import InputError
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One dataset row: either `messages` (role/content dicts) or `text` (pre-formatted), never both."""
+
+    id: str
+    messages: tuple[dict, ...] = ()
+    text: str | None = None
+
+    def to_payload(self) -> dict:
+        return {"id": self.id, "messages": list(self.messages), "text": self.text}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> Sample:
+        return cls(id=payload["id"], messages=tuple(payload["messages"]), text=payload["text"])
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    samples: list[Sample]
+    skipped: list[str]  # "file:line: why" for each bad row dropped
+
+
+class BadRow(ValueError):
+    pass
+
+
+def default_dataset_path() -> Path:
+    return Path(str(resources.files("dataflow.rollout").joinpath("data/default.jsonl")))
+
+
+def load_dataset(path: Path | None = None, on_bad_row: Literal["skip", "fail"] = "fail") -> LoadedDataset:
+    path = default_dataset_path() if path is None else Path(path)
+    if not path.is_file():
+        raise InputError(f"dataset {path}: no such file; pass --dataset a .jsonl file of conversations")
+    samples: list[Sample] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = parse_row(line, default_id=f"line{lineno}")
+                if sample.id in seen:
+                    raise BadRow(f"duplicate id {sample.id!r}")
+            except BadRow as e:
+                problems.append(f"{path}:{lineno}: {e}")
+                continue
+            seen.add(sample.id)
+            samples.append(sample)
+    if problems and on_bad_row == "fail":
+        raise InputError(
+            f"{problems[0]} ({len(problems)} bad rows in all); fix them or pass --on-bad-row skip to drop them"
+        )
+    if not samples:
+        raise InputError(f"dataset {path}: no usable rows; each line must be a JSON object with conversations")
+    return LoadedDataset(samples, problems)
+
+
+def parse_row(line: str, default_id: str) -> Sample:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise BadRow("not a JSON object")
+    sample_id = str(row.get("id", default_id))
+    if "#" in sample_id:  # '#' separates the epoch suffix in ref keys
+        raise BadRow(f"id {sample_id!r} contains '#'")
+    if isinstance(row.get("text"), str):
+        if not row["text"].strip():
+            raise BadRow("empty text")
+        return Sample(id=sample_id, text=row["text"])
+    turns = row.get("conversations", row.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise BadRow('no "conversations" list (or "text") or it is empty')
+    return Sample(id=sample_id, messages=tuple(normalise_turn(t) for t in turns))
+
+
+def normalise_turn(turn) -> dict:
+    if not isinstance(turn, dict):
+        raise BadRow("a conversation turn is not an object")
+    role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    if role not in ROLE_ALIASES:
+        raise BadRow(f"unknown role {role!r} (expected one of {sorted(ROLE_ALIASES)})")
+    if not isinstance(content, str):
+        raise BadRow(f"turn of role {role!r} has no text content")
+    return {"role": ROLE_ALIASES[role], "content": content}

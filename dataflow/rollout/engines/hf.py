@@ -1,0 +1,149 @@
+"""The `hf` engine: a transformers causal LM on CPU or CUDA, batched forward with hidden states.
+
+Features per sample (DESIGN): input_ids [T] int64, loss_mask [T] bool,
+aux_hidden [T, 3H] = HF hidden_states[a] for a in aux_layers (default 2, N//2, N-3), concatenated,
+target_hidden [T, H] = the last hidden state after the final norm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dataflow.errors import InputError
+from dataflow.rollout.template import TokenizedSample, set_chat_template
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """The layers SGLang and vLLM capture for EAGLE3, in HF hidden_states indexing."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFEngineConfig:
+    model_dir: Path
+    """A local HF model directory (see dataflow.target.resolve_target)."""
+    device: str = "cpu"
+    """'cpu' or 'cuda[:i]'."""
+    dtype: str = "auto"
+    """'float32', 'bfloat16', or 'auto' (bfloat16 on CUDA, float32 on CPU)."""
+    threads: int | None = None
+    """torch CPU threads; None keeps torch's default."""
+    aux_layers: tuple[int, ...] | None = None
+    """HF hidden_states indices to capture; None = default_aux_layers(N)."""
+    chat_template: str | None = None
+    """A Jinja file or string replacing the tokenizer's chat template."""
+
+    def __post_init__(self):
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.aux_layers is not None and len(self.aux_layers) != 3:
+            raise ValueError(f"aux_layers needs 3 layer indices (EAGLE3 fuses 3), got {list(self.aux_layers)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return DTYPES[self.dtype]
+
+
+class HFEngine:
+    def __init__(self, config: HFEngineConfig):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=config.torch_dtype)
+        except (OSError, ValueError) as e:
+            raise InputError(f"target model {config.model_dir}: cannot load it ({e}); pass a valid --target-model")
+        self.model.to(config.device).eval()
+        set_chat_template(self.tokenizer, config.model_dir, config.chat_template)
+        model_config = self.model.config
+        self.num_layers = model_config.num_hidden_layers
+        self.hidden_size = model_config.hidden_size
+        self.vocab_size = model_config.vocab_size
+        self.aux_layers = list(config.aux_layers or default_aux_layers(self.num_layers))
+        bad = [a for a in self.aux_layers if not 0 <= a <= self.num_layers]
+        if bad:
+            raise InputError(f"--aux-layers {bad}: out of range 0..{self.num_layers} for {config.model_dir}")
+
+    def describe(self) -> dict:
+        """The run's `target` record (read by the trainer)."""
+        return {
+            "model": str(Path(self.config.model_dir).resolve()),
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_hidden_layers": self.num_layers,
+            "aux_layers": self.aux_layers,
+            "dtype": str(self.config.torch_dtype).removeprefix("torch."),
+        }
+
+    @torch.inference_mode()
+    def features(self, batch: list[TokenizedSample]) -> list[dict[str, torch.Tensor]]:
+        """One right-padded forward over `batch`; per-sample features with the padding removed."""
+        lengths = [len(s.input_ids) for s in batch]
+        input_ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, sample in enumerate(batch):
+            input_ids[b, : lengths[b]] = torch.tensor(sample.input_ids)
+            attention_mask[b, : lengths[b]] = 1
+        device = self.config.device
+        # The base model (no lm_head): the trainer applies lm_head itself, so logits would be wasted work.
+        out = self.model.get_decoder()(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True
+        )
+        aux = torch.cat([out.hidden_states[a] for a in self.aux_layers], dim=-1).cpu()  # (B, T, 3H); syncs
+        last = out.last_hidden_state.cpu()  # (B, T, H)
+        return [
+            {
+                "input_ids": input_ids[b, :n],
+                "loss_mask": torch.tensor(sample.loss_mask, dtype=torch.bool),
+                "aux_hidden": aux[b, :n],
+                "target_hidden": last[b, :n],
+            }
+            for b, (sample, n) in enumerate(zip(batch, lengths))
+        ]
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[str]:
+        """The target's reply to each conversation (ending with a user turn): batched, left-padded."""
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        tok.padding_side, side = "left", tok.padding_side
+        try:
+            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.config.device)
+        finally:
+            tok.padding_side = side
+        sampled = temperature > 0
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampled,
+            temperature=temperature if sampled else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
+
+
+def token_budget_batches(samples: list[TokenizedSample], token_budget: int) -> list[list[TokenizedSample]]:
+    """Length-sorted batches whose padded size (batch x longest) stays within the budget."""
+    batches: list[list[TokenizedSample]] = []
+    for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
+        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].input_ids) <= token_budget:
+            batches[-1].append(sample)
+        else:
+            batches.append([sample])
+    return batches

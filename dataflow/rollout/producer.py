@@ -1,0 +1,235 @@
+"""The rollout loop: lease prompt tasks -> (regenerate) -> tokenise -> forward -> write features -> commit.
+
+`TaskQueue.complete` puts a task's ref and closes the task in one transaction, so a rollout killed at any
+instant has either published a sample (never produced again) or will produce it after its lease expires.
+The writer blocks on the byte watermark when the trainer lags; while it waits we keep our leases alive,
+heartbeat "waiting for trainer", and stop cleanly if the trainer has finished for good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefItem
+from dataflow.control.tasks import TaskLease, TaskQueue
+from dataflow.rollout.config import RolloutConfig
+from dataflow.rollout.data import Sample
+from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
+from dataflow.rollout.template import TokenizedSample, tokenize_sample
+from dataflow.rollout.ui import RolloutView
+
+HEARTBEAT_EVERY_S = 2.0
+IDLE_SLEEP_S = 1.0
+TASK_MAX_ATTEMPTS = 5  # a task is retried after crashes/interrupts of its rollout; then it is dead
+
+
+class TrainerFinished(Exception):
+    """The trainer recorded that it finished for good: no one will consume more features."""
+
+
+@dataclass
+class RolloutStats:
+    samples: int = 0
+    tokens: int = 0
+    skipped_no_assistant: int = 0
+    lost_leases: int = 0
+    regenerated: int = 0
+    forward_s: float = 0.0
+    regenerate_s: float = 0.0
+    tokenize_s: float = 0.0
+    write_s: float = 0.0
+    wait_s: float = 0.0
+    sqlite_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.elapsed_s, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.elapsed_s, 1e-9)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("started")
+        return {**d, "elapsed_s": self.elapsed_s, "samples_per_s": self.samples_per_s, "tokens_per_s": self.tokens_per_s}
+
+
+class Producer:
+    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView):
+        self.config, self.engine, self.writer, self.view = config, engine, writer, view
+        self.meta = RunMeta(conn)
+        self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.process_id = f"rollout-{self.worker_id}"
+        self.stats = RolloutStats()
+        self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
+        self.status = "starting"
+        self._last_heartbeat = 0.0
+        self._last_extend = time.monotonic()
+
+    def run(self) -> RolloutStats:
+        """Produce until no task is left (then mark end-of-stream) or the trainer finished for good."""
+        counts = self.tasks.counts()
+        self.view.start(total=sum(counts.values()), done=counts["done"])
+        try:
+            while self.step():
+                pass
+            self.meta.set_end_of_stream()
+            self.heartbeat("finished", force=True)
+        except TrainerFinished:
+            self.give_back("trainer finished")
+            self.heartbeat("stopped: trainer finished", force=True)
+            self.view.message("the trainer has finished for good (train_finished is set); rollout stops")
+        except BaseException:  # Ctrl-C or a crash: hand our tasks back now instead of at lease expiry
+            self.give_back("rollout interrupted")
+            self.heartbeat("interrupted", force=True)
+            raise
+        return self.stats
+
+    def step(self) -> bool:
+        """One lease group. False when every task of the run is done."""
+        if self.meta.train_finished():
+            raise TrainerFinished
+        leases = self.timed("sqlite_s", self.tasks.lease, self.worker_id, self.config.tasks_per_lease, self.config.lease_ttl)
+        if not leases:
+            if self.tasks.remaining() == 0:
+                return False
+            self.heartbeat("waiting for other rollouts' leased tasks")
+            time.sleep(IDLE_SLEEP_S)
+            return True
+        self.held = {lease.token: lease for lease in leases}
+        samples = {lease.token: Sample.from_payload(lease.payload) for lease in leases}
+        if self.config.regenerate:
+            self.regenerate(samples)
+        tokenized = self.timed("tokenize_s", self.tokenize, samples)
+        for batch in token_budget_batches(tokenized, self.config.token_budget):
+            features = self.timed("forward_s", self.engine.features, batch)
+            for sample, tensors in zip(batch, features):
+                self.publish(sample.id, tensors)
+            self.keep_leases()
+        return True
+
+    def tokenize(self, samples: dict[str, Sample]) -> list[TokenizedSample]:
+        """Tokenised samples keyed by lease token (in .id); samples without assistant tokens are closed."""
+        out = []
+        for token, sample in samples.items():
+            tokenized = tokenize_sample(
+                self.engine.tokenizer,
+                sample,
+                max_length=self.config.max_length,
+                train_only_last_turn=self.config.train_only_last_turn,
+            )
+            if tokenized is None:
+                self.stats.skipped_no_assistant += 1
+                self.tasks.complete(token)
+                del self.held[token]
+            else:
+                out.append(dataclasses.replace(tokenized, id=token))
+        return out
+
+    def publish(self, token: str, tensors: dict) -> None:
+        """Write one sample's features, then commit its ref and close its task in one transaction."""
+        lease = self.held[token]
+        self.status = "producing"
+        start, self._waited = time.monotonic(), 0.0
+        handle, nbytes = self.writer.write(lease.key, tensors, on_wait=self.on_wait)
+        self.stats.wait_s += self._waited
+        self.stats.write_s += time.monotonic() - start - self._waited
+        ref = RefItem(lease.key, handle, nbytes, handle["store"])
+        if not self.timed("sqlite_s", self.tasks.complete, token, [ref]):
+            self.stats.lost_leases += 1  # our lease expired and another rollout took the task over
+        else:
+            self.stats.samples += 1
+            self.stats.tokens += len(tensors["input_ids"])
+        del self.held[token]
+        self.heartbeat(self.status)
+
+    def on_wait(self, waited: float) -> None:
+        """Called by the writer while the byte watermark is full."""
+        self._waited = waited
+        if self.meta.train_finished():
+            raise TrainerFinished
+        trainers = self.meta.processes("train")
+        if trainers and not any(p.alive() for p in trainers):
+            stale = time.time() - max(p.heartbeat_at for p in trainers)
+            self.status = f"waiting for trainer (its heartbeat is {stale:.0f}s old: is it running?)"
+        else:
+            self.status = f"waiting for trainer ({waited:.0f}s)"
+        self.keep_leases()
+        self.heartbeat(self.status)
+
+    def regenerate(self, samples: dict[str, Sample]) -> None:
+        """Replace the assistant replies with the target's own (kept in the task payload for restarts)."""
+        todo = [t for t in samples if not self.held[t].payload.get("regenerated") and samples[t].text is None]
+        if not todo:
+            return
+        self.status = "regenerating replies"
+        self.heartbeat(self.status, force=True)
+        start = time.monotonic()
+        new = regenerate_replies(
+            self.engine, [samples[t] for t in todo], max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature, seed=self.config.seed,
+        )
+        self.stats.regenerate_s += time.monotonic() - start
+        for token, sample in zip(todo, new):
+            samples[token] = sample
+            self.tasks.set_payload(token, {**self.held[token].payload, **sample.to_payload(), "regenerated": True})
+            self.stats.regenerated += 1
+
+    def keep_leases(self) -> None:
+        if self.held and time.monotonic() - self._last_extend > self.config.lease_ttl / 4:
+            self.timed("sqlite_s", self.tasks.extend, list(self.held), self.config.lease_ttl)
+            self._last_extend = time.monotonic()
+
+    def give_back(self, reason: str) -> None:
+        for token in list(self.held):
+            self.tasks.fail(token, reason, retryable=True)
+        self.held.clear()
+
+    def heartbeat(self, status: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_heartbeat > HEARTBEAT_EVERY_S:
+            self.timed("sqlite_s", self.meta.heartbeat, self.process_id, "rollout", status, self.stats.as_dict())
+            self.view.update(self.tasks.counts()["done"], self.stats, status)
+            self._last_heartbeat = now
+
+    def timed(self, bucket: str, fn, *args):
+        start = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            setattr(self.stats, bucket, getattr(self.stats, bucket) + time.monotonic() - start)
+
+
+def regenerate_replies(
+    engine: HFEngine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int
+) -> list[Sample]:
+    """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
+    turn by turn, batched across conversations."""
+    import torch
+
+    torch.manual_seed(seed)
+    conversations = [list(s.messages) for s in samples]
+    todo = [
+        [i for i, m in enumerate(c) if m["role"] == "assistant"] + ([len(c)] if c[-1]["role"] == "user" else [])
+        for c in conversations
+    ]
+    while any(todo):
+        round_ = [(c, positions.pop(0)) for c, positions in enumerate(todo) if positions]
+        replies = engine.generate(
+            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        for (c, pos), reply in zip(round_, replies):
+            conversations[c][pos : pos + 1] = [{"role": "assistant", "content": reply}]
+    return [dataclasses.replace(s, messages=tuple(c)) for s, c in zip(samples, conversations)]

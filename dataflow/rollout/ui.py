@@ -1,0 +1,53 @@
+"""Rich progress for a rollout: the vocab pass, then samples, tokens/s and time waiting for the trainer."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class RolloutView:
+    def __init__(self, enabled: bool = True, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.task = None
+
+    def __enter__(self) -> RolloutView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    @contextmanager
+    def vocab_pass(self, total: int) -> Iterator[Callable[[], None]]:
+        task = self.progress.add_task("draft vocab", total=total, rate="tokenise only", status="")
+        yield lambda: self.progress.advance(task)
+
+    def start(self, total: int, done: int) -> None:
+        self.task = self.progress.add_task("rollout", total=total, completed=done, rate="", status="starting")
+
+    def update(self, done: int, stats, status: str) -> None:
+        if self.task is None:
+            return
+        rate = f"{stats.samples_per_s:.2f} samples/s {stats.tokens_per_s:.0f} tok/s"
+        if stats.wait_s >= 1:
+            rate += f" waited {stats.wait_s:.0f}s"
+        self.progress.update(self.task, completed=done, rate=rate, status=status)
