@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from dataflow.errors import InputError
+from dataflow.rollout.data import default_dataset_path, load_dataset
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_sharegpt_rows_are_normalised_to_roles_and_content(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "s1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "s2", "conversations": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Q"}]},
+    ])
+    samples = load_dataset(path).samples
+    assert samples[0].messages == ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"})
+    assert [m["role"] for m in samples[1].messages] == ["system", "user"]
+
+
+def test_text_rows_are_kept_as_preformatted_text_and_rows_without_id_get_their_line_number(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain text"}])
+    [sample] = load_dataset(path).samples
+    assert sample.text == "plain text" and sample.id == "line1" and sample.messages == ()
+
+
+def test_bad_rows_fail_with_file_line_and_a_count_of_what_would_be_skipped(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "ok", "conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        "{not json",
+        {"id": "r", "conversations": [{"role": "robot", "content": "beep"}]},
+        {"id": "e", "conversations": []},
+    ])
+    with pytest.raises(InputError) as err:
+        load_dataset(path)
+    message = str(err.value)
+    assert f"{path}:2: invalid JSON" in message and "3 bad rows" in message and "--on-bad-row skip" in message
+
+
+def test_bad_rows_are_skipped_and_reported_on_request(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        "{not json",
+        {"id": "r", "conversations": [{"role": "robot", "content": "beep"}]},
+        {"id": "ok", "conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {"id": "ok", "text": "duplicate id"},
+    ])
+    loaded = load_dataset(path, on_bad_row="skip")
+    assert [s.id for s in loaded.samples] == ["ok"]
+    assert [p.split(": ")[0] for p in loaded.skipped] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    assert "unknown role 'robot'" in loaded.skipped[1]
+
+
+def test_a_missing_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_dataset(tmp_path / "nope.jsonl")
+
+
+def test_the_bundled_dataset_has_hundreds_of_varied_real_conversations():
+    samples = load_dataset(default_dataset_path()).samples
+    assert len(samples) >= 200
+    prompts = [s.messages[0]["content"] if s.messages[0]["role"] != "system" else s.messages[1]["content"]
+               for s in samples]
+    assert len(set(prompts)) == len(prompts)
+    assert all(any(m["role"] == "assistant" and m["content"].strip() for m in s.messages) for s in samples)
+    categories = {s.id.split("-")[0] for s in samples}
+    assert {"qa", "code", "math", "writing", "chat"} <= categories
