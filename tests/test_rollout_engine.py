@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from dataflow.errors import InputError
+from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, default_aux_layers, token_budget_batches
+from dataflow.rollout.template import TokenizedSample
+from dataflow.rollout.testing import build_tiny_target
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model_dir = build_tiny_target(tmp_path_factory.mktemp("tiny") / "target", num_layers=6)
+    return HFEngine(HFEngineConfig(model_dir=model_dir, threads=1))
+
+
+def sample(key, n, seed):
+    ids = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return TokenizedSample(key, ids, [i % 2 == 0 for i in range(n)])
+
+
+def test_default_aux_layers_are_the_sglang_vllm_eagle3_choice():
+    assert default_aux_layers(30) == [2, 15, 27]
+    assert default_aux_layers(32) == [2, 16, 29]
+
+
+def test_features_match_a_direct_hf_forward_at_the_aux_layers_with_padding_removed(engine):
+    batch = [sample("long", 23, 0), sample("short", 7, 1)]
+    features = engine.features(batch)
+    H = engine.hidden_size
+    assert engine.aux_layers == [2, 3, 3]
+    for s, f in zip(batch, features):
+        T = len(s.input_ids)
+        with torch.inference_mode():
+            direct = engine.model(input_ids=torch.tensor([s.input_ids]), output_hidden_states=True)
+        expected_aux = torch.cat([direct.hidden_states[a][0] for a in (2, 3, 3)], dim=-1)
+        assert f["aux_hidden"].shape == (T, 3 * H) and f["target_hidden"].shape == (T, H)
+        assert f["input_ids"].dtype == torch.int64 and f["input_ids"].tolist() == s.input_ids
+        assert f["loss_mask"].dtype == torch.bool and f["loss_mask"].tolist() == s.loss_mask
+        torch.testing.assert_close(f["aux_hidden"], expected_aux, atol=1e-4, rtol=1e-4)
+        # last hidden state after the final norm (HF's hidden_states[-1])
+        torch.testing.assert_close(f["target_hidden"], direct.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_target_record_describes_what_the_trainer_needs(engine):
+    record = engine.describe()
+    assert record["hidden_size"] == 64 and record["num_hidden_layers"] == 6
+    assert record["vocab_size"] == len(engine.tokenizer) and record["dtype"] == "float32"
+    assert (engine.config.model_dir / "config.json").exists()
+
+
+def test_aux_layers_out_of_range_are_refused(engine):
+    with pytest.raises(InputError, match="--aux-layers"):
+        HFEngine(HFEngineConfig(model_dir=engine.config.model_dir, aux_layers=(1, 2, 99)))
+
+
+def test_batches_are_length_sorted_within_the_token_budget():
+    samples = [TokenizedSample(str(n), [0] * n, [True] * n) for n in (5, 40, 12, 30, 100, 8)]
+    batches = token_budget_batches(samples, token_budget=64)
+    assert [[len(s.input_ids) for s in b] for b in batches] == [[100], [40], [30, 12], [8, 5]]
+    assert all(len(b) * len(b[0].input_ids) <= 64 for b in batches if len(b) > 1)
+
+
+def test_generate_writes_a_reply_to_the_last_user_turn(engine):
+    replies = engine.generate([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question?"}]],
+                              max_new_tokens=4, temperature=0.0)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
