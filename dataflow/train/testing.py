@@ -1,0 +1,73 @@
+"""A tiny target and its real features, for the trainer's tests and demos (no tokenizer needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def build_tiny_target(out_dir: Path, *, vocab_size: int = 320, hidden_size: int = 64, num_layers: int = 4,
+                      tie_word_embeddings: bool = False, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama (config.json + model.safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def aux_layers(num_layers: int) -> list[int]:
+    """DESIGN: hidden_states[2], [N//2], [N-3] in HF indexing (what SGLang and vLLM capture)."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+@torch.no_grad()
+def tiny_features(model_dir: Path, lengths: list[int], *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Per-sample EAGLE3 features of random token sequences (the second half is the 'assistant' part)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    n = model.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
+        out = model.model(input_ids=ids, output_hidden_states=True)
+        samples.append(
+            {
+                "input_ids": ids[0],
+                "loss_mask": torch.arange(length) >= length // 2,
+                "aux_hidden": torch.cat([out.hidden_states[i] for i in aux_layers(n)], dim=-1)[0],
+                "target_hidden": out.last_hidden_state[0],
+            }
+        )
+    return samples
+
+
+def target_record(model_dir: Path, max_length: int = 512) -> dict:
+    """The run's RunMeta 'target' entry for a tiny target."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    return {
+        "model": str(Path(model_dir).resolve()),
+        "hidden_size": cfg["hidden_size"],
+        "vocab_size": cfg["vocab_size"],
+        "num_hidden_layers": n,
+        "aux_layers": aux_layers(n),
+        "dtype": "float32",
+        "max_length": max_length,
+    }

@@ -1,0 +1,61 @@
+"""The draft vocabulary: a sorted subset of the target's token ids.
+
+EAGLE3 drafts predict over `draft_vocab_size` ids only. Two buffers travel with the checkpoint:
+`d2t[i] = target_id - i` for draft id i (SGLang/vLLM add it to the draft's argmax) and `t2d[v]` = whether
+target id v is in the draft vocabulary. The run records `{"draft_vocab_size": n, "d2t": [...]}` in RunMeta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dataflow.errors import InputError
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    d2t: torch.Tensor  # (Vd,) int64: target_id - draft_id
+    t2d: torch.Tensor  # (V,) bool: target id is in the draft vocab
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.d2t.numel()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.t2d.numel()
+
+    @property
+    def target_ids(self) -> torch.Tensor:
+        """(Vd,) int64: the target id of each draft id, ascending."""
+        return self.d2t + torch.arange(self.draft_vocab_size)
+
+
+def vocab_from_target_ids(target_ids: list[int] | torch.Tensor, vocab_size: int) -> VocabMap:
+    """The mapping that keeps `target_ids` (any order, no duplicates) out of a vocabulary of `vocab_size`."""
+    ids = torch.as_tensor(target_ids, dtype=torch.int64).sort().values
+    if ids.numel() == 0 or ids.unique().numel() != ids.numel():
+        raise InputError("draft vocabulary: target ids must be non-empty and distinct; rebuild the mapping")
+    if ids[0] < 0 or ids[-1] >= vocab_size:
+        raise InputError(f"draft vocabulary: target ids must lie in [0, {vocab_size}); rebuild the mapping")
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return VocabMap(d2t=ids - torch.arange(ids.numel()), t2d=t2d)
+
+
+def vocab_from_meta(value: dict, vocab_size: int) -> VocabMap:
+    """Read the run's recorded `vocab` entry, checking it against the target's vocabulary size."""
+    d2t = value.get("d2t")
+    if not isinstance(d2t, list) or len(d2t) != value.get("draft_vocab_size"):
+        raise InputError("run meta 'vocab': d2t must be a list of draft_vocab_size ints; restart the rollout")
+    target_ids = torch.as_tensor(d2t, dtype=torch.int64) + torch.arange(len(d2t))
+    if len(d2t) > 1 and not bool((target_ids[1:] > target_ids[:-1]).all()):
+        raise InputError("run meta 'vocab': draft ids must be sorted by target id; restart the rollout")
+    return vocab_from_target_ids(target_ids, vocab_size)
+
+
+def vocab_to_meta(vocab: VocabMap) -> dict:
+    """The JSON value the rollout records as RunMeta 'vocab'."""
+    return {"draft_vocab_size": vocab.draft_vocab_size, "d2t": vocab.d2t.tolist()}
