@@ -1,0 +1,172 @@
+"""The files feature store: one safetensors file per sample, mapped (not read) by the consumer.
+
+For spill and offline use. Files survive an ack, so a trainer can run several epochs over them without
+re-running the target (`retained` is true). In-flight bytes (live refs) are bounded by the same
+watermark as the arena; total disk use can be capped with max_disk_bytes and is reported by `usage`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import secrets
+import sqlite3
+import struct
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.errors import FeaturesLost, StoreError
+from dataflow.transport.arena import DTYPES, TensorSpec, views_of, wait_for
+from dataflow.transport.refs import Uncommitted
+from dataflow.transport.segment import LOCK_WAIT_S, human
+
+LOCK_FILE = ".writer.lock"
+SUFFIX = ".safetensors"
+STORE_META_PREFIX = "files_store."  # RunMeta key per files store -> its directory (gc finds it there)
+
+
+def store_id(run_id: str, producer_id: str) -> str:
+    return f"files-{run_id[:12]}-{producer_id}"
+
+
+def disk_usage(directory: Path) -> tuple[int, int]:
+    """(bytes, files) of the sample files in a store directory."""
+    sizes = [p.stat().st_size for p in directory.glob(f"*{SUFFIX}")] if directory.is_dir() else []
+    return sum(sizes), len(sizes)
+
+
+def lock_writer(directory: Path, owner: str) -> int | None:
+    """An fd holding the directory's writer lock; None when a live writer holds it (owner=None: gc asks)."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + (LOCK_WAIT_S if owner else 0)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                if owner is None:
+                    return None
+                raise StoreError(
+                    f"{directory}: another producer is writing this files store; give each rollout its own "
+                    f"--producer-id (this one is {owner!r})"
+                ) from None
+            time.sleep(0.05)
+
+
+class FilesWriter:
+    kind = "files"
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        store: str,
+        store_dir: Path,
+        max_inflight_bytes: int,
+        max_disk_bytes: int | None = None,
+    ):
+        self.conn, self.store = conn, store
+        self.capacity, self.max_disk_bytes = max_inflight_bytes, max_disk_bytes
+        self.directory = (store_dir / store).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = lock_writer(self.directory, store)
+        RunMeta(conn).set(STORE_META_PREFIX + store, str(self.directory))
+        self._uncommitted = Uncommitted()
+        self._disk_bytes = disk_usage(self.directory)[0]
+
+    @property
+    def used_bytes(self) -> int:
+        return self._inflight_bytes()
+
+    def check_fits(self, nbytes: int, what: str = "a sample") -> None:
+        if nbytes > self.capacity:
+            raise StoreError(
+                f"{what} needs {human(nbytes)} but --max-inflight-bytes is {human(self.capacity)}; "
+                f"pass at least {nbytes * 2} (room for two samples)"
+            )
+
+    def write(
+        self, key: str, tensors: dict[str, torch.Tensor], on_wait: Callable[[float], None] | None = None
+    ) -> tuple[dict, int]:
+        estimate = sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * (len(tensors) + 1)
+        self.check_fits(estimate, f"sample {key!r}")
+        self._check_disk(estimate)
+        wait_for(lambda: True if self._inflight_bytes() + estimate <= self.capacity else None, on_wait)
+        gen = secrets.randbits(62)
+        path = self.directory / f"{gen:016x}{SUFFIX}"
+        partial = path.with_suffix(".partial")
+        save_file({k: t.contiguous() for k, t in tensors.items()}, partial, metadata={"key": key})
+        os.replace(partial, path)  # a reader never sees half a file
+        size = path.stat().st_size
+        self._disk_bytes += size
+        handle = {"kind": self.kind, "store": self.store, "key": key, "gen": gen, "path": str(path), "nbytes": size}
+        self._uncommitted.add(handle)
+        return handle, size
+
+    def abandon(self, handle: dict) -> None:
+        if self._uncommitted.discard(handle):
+            Path(handle["path"]).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _inflight_bytes(self) -> int:
+        uncommitted = sum(h["nbytes"] for h in self._uncommitted.resolve(self.conn))  # before live: see shm.py
+        return uncommitted + RefQueue(self.conn).live_bytes(self.store)
+
+    def _check_disk(self, nbytes: int) -> None:
+        if self.max_disk_bytes is None or self._disk_bytes + nbytes <= self.max_disk_bytes:
+            return
+        self._disk_bytes = disk_usage(self.directory)[0]  # gc may have removed files meanwhile
+        if self._disk_bytes + nbytes > self.max_disk_bytes:
+            raise StoreError(
+                f"{self.directory}: the files store holds {human(self._disk_bytes)} and --max-disk-bytes is "
+                f"{human(self.max_disk_bytes)}; raise it, free space with `dataflow gc`, or use --store shm"
+            )
+
+
+class FilesReader:
+    def open(self, handle: dict) -> dict[str, torch.Tensor]:
+        path = Path(handle["path"])
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: views are writable
+        except (FileNotFoundError, ValueError):
+            raise FeaturesLost(f"sample {handle['key']!r}: its features file {path} is gone or empty") from None
+        buf = memoryview(mm)
+        try:
+            base, specs, key = _parse_header(buf)
+        except (ValueError, KeyError, struct.error):
+            raise FeaturesLost(f"sample {handle['key']!r}: {path} is not a readable safetensors file") from None
+        if key != handle["key"]:
+            raise FeaturesLost(f"sample {handle['key']!r}: {path} holds sample {key!r} instead")
+        return views_of(buf, base, specs)
+
+    def retained(self, handle: dict) -> bool:
+        return Path(handle["path"]).is_file()
+
+
+def _parse_header(buf: memoryview) -> tuple[int, list[TensorSpec], str | None]:
+    """safetensors: u64 header length, JSON header, then the data (offsets relative to its start)."""
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    header = json.loads(bytes(buf[8 : 8 + n]))
+    key = header.pop("__metadata__", {}).get("key")
+    specs = []
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(f"dtype {entry['dtype']}")
+        specs.append(TensorSpec(name=name, dtype=entry["dtype"], shape=tuple(entry["shape"]), offset=begin, nbytes=end - begin))
+    return 8 + n, specs, key

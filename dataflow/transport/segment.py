@@ -1,0 +1,174 @@
+"""One named shared-memory file in /dev/shm, mapped once per process.
+
+We open /dev/shm/<name> directly rather than through `multiprocessing.shared_memory`: on Python 3.11
+its resource_tracker unlinks a segment when any process that merely attached to it exits, which would
+pull the arena from under the producer. Plain files have no tracker; only gc and the producer unlink.
+
+Layout: a 4 KiB segment header (magic, capacity, nonce, next generation), then the data area. The nonce
+is drawn when the segment is created, so handles into an earlier segment of the same name are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+import struct
+import time
+from pathlib import Path
+
+from dataflow.errors import FeaturesLost, StoreError
+
+SHM_DIR = Path("/dev/shm")
+HEADER_BYTES = 4096  # keeps the data area page aligned
+SEGMENT_HEADER = struct.Struct("<8sQQQ")  # magic, capacity, nonce, next generation
+SEGMENT_MAGIC = b"DFARENA1"
+LOCK_WAIT_S = 2.0  # gc holds a segment's lock for a moment while it decides; wait that out
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_shm_space(nbytes: int, directory: Path = SHM_DIR) -> None:
+    """Refuse up front when /dev/shm cannot hold the arena (Docker's default is 64 MB)."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise StoreError(_too_small(nbytes, free, directory))
+
+
+def _too_small(nbytes: int, free: int, directory: Path) -> str:
+    suggest = max(1, -(-int(nbytes * 1.25) // 2**30))
+    return (
+        f"{directory} has {human(free)} free but the feature arena needs {human(nbytes)} "
+        f"(--max-inflight-bytes); start the container with --shm-size={suggest}g or --ipc=host, "
+        "or pass a smaller --max-inflight-bytes"
+    )
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    # MAP_POPULATE: take every page fault now, once, instead of on the hot path of each write/read
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class Segment:
+    """A mapped segment. `buf` is a memoryview over the whole mapping; tensor views slice it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+        size = os.fstat(fd).st_size
+        if size < HEADER_BYTES:
+            raise FeaturesLost(f"{path}: not a dataflow arena (only {size} bytes)")
+        self.mm = _map(fd, size)
+        self.buf = memoryview(self.mm)
+        magic, self.capacity, self.nonce, _ = SEGMENT_HEADER.unpack_from(self.buf, 0)
+        if magic != SEGMENT_MAGIC or HEADER_BYTES + self.capacity != size:
+            self.buf.release()
+            self.mm.close()
+            raise FeaturesLost(f"{path}: not a dataflow arena (bad header); remove it with `dataflow gc`")
+        self.inode = os.fstat(fd).st_ino
+
+    @classmethod
+    def attach(cls, path: Path) -> "Segment":
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FeaturesLost(f"{path}: the arena is gone (its producer's memory was freed)") from None
+        try:
+            return cls(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def create(cls, path: Path, capacity: int) -> "Segment":
+        """A fresh segment with a new nonce; the caller holds no lock yet (see lock())."""
+        check_shm_space(HEADER_BYTES + capacity, path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _reserve(fd, HEADER_BYTES + capacity, path)
+            os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, capacity, secrets.randbits(63), 1), 0)
+            return cls(path, fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+
+    def still_named(self) -> bool:
+        """Whether the path still names this segment (gc may have unlinked it; a new one may exist)."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def next_generation(self) -> int:
+        """Generations are unique per segment and survive a producer restart (they live in the header)."""
+        magic, capacity, nonce, gen = SEGMENT_HEADER.unpack_from(self.buf, 0)
+        SEGMENT_HEADER.pack_into(self.buf, 0, magic, capacity, nonce, gen + 1)
+        return gen
+
+    def lock(self, owner: str) -> None:
+        """Exclusive writer lock, held for the writer's life; the kernel drops it when the process dies,
+        which is how gc tells a live producer from a dead one on this host."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{self.path}: another producer is writing this arena; give each rollout its own "
+                        f"--producer-id (this one is {owner!r})"
+                    ) from None
+                time.sleep(0.05)
+
+    def close(self) -> bool:
+        """Unmap if no tensor views remain; returns False (and stays mapped) while views exist."""
+        self.buf.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            return False  # a live view: the mapping goes away with the last view instead
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+        return True
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the tmpfs pages now: a full /dev/shm is a clear error here, not a SIGBUS on first touch."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            st = os.statvfs(path.parent)
+            raise StoreError(_too_small(size, st.f_bavail * st.f_frsize, path.parent)) from None
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            os.ftruncate(fd, size)  # a filesystem without fallocate: sized, not reserved
+        else:
+            raise
+
+
+def try_lock(path: Path) -> int | None:
+    """For gc: an fd holding the writer lock of `path` (nobody writes it), or None (a producer does)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
