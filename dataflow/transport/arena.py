@@ -109,7 +109,7 @@ class RangeAllocator:
     def reset(self, used: Iterable[tuple[int, int]]) -> None:
         """Replace the used set with (offset, length) pairs; the cursor stays where it was."""
         self._starts, self._ends = [], {}
-        for offset, length in used:
+        for offset, length in set(used):
             self._insert(offset, offset + length)
 
     def allocate(self, length: int) -> int | None:

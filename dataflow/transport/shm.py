@@ -91,9 +91,11 @@ class ShmWriter:
             self._rebuild()
 
     def close(self) -> None:
-        """Unmap; after a clean finish (no live refs, nothing uncommitted) also remove the segment."""
+        """Unmap; when no live ref needs the arena (a clean finish) also remove the segment. Writes not
+        committed by now never will be: the producer commits right after `write`."""
         if self._segment is None:
             return
+        self._uncommitted.clear()
         if not self._used_ranges() and self._segment.still_named():
             self.path.unlink(missing_ok=True)
         self._segment.close()

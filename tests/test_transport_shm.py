@@ -1,0 +1,181 @@
+import os
+import stat
+
+import pytest
+import torch
+from test_transport_support import H, leftover_segments, matches, run_db, sample  # noqa: F401
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefItem, RefQueue
+from dataflow.errors import FeaturesLost, StoreError
+from dataflow.transport import open_reader, open_writer
+from dataflow.transport.arena import plan_layout
+from dataflow.transport.segment import check_shm_space
+
+SAMPLE_BYTES = plan_layout(sample("x"))[1]
+
+
+def put(queue, handle, nbytes):
+    queue.put(RefItem(handle["key"], handle, nbytes, handle["store"]))
+
+
+def consume_all(queue):
+    leases = queue.lease("trainer", n=1000)
+    assert not queue.ack([lease.token for lease in leases])
+    return leases
+
+
+@pytest.fixture
+def conn(run_db):
+    conn = connect(run_db)
+    yield conn
+    conn.close()
+
+
+def test_a_sample_comes_back_bit_exact_in_every_dtype_as_zero_copy_views(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 20)
+    reader = open_reader(conn)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        handle, _ = writer.write(f"s-{dtype}", sample(f"s-{dtype}", dtype=dtype))
+        views = reader.open(handle)
+        assert matches(f"s-{dtype}", views, dtype=dtype)
+        again = reader.open(handle)
+        assert views["aux_hidden"].data_ptr() == again["aux_hidden"].data_ptr()  # same mapped bytes, no copy
+    handle, _ = writer.write("empty", {"input_ids": torch.zeros(0, dtype=torch.int64)})
+    assert reader.open(handle)["input_ids"].shape == (0,)
+    reader.close()
+    writer.close()
+
+
+def test_the_arena_is_named_after_the_run_and_readable_only_by_its_owner(conn):
+    writer = open_writer(conn, store="shm", producer_id="rollout-3", max_inflight_bytes=1 << 16)
+    assert writer.path.name == f"dataflow-{RunMeta(conn).run_id[:12]}-rollout-3"
+    assert stat.S_IMODE(os.stat(writer.path).st_mode) == 0o600
+    writer.close()
+
+
+def test_a_handle_whose_bytes_were_reused_is_refused(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=4 * SAMPLE_BYTES)
+    reader = open_reader(conn)
+    first, nbytes = writer.write("s0", sample("s0"))
+    put(queue, first, nbytes)
+    views = reader.open(first)
+    consume_all(queue)
+    for i in range(1, 6):  # wraps around over s0's range
+        handle, nbytes = writer.write(f"s{i}", sample(f"s{i}"))
+        put(queue, handle, nbytes)
+        consume_all(queue)
+    with pytest.raises(FeaturesLost, match="reused"):
+        reader.open(first)
+    with pytest.raises(FeaturesLost, match="reused"):
+        reader.check(first)  # a consumer re-checking after reading its views learns the same
+    del views
+    reader.close()
+    writer.close()
+
+
+def test_writes_whose_ref_is_not_committed_yet_are_never_overwritten(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=2 * SAMPLE_BYTES)
+    reader = open_reader(conn)
+    a, _ = writer.write("a", sample("a"))
+    writer.write("b", sample("b"))
+
+    def give_up(waited):
+        raise TimeoutError("full")
+
+    with pytest.raises(TimeoutError):
+        writer.write("c", sample("c"), on_wait=give_up)
+    assert matches("a", reader.open(a))
+    writer.abandon(a)  # the producer will not commit it after all: its range is free again
+    writer.write("c", sample("c"), on_wait=give_up)
+    reader.close()
+    writer.close()
+
+
+def test_a_full_arena_makes_the_producer_wait_until_the_trainer_acks(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=2 * SAMPLE_BYTES)
+    for key in ("a", "b"):
+        put(queue, *writer.write(key, sample(key)))
+    waits = []
+
+    def trainer_acks_while_we_wait(waited):
+        waits.append(waited)
+        consume_all(queue)
+
+    handle, _ = writer.write("c", sample("c"), on_wait=trainer_acks_while_we_wait)
+    assert len(waits) == 1 and handle["key"] == "c"
+    put(queue, handle, handle["nbytes"])
+    consume_all(queue)
+    writer.close()
+
+
+def test_a_sample_larger_than_the_arena_is_a_clear_error_not_a_hang(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=SAMPLE_BYTES // 2)
+    with pytest.raises(StoreError, match="--max-inflight-bytes"):
+        writer.write("big", sample("big"))
+    writer.close()
+    with pytest.raises(StoreError, match="largest sample"):
+        open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 12, max_sample_bytes=1 << 20)
+
+
+def test_a_dev_shm_too_small_for_the_arena_says_what_to_do():
+    with pytest.raises(StoreError, match="--shm-size=.*--ipc=host.*--max-inflight-bytes"):
+        check_shm_space(1 << 60)
+
+
+def test_a_restarted_producer_reattaches_its_arena_and_keeps_pending_samples_readable(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=4 * SAMPLE_BYTES)
+    handles = [writer.write(k, sample(k))[0] for k in ("a", "b", "c")]
+    for h in handles[:2]:
+        put(queue, h, h["nbytes"])  # "c" was written but never committed: its range is free after restart
+    writer.close()
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=4 * SAMPLE_BYTES)
+    assert writer.used_bytes == 2 * handles[0]["nbytes"]
+    fresh = [writer.write(k, sample(k))[0] for k in ("d", "e")]
+    assert min(h["gen"] for h in fresh) > max(h["gen"] for h in handles)  # generations survive restarts
+    reader = open_reader(conn)
+    assert matches("a", reader.open(handles[0])) and matches("b", reader.open(handles[1]))
+    with pytest.raises(FeaturesLost):
+        reader.open(handles[2])  # its bytes went to "d" or "e"
+    consume_all(queue)
+    reader.close()
+    writer.close()
+
+
+def test_a_second_producer_with_the_same_id_is_refused(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    with pytest.raises(StoreError, match="--producer-id"):
+        open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    writer.close()
+
+
+def test_closing_the_reader_under_live_views_keeps_them_valid(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    handle, _ = writer.write("a", sample("a"))
+    reader = open_reader(conn)
+    views = reader.open(handle)
+    reader.close()
+    writer.abandon(handle)
+    writer.close()  # nothing live: the segment is unlinked, the mapping lives on under the views
+    assert not leftover_segments(RunMeta(conn).run_id)
+    assert matches("a", views)
+
+
+def test_a_clean_finish_leaves_nothing_in_dev_shm_and_an_unfinished_one_keeps_pending_samples(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    put(queue, *writer.write("a", sample("a")))
+    writer.close()
+    assert leftover_segments(RunMeta(conn).run_id)  # the trainer still needs "a"
+    reader = open_reader(conn)
+    lease = queue.lease("t")[0]
+    assert matches("a", reader.open(lease.handle))
+    reader.close()
+    assert not queue.ack([lease.token])
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    writer.close()
+    assert not leftover_segments(RunMeta(conn).run_id)

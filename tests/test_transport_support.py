@@ -1,0 +1,53 @@
+"""Shared fixtures and sample helpers for the transport tests (no tests here).
+
+Every test gets its own run database; on teardown the run must have left nothing in /dev/shm (checked
+by run prefix, so helpers' tests running beside ours on the same machine never interfere)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.transport.gc import run_prefix
+from dataflow.transport.segment import SHM_DIR
+
+H = 8  # tiny hidden size: a sample of T tokens is T * (8 + 1 + 3*8*4 + 8*4) bytes in fp32
+
+
+def leftover_segments(run_id: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(run_prefix(run_id) + "*"))
+
+
+@pytest.fixture
+def run_db(tmp_path):
+    """The path of a fresh run database; fails the test if the run leaks an arena (and cleans it up)."""
+    path = tmp_path / "run.sqlite"
+    conn = connect(path)
+    run_id = RunMeta(conn).run_id
+    conn.close()
+    yield path
+    leaked = leftover_segments(run_id)
+    for p in leaked:
+        p.unlink(missing_ok=True)
+    assert not leaked, f"leaked shared-memory segments: {leaked}"
+
+
+def sample(key: str, tokens: int = 16, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """EAGLE3-shaped features whose values are a function of the key, so a reader can verify them."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return {
+        "input_ids": torch.randint(0, 1000, (tokens,), generator=g),
+        "loss_mask": torch.rand(tokens, generator=g) > 0.5,
+        "aux_hidden": torch.randn(tokens, 3 * H, generator=g).to(dtype),
+        "target_hidden": torch.randn(tokens, H, generator=g).to(dtype),
+    }
+
+
+def matches(key: str, tensors: dict[str, torch.Tensor], tokens: int = 16, dtype: torch.dtype = torch.float32) -> bool:
+    expected = sample(key, tokens, dtype)
+    return set(expected) == set(tensors) and all(torch.equal(expected[k], tensors[k]) for k in expected)
