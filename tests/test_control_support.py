@@ -1,0 +1,159 @@
+"""Worker processes and helpers for the control-plane tests (no tests here).
+
+Workers are top-level functions so `multiprocessing` spawn children can import them; each opens its own
+connection (a SQLite connection never crosses a process boundary) and reports through the database or
+a file, never through shared Python state.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefItem, RefQueue
+from dataflow.control.tasks import TaskQueue
+
+SPAWN = multiprocessing.get_context("spawn")
+JOIN_TIMEOUT_S = 120.0  # generous: the machine is shared; a hang still fails instead of blocking CI
+
+
+def item(key: str, store: str = "shm", task_id: int | None = None) -> RefItem:
+    return RefItem(key=key, handle={"key": key, "offset": 0}, nbytes=100, store=store, task_id=task_id)
+
+
+def produce(db: str, keys: list[str], batch: int) -> None:
+    """Put the keys in batches, then mark end of stream."""
+    conn = connect(db)
+    queue = RefQueue(conn)
+    for start in range(0, len(keys), batch):
+        queue.put_many([item(k) for k in keys[start : start + batch]])
+    RunMeta(conn).set_end_of_stream()
+    conn.close()
+
+
+def consume(db: str, owner: str, out: str, batch: int, partition: tuple[int, int] = (0, 1)) -> None:
+    """Lease and ack until end of stream and an empty queue; append every key it acked to `out` (JSONL)."""
+    conn = connect(db)
+    queue, meta = RefQueue(conn), RunMeta(conn)
+    with open(out, "a") as f:
+        while True:
+            eos = meta.end_of_stream()  # read before leasing: nothing can be put after it is set
+            leases = queue.lease(owner, n=batch, ttl=60.0, partition=partition)
+            if not leases:
+                if eos and queue.in_flight() == 0:
+                    break
+                time.sleep(0.005)
+                continue
+            refused = queue.ack([lease.token for lease in leases])
+            acked = [lease.key for lease in leases if lease.token not in refused]
+            f.write(json.dumps({"owner": owner, "keys": acked, "refused": len(refused)}) + "\n")
+            f.flush()
+    conn.close()
+
+
+def consume_limit(db: str, owner: str, out: str, batch: int, limit: int, partition: tuple[int, int]) -> None:
+    """Lease and ack at most `limit` refs, writing (key, shard-is-mine) per lease round to `out`."""
+    conn = connect(db)
+    queue = RefQueue(conn)
+    done = 0
+    with open(out, "a") as f:
+        while done < limit:
+            leases = queue.lease(owner, n=min(batch, limit - done), ttl=60.0, partition=partition)
+            if not leases:
+                break
+            refused = queue.ack([lease.token for lease in leases])
+            if refused:
+                raise RuntimeError(f"{owner}: acks refused for {refused}")
+            f.write(json.dumps({"owner": owner, "keys": [lease.key for lease in leases]}) + "\n")
+            f.flush()
+            done += len(leases)
+    conn.close()
+
+
+def lease_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> None:
+    """Lease n refs, publish the tokens, then hang until killed (a consumer stuck mid-step)."""
+    conn = connect(db)
+    leases = RefQueue(conn).lease(owner, n=n, ttl=ttl)
+    publish(out, {"tokens": [lease.token for lease in leases], "keys": [lease.key for lease in leases]})
+    while True:
+        time.sleep(1.0)
+
+
+def lease_wait_ack(db: str, owner: str, n: int, ttl: float, out: str, go: str) -> None:
+    """A slow consumer: lease n refs, publish the tokens, wait for `go`, then ack and report what was refused."""
+    conn = connect(db)
+    queue = RefQueue(conn)
+    leases = queue.lease(owner, n=n, ttl=ttl)
+    publish(out, {"tokens": [lease.token for lease in leases]})
+    while not Path(go).exists():
+        time.sleep(0.01)
+    publish(out + ".acked", {"refused": queue.ack([lease.token for lease in leases])})
+    conn.close()
+
+
+def lease_tasks_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> None:
+    """A rollout worker that leased prompts and then hangs until killed."""
+    conn = connect(db)
+    tasks = TaskQueue(conn).lease(owner, n=n, ttl=ttl)
+    publish(out, {"tokens": [task.token for task in tasks], "keys": [task.key for task in tasks]})
+    while True:
+        time.sleep(1.0)
+
+
+def write_forever(db: str, ready: str) -> None:
+    """Put refs in small committed batches until killed; touches `ready` once the first batch is durable."""
+    conn = connect(db)
+    queue = RefQueue(conn)
+    i = 0
+    while True:
+        queue.put_many([item(f"w{i + j}") for j in range(10)])
+        i += 10
+        if i == 10:
+            publish(ready, {"first_batch": True})
+
+
+def publish(path: str, value: dict) -> None:
+    """Write JSON then rename, so the test never reads half a file."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
+
+
+def read_published(path: Path, timeout: float = JOIN_TIMEOUT_S) -> dict:
+    wait_for(path, timeout)
+    return json.loads(path.read_text())
+
+
+def read_acked(out: Path) -> list[str]:
+    """Every key acked, over all consumers, in the order written (duplicates kept)."""
+    if not out.exists():
+        return []
+    return [key for line in out.read_text().splitlines() for key in json.loads(line)["keys"]]
+
+
+def run_all(processes: list) -> None:
+    """Start, join with a timeout, and fail loudly on a crash or a hang."""
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(JOIN_TIMEOUT_S)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            raise AssertionError(f"worker {p.name} did not finish in {JOIN_TIMEOUT_S} s")
+        if p.exitcode != 0:
+            raise AssertionError(f"worker {p.name} exited with {p.exitcode}")
+
+
+def wait_for(path: Path, timeout: float = JOIN_TIMEOUT_S) -> None:
+    """Poll for a file a worker writes when it reached a point (no timing assertion: a hang fails)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() or path.stat().st_size == 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker never wrote {path}")
+        time.sleep(0.01)
