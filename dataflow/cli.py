@@ -132,6 +132,126 @@ def run(ctx: typer.Context, db: Path = DbOption) -> None:
     run_pair(db, routed, log_dir=db.parent / f"{db.stem}.logs")
 
 
+@app.command()
+@one_line_errors
+def rollout(
+    db: Path = DbOption,
+    target_model: str = typer.Option(None, help="HF model dir (safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct."),
+    dataset: Path = typer.Option(None, help="jsonl of conversations (native, ShareGPT or text rows); default: bundled."),
+    on_bad_row: str = typer.Option("fail", help="skip|fail: what to do with malformed dataset rows."),
+    num_samples: int = typer.Option(None, help="Use only the first N dataset rows."),
+    epochs: int = typer.Option(1, help="Passes over the dataset (one target forward per sample per epoch)."),
+    seed: int = typer.Option(0, help="Seeds each epoch's shuffle and sampled regeneration."),
+    max_length: int = typer.Option(2048, help="Tokens per sample; longer ones are truncated with their mask."),
+    train_only_last_turn: bool = typer.Option(False, help="Mask only the last assistant reply."),
+    chat_template: str = typer.Option(None, help="Jinja chat template (file or string) replacing the tokenizer's."),
+    draft_vocab_size: int = typer.Option(None, help="Draft vocabulary size (default min(32000, target vocab))."),
+    regenerate: bool = typer.Option(False, help="Let the target write the assistant replies first."),
+    max_new_tokens: int = typer.Option(256, help="Reply length limit with --regenerate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy regeneration, > 0 samples."),
+    aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA, fp32 on CPU)."),
+    threads: int = typer.Option(None, help="torch CPU threads."),
+    token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
+    tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),
+    lease_ttl: float = typer.Option(120.0, help="Seconds before a silent rollout's tasks go to others."),
+    store: str = typer.Option("shm", help="Feature store: shm or files."),
+    store_dir: Path = typer.Option(None, help="Directory of the files store."),
+    max_inflight_bytes: int = typer.Option(1 << 30, help="Byte watermark of features not yet consumed."),
+    producer_id: str = typer.Option(None, help="This rollout's id (arena, heartbeat); default: lowest free r<i>."),
+    progress: bool = typer.Option(True, help="Show live progress."),
+    allow_network_fs: bool = AllowNetworkFs,
+) -> None:
+    """Run the target model over the dataset and stream EAGLE3 features into the run."""
+    from dataflow.errors import InputError
+    from dataflow.rollout.config import RolloutConfig
+    from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
+    from dataflow.rollout.producer import run_rollout
+    from dataflow.rollout.ui import RolloutView
+    from dataflow.target import resolve_target
+
+    try:
+        layers = tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None
+        config = RolloutConfig(
+            dataset=dataset, on_bad_row=on_bad_row, num_samples=num_samples, epochs=epochs, seed=seed,
+            max_length=max_length, train_only_last_turn=train_only_last_turn, draft_vocab_size=draft_vocab_size,
+            regenerate=regenerate, max_new_tokens=max_new_tokens, temperature=temperature,
+            token_budget=token_budget, tasks_per_lease=tasks_per_lease, lease_ttl=lease_ttl, store=store,
+            store_dir=store_dir, max_inflight_bytes=max_inflight_bytes, producer_id=producer_id,
+        )
+        engine_config = HFEngineConfig(
+            model_dir=resolve_target(target_model), device=device, dtype=dtype, threads=threads,
+            aux_layers=layers, chat_template=chat_template,
+        )
+    except ValueError as e:
+        raise InputError(f"rollout options: {e}") from None
+    conn = open_run(db, allow_network_fs)
+    with RolloutView(enabled=progress) as view:
+        stats = run_rollout(conn, config, HFEngine(engine_config), view)
+    typer.echo(f"rollout: {stats.summary()}")
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@one_line_errors
+def train(
+    db: Path = DbOption,
+    out: Path = typer.Option(None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate."),
+    warmup_steps: int = typer.Option(50, "--warmup-steps"),
+    decay_steps: int = typer.Option(0, "--decay-steps", help="Cosine decay length (0: --max-steps, else constant)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    grad_clip: float = typer.Option(0.5, "--grad-clip"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget of a micro-batch, padding included."),
+    ttt_length: int = typer.Option(7, "--ttt-length", help="Unrolled training-time-test steps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (autocast, fp32 master weights)."),
+    seed: int = typer.Option(0, "--seed"),
+    draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
+    export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: when the stream drains)."),
+    save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
+    keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),
+    exit_when_idle: float = typer.Option(0.0, "--exit-when-idle", help="Stop after SECONDS idle with no live rollout."),
+    lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    log_every: int = typer.Option(10, "--log-every"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    allow_network_fs: bool = AllowNetworkFs,
+) -> None:
+    """Train the EAGLE3 draft on the run's refs (beside a live rollout or after it); resumable."""
+    import json
+
+    from dataflow.errors import InputError
+    from dataflow.train.config import TrainConfig, TrainLimits
+    from dataflow.train.trainer import train as run_training
+
+    try:
+        overrides = json.loads(draft_config.read_text()) if draft_config else {}
+        config = TrainConfig(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, weight_decay=weight_decay,
+                             grad_clip=grad_clip, grad_accum=grad_accum, batch_tokens=batch_tokens,
+                             ttt_length=ttt_length, dtype=dtype, seed=seed, draft_overrides=overrides,
+                             export_embed_tokens=export_embed_tokens)
+        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, save_every=save_every,
+                             keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl, device=device,
+                             log_every=log_every, progress=progress)
+    except (OSError, ValueError) as e:
+        raise InputError(f"dataflow train: {e}") from None
+    run_training(require_run(db), config, limits, allow_network_fs=allow_network_fs)
+
+
+@app.command()
+@one_line_errors
+def plot(
+    run_dir: Path = typer.Argument(..., help="The trainer's --out dir."),
+    out: Path = typer.Option(None, "--out", help="PNG path (default: RUN_DIR/metrics.png)."),
+) -> None:
+    """Write a PNG of the loss and acc_k curves from RUN_DIR/metrics.jsonl."""
+    from dataflow.train.plot import plot_metrics
+
+    typer.echo(str(plot_metrics(run_dir, out)))
+
+
 def main() -> None:
     app()
 

@@ -44,8 +44,9 @@ class RolloutConfig:
     """Directory of the files store."""
     max_inflight_bytes: int = 1 << 30
     """Byte watermark: the rollout waits while this many feature bytes are not yet consumed."""
-    worker_id: str | None = None
-    """Names this process in heartbeats and leases; None = host-pid."""
+    producer_id: str | None = None
+    """Names this rollout's feature arena, leases and heartbeat; None = the lowest free "r<i>" of the run.
+    A restarted rollout with the same id re-attaches its arena."""
 
     def __post_init__(self):
         positive = ("epochs", "max_length", "max_new_tokens", "token_budget", "tasks_per_lease", "max_inflight_bytes")

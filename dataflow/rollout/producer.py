@@ -9,10 +9,10 @@ heartbeat "waiting for trainer", and stop cleanly if the trainer has finished fo
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
@@ -20,6 +20,7 @@ from dataflow.control.tasks import TaskLease, TaskQueue
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample
 from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
+from dataflow.rollout.prepare import prepare_run
 from dataflow.rollout.template import TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
 
@@ -59,6 +60,22 @@ class RolloutStats:
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.elapsed_s, 1e-9)
 
+    @property
+    def overhead_s(self) -> float:
+        """The runtime's own time: tokenise, store write (not waiting), SQLite."""
+        return self.tokenize_s + self.write_s + self.sqlite_s
+
+    def summary(self) -> str:
+        return (
+            f"{self.samples} samples, {self.tokens} tokens in {self.elapsed_s:.1f}s "
+            f"({self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.0f} tokens/s); "
+            f"forward {self.forward_s:.1f}s, overhead {self.overhead_s:.2f}s "
+            f"({100 * self.overhead_s / max(self.forward_s, 1e-9):.1f}% of forward: tokenise {self.tokenize_s:.2f}s, "
+            f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
+            + (f", regenerated {self.regenerated} in {self.regenerate_s:.1f}s" if self.regenerated else "")
+            + (f", skipped {self.skipped_no_assistant} without assistant tokens" if self.skipped_no_assistant else "")
+        )
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("started")
@@ -66,12 +83,12 @@ class RolloutStats:
 
 
 class Producer:
-    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView):
+    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView, producer_id: str):
         self.config, self.engine, self.writer, self.view = config, engine, writer, view
         self.meta = RunMeta(conn)
         self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
-        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.process_id = f"rollout-{self.worker_id}"
+        self.producer_id = producer_id
+        self.process_id = f"rollout-{producer_id}"
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
@@ -101,7 +118,7 @@ class Producer:
         """One lease group. False when every task of the run is done."""
         if self.meta.train_finished():
             raise TrainerFinished
-        leases = self.timed("sqlite_s", self.tasks.lease, self.worker_id, self.config.tasks_per_lease, self.config.lease_ttl)
+        leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, self.config.tasks_per_lease, self.config.lease_ttl)
         if not leases:
             if self.tasks.remaining() == 0:
                 return False
@@ -149,6 +166,7 @@ class Producer:
         ref = RefItem(lease.key, handle, nbytes, handle["store"])
         if not self.timed("sqlite_s", self.tasks.complete, token, [ref]):
             self.stats.lost_leases += 1  # our lease expired and another rollout took the task over
+            self.writer.abandon(handle)
         else:
             self.stats.samples += 1
             self.stats.tokens += len(tensors["input_ids"])
@@ -212,13 +230,46 @@ class Producer:
             setattr(self.stats, bucket, getattr(self.stats, bucket) + time.monotonic() - start)
 
 
+def choose_producer_id(meta: RunMeta) -> str:
+    """The lowest "r<i>" no live rollout of this run uses (a restart after a crash gets its old arena back)."""
+    live = {p.id for p in meta.processes("rollout") if p.alive()}
+    i = 0
+    while f"rollout-r{i}" in live:
+        i += 1
+    return f"r{i}"
+
+
+def max_sample_bytes(config: RolloutConfig, engine: HFEngine) -> int:
+    """Feature bytes of a sample of max_length tokens (ids, mask, aux 3H, target H), plus headers."""
+    itemsize = torch.empty((), dtype=engine.config.torch_dtype).element_size()
+    return config.max_length * (8 + 1 + 4 * engine.hidden_size * itemsize) + 4096
+
+
+def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView) -> RolloutStats:
+    """Join the run (config, target, vocab, tasks), then produce until done; the writer is closed after."""
+    from dataflow.transport import open_writer
+
+    summary = prepare_run(conn, config, engine, view)
+    if summary["bad_rows_skipped"]:
+        view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")
+    meta = RunMeta(conn)
+    producer_id = config.producer_id or choose_producer_id(meta)
+    meta.heartbeat(f"rollout-{producer_id}", "rollout", "starting")  # claims the id for later starters
+    writer = open_writer(
+        conn, config.store, producer_id, config.max_inflight_bytes, config.store_dir,
+        max_sample_bytes=max_sample_bytes(config, engine),
+    )
+    try:
+        return Producer(conn, config, engine, writer, view, producer_id).run()
+    finally:
+        writer.close()
+
+
 def regenerate_replies(
     engine: HFEngine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int
 ) -> list[Sample]:
     """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
     turn by turn, batched across conversations."""
-    import torch
-
     torch.manual_seed(seed)
     conversations = [list(s.messages) for s in samples]
     todo = [
