@@ -1,0 +1,166 @@
+"""connect(): what it refuses (one clear line each), how it configures SQLite, and WAL hygiene."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from dataflow.control import db as control_db
+from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, connect, immediate
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.errors import DatabaseError
+from test_control_support import item
+
+
+def refusal(path, **kwargs) -> str:
+    with pytest.raises(DatabaseError) as e:
+        connect(path, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
+    path = tmp_path / "notes.sqlite"
+    path.write_text("just some text, long enough to be mistaken for nothing")
+    assert "not a dataflow database" in refusal(path)
+    assert path.read_text().startswith("just some text")  # left untouched
+
+
+def test_an_sqlite_file_of_another_application_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    other = sqlite3.connect(path)
+    other.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    other.commit()
+    other.close()
+    assert "not a dataflow database" in refusal(path)
+    check = sqlite3.connect(path)
+    assert [r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["customers"]
+
+
+def test_a_schema_newer_than_the_code_is_refused(tmp_path):
+    path = tmp_path / "run.sqlite"
+    conn = connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    conn.close()
+    message = refusal(path)
+    assert f"schema version {SCHEMA_VERSION + 5}" in message and "upgrade dataflow" in message
+
+
+def test_a_database_on_a_network_filesystem_is_refused_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(control_db, "filesystem_type", lambda path: "nfs")
+    path = tmp_path / "run.sqlite"
+    message = refusal(path)
+    assert "network filesystem (nfs)" in message and "--allow-network-fs" in message
+    assert not path.exists()
+    conn = connect(path, allow_network_fs=True)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_missing_directory_is_refused(tmp_path):
+    message = refusal(tmp_path / "no" / "such" / "dir" / "run.sqlite")
+    assert "does not exist" in message
+
+
+def test_an_unwritable_directory_is_refused(tmp_path, monkeypatch):
+    # Permission bits do not stop root, so pretend the directory is read-only the way access(2) would report it.
+    real_access = os.access
+    monkeypatch.setattr(
+        control_db.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
+    )
+    assert "not writable" in refusal(tmp_path / "run.sqlite")
+
+
+def test_the_filesystem_type_of_a_local_directory_is_found(tmp_path):
+    assert control_db.filesystem_type(tmp_path) not in control_db.NETWORK_FILESYSTEMS | {"unknown"}
+
+
+def test_a_new_database_is_private_to_its_owner(tmp_path):
+    path = tmp_path / "run.sqlite"
+    connect(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_connections_use_wal_normal_sync_a_busy_timeout_and_a_journal_limit(tmp_path):
+    conn = connect(tmp_path / "run.sqlite")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == JOURNAL_SIZE_LIMIT
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.isolation_level is None  # autocommit: transactions only where immediate() opens one
+
+
+def test_reconnecting_keeps_the_run_id_and_migrates_nothing_twice(tmp_path):
+    path = tmp_path / "run.sqlite"
+    first = RunMeta(connect(path)).run_id
+    assert len(first) == 32 and RunMeta(connect(path)).run_id == first
+
+
+def test_an_error_inside_immediate_rolls_back_everything(tmp_path):
+    conn = connect(tmp_path / "run.sqlite")
+    with pytest.raises(RuntimeError):
+        with immediate(conn):
+            conn.execute("INSERT INTO meta(key, value) VALUES ('x', '1')")
+            raise RuntimeError("boom")
+    assert conn.execute("SELECT count(*) FROM meta WHERE key = 'x'").fetchone()[0] == 0
+    assert not conn.in_transaction
+
+
+def query_plan(conn: sqlite3.Connection, sql: str, **params) -> str:
+    return " | ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def claim_statements(conn: sqlite3.Connection, partition: tuple[int, int]) -> list[str]:
+    """The UPDATE statements a real lease() runs, with their parameters bound (from SQLite's trace)."""
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        RefQueue(conn).lease("t", n=8, partition=partition)
+    finally:
+        conn.set_trace_callback(None)
+    return [sql for sql in seen if "randomblob" in sql]
+
+
+@pytest.mark.parametrize("partition", [(0, 1), (1, 2)])
+def test_the_claim_is_served_by_the_refs_claim_index_without_sorting_the_backlog(tmp_path, partition):
+    conn = connect(tmp_path / "run.sqlite")
+    RefQueue(conn).put_many([item(str(i)) for i in range(500)])
+    statements = claim_statements(conn, partition)
+    assert statements
+    for sql in statements:
+        plan = query_plan(conn, sql)
+        assert "refs_claim" in plan and "TEMP B-TREE" not in plan, plan
+    conn.execute("ANALYZE")  # and with real statistics, as a long run would have
+    assert all("refs_claim" in query_plan(conn, sql) for sql in statements)
+
+
+def test_the_expiry_sweep_is_served_by_an_index(tmp_path):
+    conn = connect(tmp_path / "run.sqlite")
+    plan = query_plan(conn, "SELECT id FROM refs WHERE state = 1 AND lease_deadline < :now", now=0.0)
+    assert "refs_expiry" in plan, plan
+
+
+def test_the_wal_stays_under_the_journal_limit_through_many_writes(tmp_path, monkeypatch):
+    limit = 256 * 1024  # a small limit, so a few MiB of writes show whether the WAL is bounded
+    monkeypatch.setattr(control_db, "JOURNAL_SIZE_LIMIT", limit)
+    path = tmp_path / "run.sqlite"
+    conn = connect(path)
+    queue, meta = RefQueue(conn), RunMeta(conn)
+    wal = path.with_name(path.name + "-wal")
+    written = largest = 0
+    for batch in range(40):
+        queue.put_many([item(f"{batch}-{i}") for i in range(100)])
+        for lease in queue.lease("t", n=100):  # one transaction per ack: the worst case for WAL growth
+            queue.ack([lease.token])
+        written += wal.stat().st_size
+        largest = max(largest, wal.stat().st_size)
+        meta.maybe_checkpoint_wal(force=True)
+        meta.heartbeat("t", "train")  # the next write restarts the checkpointed WAL and truncates it
+        assert wal.stat().st_size <= limit
+    assert queue.counts()["acked"] == 4000
+    assert largest * 10 < written  # the peak is one interval's writes, not the run's total
