@@ -24,6 +24,8 @@ def build_tiny_target(out_dir: Path, *, vocab_size: int = 320, hidden_size: int 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a confident teacher (random init is near-uniform), like a trained model
+        model.lm_head.weight.mul_(30.0)
     model.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -71,3 +73,39 @@ def target_record(model_dir: Path, max_length: int = 512) -> dict:
         "dtype": "float32",
         "max_length": max_length,
     }
+
+
+def draft_vocab_for(samples: list[dict[str, torch.Tensor]], lm_head: torch.Tensor, draft_vocab_size: int) -> dict:
+    """A vocab record holding every token the target predicts on `samples`, topped up with low ids."""
+    from dataflow.train.vocab import vocab_from_target_ids, vocab_to_meta
+
+    predicted = {int(t) for s in samples for t in (s["target_hidden"] @ lm_head.T).argmax(-1)}
+    filler = (t for t in range(lm_head.shape[0]) if t not in predicted)
+    while len(predicted) < draft_vocab_size:
+        predicted.add(next(filler))
+    return vocab_to_meta(vocab_from_target_ids(sorted(predicted)[:draft_vocab_size], lm_head.shape[0]))
+
+
+def seed_run(db: Path, model_dir: Path, samples: list[dict[str, torch.Tensor]], *, draft_vocab_size: int,
+             store: str = "files", store_dir: Path | None = None, end_of_stream: bool = True) -> list[str]:
+    """A run as a finished rollout leaves it: target + vocab records, one ref per sample, end-of-stream."""
+    from dataflow.control.db import connect
+    from dataflow.control.meta import RunMeta
+    from dataflow.control.queue import RefItem, RefQueue
+    from dataflow.train.target import load_target_head
+    from dataflow.transport import open_writer
+
+    conn = connect(db)
+    meta = RunMeta(conn)
+    meta.set("target", target_record(model_dir))
+    meta.set("vocab", draft_vocab_for(samples, load_target_head(model_dir).lm_head, draft_vocab_size))
+    writer = open_writer(conn, store=store, producer_id="rollout-0", max_inflight_bytes=64 << 20, store_dir=store_dir)
+    keys = [str(i) for i in range(len(samples))]
+    for key, sample in zip(keys, samples):
+        handle, nbytes = writer.write(key, sample)
+        RefQueue(conn).put(RefItem(key=key, handle=handle, nbytes=nbytes, store=handle["store"]))
+    writer.close()
+    if end_of_stream:
+        meta.set_end_of_stream()
+    conn.close()
+    return keys

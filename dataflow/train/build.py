@@ -1,0 +1,104 @@
+"""Builders for the trainer: wait for the run's records, then the draft, optimiser and schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dataflow.control.meta import RunMeta
+from dataflow.errors import ConfigMismatch, InputError
+from dataflow.train.config import TrainConfig
+from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
+from dataflow.train.target import TargetHead, load_target_head
+from dataflow.train.vocab import VocabMap, vocab_from_meta
+
+POLL_S = 0.5
+
+
+def wait_for_records(meta: RunMeta, on_wait: Callable[[str, float], None]) -> tuple[dict, dict]:
+    """The run's `target` and `vocab` records; the rollout writes them once it has prepared its data."""
+    started = time.monotonic()
+    while (target := meta.get("target")) is None or (vocab := meta.get("vocab")) is None:
+        on_wait("waiting for the rollout to record the target and vocab mapping", time.monotonic() - started)
+        time.sleep(POLL_S)
+    return target, vocab
+
+
+def draft_config(head: TargetHead, target: dict, vocab: VocabMap, overrides: dict) -> DraftConfig:
+    try:
+        cfg = DraftConfig.from_target(head.config, draft_vocab_size=vocab.draft_vocab_size, overrides=overrides)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"--draft-config: {e}") from None
+    if cfg.hidden_size != head.embed_tokens.shape[1]:
+        raise InputError(
+            f"--draft-config hidden_size={cfg.hidden_size} but the target's embeddings are "
+            f"{head.embed_tokens.shape[1]} wide (the draft shares them); drop the override"
+        )
+    if cfg.target_hidden_size != target["hidden_size"] or cfg.vocab_size != vocab.vocab_size:
+        raise InputError(
+            f"--draft-config target_hidden_size={cfg.target_hidden_size}, vocab_size={cfg.vocab_size} but the run's "
+            f"features are {target['hidden_size']} wide over a {vocab.vocab_size}-token vocab; drop the override"
+        )
+    return cfg
+
+
+def build_draft(target: dict, vocab_record: dict, config: TrainConfig) -> tuple[Eagle3Draft, TargetHead]:
+    """The draft on CPU, seeded (identical on every rank), plus the frozen target head."""
+    head = load_target_head(Path(target["model"]))
+    if head.lm_head.shape[0] != target["vocab_size"]:
+        raise InputError(
+            f"target {target['model']}: lm_head has {head.lm_head.shape[0]} rows but the run recorded "
+            f"vocab_size {target['vocab_size']}; the model dir changed since the rollout started"
+        )
+    vocab = vocab_from_meta(vocab_record, head.lm_head.shape[0])
+    cfg = draft_config(head, target, vocab, config.draft_overrides)
+    torch.manual_seed(config.seed)
+    model = Eagle3Draft(cfg, embed_tokens=head.embed_tokens.float(), d2t=vocab.d2t, t2d=vocab.t2d)
+    return model, head
+
+
+def lr_factor(step: int, *, warmup: int, decay: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine down to min_ratio over `decay` steps (constant when decay is 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay <= 0:
+        return 1.0
+    progress = min((step - warmup) / decay, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: Eagle3Draft, config: TrainConfig, max_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    decay = config.decay_steps or max(max_steps - config.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, warmup=config.warmup_steps, decay=decay, min_ratio=config.min_lr_ratio),
+    )
+    return params, optimizer, scheduler
+
+
+def check_out_dir(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{id(out)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output dir {out} is not writable ({e.strerror}); pass --out a writable dir") from None
+    return out
+
+
+def check_draft_matches(state: dict, model: Eagle3Draft, checkpoint: str) -> None:
+    from dataclasses import asdict
+
+    if state.get("draft_config") != asdict(model.cfg):
+        raise ConfigMismatch(
+            f"checkpoint {checkpoint} holds a draft of shape {state.get('draft_config')}, now {asdict(model.cfg)}; "
+            "use the original --draft-config or start a new run with another --db"
+        )

@@ -1,0 +1,81 @@
+"""Trainer settings. `TrainConfig` shapes the result and is recorded in the run (a restart must match);
+`TrainLimits` only says where and how long to run, and may change between restarts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr."""
+    decay_steps: int = 0
+    """Cosine decay to min_lr_ratio * lr over this many steps after warmup (0: --max-steps, else constant)."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    """Max global gradient norm."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    batch_tokens: int = 4096
+    """Token budget of one micro-batch, padding included (a longer sample goes alone)."""
+    ttt_length: int = 7
+    """Unrolled training-time-test steps."""
+    dtype: str = "fp32"
+    """fp32, or bf16 autocast over fp32 master weights."""
+    seed: int = 0
+    draft_overrides: dict = field(default_factory=dict)
+    """--draft-config JSON: DraftConfig fields that differ from the target's shape."""
+    export_embed_tokens: bool = False
+    """Also write embed_tokens into the export (SGLang/vLLM otherwise share the target's)."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and the grad clip must be positive")
+        for name in ("grad_accum", "batch_tokens", "ttt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.decay_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--warmup-steps/--decay-steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: pick one of {', '.join(DTYPES)}")
+
+    def recorded(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainLimits:
+    out: Path
+    """Checkpoint, metrics and TensorBoard dir."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: when the stream ends and the queue drains)."""
+    epochs: int = 1
+    """Passes over a files-store run: epochs after the first replay the retained features."""
+    save_every: int = 500
+    """Steps between checkpoints (one more at the end)."""
+    keep: int = 2
+    """Step checkpoints kept on disk."""
+    exit_when_idle: float = 0.0
+    """Give up after this many seconds with no data and no live rollout (0: wait forever)."""
+    lease_ttl: float = 60.0
+    """Seconds a leased ref stays ours without an extension."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    log_every: int = 10
+    progress: bool = True
+    """Rich progress display on stderr."""
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.max_steps < 0 or self.save_every < 1 or self.keep < 1 or self.log_every < 1:
+            raise ValueError("--max-steps must be >= 0; --save-every, --keep, --log-every >= 1")
+        if self.exit_when_idle < 0 or self.lease_ttl <= 0:
+            raise ValueError("--exit-when-idle must be >= 0 and --lease-ttl > 0")

@@ -1,0 +1,122 @@
+"""What the trainer reports: metrics.jsonl + TensorBoard events in the output dir, and a live status line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Window:
+    """Sums since the last log line (per TTT step k: loss sum, correct, count)."""
+
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss: float = 0.0
+    loss_sum: list[float] = field(default_factory=list)
+    correct: list[float] = field(default_factory=list)
+    count: list[float] = field(default_factory=list)
+    data_wait_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, *, loss: float, loss_sum: list[float], correct: list[float], count: list[float],
+            samples: int, tokens: int) -> None:
+        if not self.loss_sum:
+            k = len(loss_sum)
+            self.loss_sum, self.correct, self.count = [0.0] * k, [0.0] * k, [0.0] * k
+        for i in range(len(loss_sum)):
+            self.loss_sum[i] += loss_sum[i]
+            self.correct[i] += correct[i]
+            self.count[i] += count[i]
+        self.steps, self.samples, self.tokens, self.loss = self.steps + 1, self.samples + samples, self.tokens + tokens, self.loss + loss
+
+    def summary(self, step: int, lr: float) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        row = {
+            "step": step,
+            "loss": self.loss / max(self.steps, 1),
+            "lr": lr,
+            "steps_per_s": self.steps / elapsed,
+            "samples_per_s": self.samples / elapsed,
+            "tokens_per_s": self.tokens / elapsed,
+            "data_wait_pct": 100.0 * self.data_wait_s / elapsed,
+        }
+        for k in range(len(self.loss_sum)):
+            row[f"ploss_{k}"] = self.loss_sum[k] / max(self.count[k], 1.0)
+            row[f"acc_{k}"] = self.correct[k] / max(self.count[k], 1.0)
+        return row
+
+
+class MetricsLog:
+    """Rank 0 only. On resume, rows past the checkpoint's step (from the killed run) are dropped."""
+
+    def __init__(self, out: Path, *, resume_step: int, tensorboard: bool = True):
+        self.path = out / METRICS_FILE
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+            self.path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self._tb.add_scalar(f"train/{name}", value, row["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class StatusLine:
+    """One live line on stderr (rich), or nothing when disabled / not a terminal."""
+
+    def __init__(self, enabled: bool):
+        self._live = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live("", console=Console(stderr=True), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def show(self, text: str) -> None:
+        if self._live is not None:
+            self._live.update(text)
+
+    def print(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def describe(row: dict) -> str:
+    return (
+        f"step {row['step']}  loss {row['loss']:.4f}  acc_0 {row.get('acc_0', 0.0):.3f}  "
+        f"{row['samples_per_s']:.1f} samples/s  {row['steps_per_s']:.2f} steps/s  "
+        f"data-wait {row['data_wait_pct']:.0f}%  lr {row['lr']:.2e}"
+    )

@@ -1,0 +1,42 @@
+"""`dataflow plot RUN_DIR`: loss and acc_k curves from metrics.jsonl as one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dataflow.errors import InputError
+from dataflow.train.metrics import METRICS_FILE
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise InputError(f"{path} not found; pass the trainer's --out dir (it holds {METRICS_FILE})")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise InputError(f"{path} has no rows yet; train for at least --log-every steps first")
+    return rows
+
+
+def plot_metrics(run_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    acc_names = sorted((n for n in rows[-1] if n.startswith("acc_")), key=lambda n: int(n.split("_")[1]))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    loss_ax.set(xlabel="step", ylabel="loss", title="TTT loss (weighted)")
+    for name in acc_names:
+        acc_ax.plot(steps, [r.get(name, 0.0) for r in rows], label=name)
+    acc_ax.set(xlabel="step", ylabel="top-1 accuracy", title="acc_k", ylim=(0, 1))
+    acc_ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

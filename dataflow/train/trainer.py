@@ -1,0 +1,320 @@
+"""The training loop: lease -> map -> step -> ack -> checkpoint (DESIGN "A ref's life").
+
+Exactly-once: a ref is acked only after the optimiser step that used it, and counts as trained only when
+the checkpoint holding that step is recorded in the run database. On start, refs acked after the last
+recorded checkpoint go back to the queue (or their prompts are re-queued when the bytes are gone), the
+draft resumes from that checkpoint, and refs are leased in id order again, so the result equals a run
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dataflow.control.meta import STALE_AFTER_S, RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.control.tasks import TaskQueue
+from dataflow.errors import InputError
+from dataflow.train import checkpoint as ckpt
+from dataflow.train.build import (build_draft, build_optimizer, check_draft_matches, check_out_dir,
+                                  wait_for_records)
+from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, sum_gradients
+from dataflow.train.epochs import replay_epochs
+from dataflow.train.loss import loss_tokens, teacher, ttt_sums
+from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
+from dataflow.train.source import MicroBatch, RefSource, Sample, check_features, collate
+
+HEARTBEAT_EVERY_S = 2.0
+IDLE_SLEEP_S = (0.05, 1.0)  # back-off bounds while the queue is empty
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    uncovered: list[int] = field(default_factory=list)  # ref ids acked since the last recorded checkpoint
+
+
+class Trainer:
+    def __init__(self, conn: sqlite3.Connection, config: TrainConfig, limits: TrainLimits, dist: Dist):
+        from dataflow.transport import open_reader
+
+        self.config, self.limits, self.dist = config, limits, dist
+        self.meta, self.queue, self.tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
+        self.process_id = f"train-{dist.rank}"
+        self.out = check_out_dir(limits.out)
+        self.status = StatusLine(limits.progress and dist.is_main)
+        self.stop_requested = False
+        self._last_heartbeat = 0.0
+        self.progress, self.metrics = Progress(), None
+        self.meta.check_config("train", config.recorded())
+        target, vocab = wait_for_records(self.meta, self._waiting)
+        self.model, head = build_draft(target, vocab, config)
+        self.model.to(dist.device)
+        self.lm_head = head.lm_head.to(dist.device, torch.float32)  # frozen teacher head
+        self.float_dtype = torch.bfloat16 if target.get("dtype") == "bfloat16" and dist.device.type == "cuda" else torch.float32
+        self.params, self.optimizer, self.scheduler = build_optimizer(self.model, config, limits.max_steps)
+        self.reader = open_reader(conn)
+        self.source = RefSource(self.queue, self.reader, owner=self.process_id,
+                                partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
+
+    # ---- start: put back what the last run left, resume from the last durable checkpoint ----
+
+    def resume(self) -> None:
+        self._wait_out_previous_leases()
+        if self.dist.is_main:
+            requeued, lost = self.queue.put_back_acked(self.reader.retained)
+            if requeued or lost:
+                self.status.print(f"put back {requeued} refs acked after the last checkpoint; {lost} prompts re-queued")
+        barrier(self.dist)
+        last = self.meta.last_checkpoint()
+        if last is not None:
+            state = ckpt.read_training_state(last.path)
+            check_draft_matches(state, self.model, last.path)
+            self.model.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
+            self.status.print(f"resumed from {last.path} (step {last.step})")
+        self.metrics = MetricsLog(self.out, resume_step=self.progress.step) if self.dist.is_main else None
+
+    def _wait_out_previous_leases(self) -> None:
+        """Leases a killed predecessor with our id held come back once they expire; wait for that so refs
+        are leased in the same order as before the crash."""
+        previous = next((p for p in self.meta.processes() if p.id == self.process_id), None)
+        if previous is None or previous.status.startswith(("finished", "stopped")):
+            return
+        if previous.pid != os.getpid() and _pid_alive(previous) and previous.alive():
+            raise InputError(
+                f"trainer {self.process_id} is already running (pid {previous.pid} on {previous.host}); "
+                "stop it first, or wait until its heartbeat is stale"
+            )
+        while (left := previous.heartbeat_at + self.limits.lease_ttl - time.time()) > 0:
+            self._waiting(f"waiting {left:.0f}s for the previous trainer's leases to expire", 0.0)
+            time.sleep(min(left, 1.0))
+        self.queue.reclaim()
+
+    # ---- the loop ----
+
+    def run(self) -> str:
+        """Train until the stream is drained (or --max-steps / idle); returns how it ended."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            self.resume()
+            ending = self._loop()
+            self._finish(ending)
+            return ending
+        except BaseException as e:
+            self._heartbeat(f"stopped ({type(e).__name__})", force=True)  # a restart need not wait out our leases
+            raise
+        finally:
+            self.source.give_back(f"trainer {self.process_id} stopped")
+            if self.metrics is not None:
+                self.metrics.close()
+            self.status.close()
+            self.reader.close()
+
+    def _loop(self) -> str:
+        window, idle_since, sleep = Window(), None, IDLE_SLEEP_S[0]
+        while True:
+            if self.limits.max_steps and self.progress.step >= self.limits.max_steps:
+                return "max-steps"
+            if self.stop_requested:
+                return "stopped"
+            wait_start = time.monotonic()
+            micro = self.source.step_batch(grad_accum=self.config.grad_accum, batch_tokens=self.config.batch_tokens)
+            window.data_wait_s += time.monotonic() - wait_start
+            if not all_true(self.dist, not micro):  # some rank has data: everyone steps
+                self._train_step(micro, window)
+                idle_since, sleep = None, IDLE_SLEEP_S[0]
+                window = self._log(window)
+                continue
+            if all_true(self.dist, self._drained()):
+                if not self._replay_epochs():
+                    return "finished"
+                continue
+            idle_since = idle_since or time.monotonic()
+            if self._idle_too_long(time.monotonic() - idle_since):
+                return "idle"
+            self._waiting(self._wait_reason(), time.monotonic() - idle_since)
+            time.sleep(sleep)
+            window.data_wait_s += sleep
+            sleep = min(sleep * 2, IDLE_SLEEP_S[1])
+
+    def _train_step(self, micro: list[list[Sample]], window: Window) -> None:
+        batches = [self._collate(mb) for mb in micro]
+        samples = [s for mb in micro for s in mb]
+        n_tokens = all_sum(self.dist, [float(sum(int(loss_tokens(b.loss_mask)) for b in batches))])[0]
+        sums = self._accumulate(batches, max(n_tokens, 1.0))
+        sum_gradients(self.dist, self.params)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        acked = self.source.ack(samples)
+        totals = all_sum(self.dist, [len(samples), sum(s.length for s in samples)] + sums)
+        k = self.config.ttt_length
+        self.progress.step += 1
+        self.progress.samples += int(totals[0])
+        self.progress.tokens += int(totals[1])
+        self.progress.uncovered += acked
+        window.add(loss=totals[2] / max(n_tokens, 1.0), loss_sum=totals[3 : 3 + k], correct=totals[3 + k : 3 + 2 * k],
+                   count=totals[3 + 2 * k :], samples=int(totals[0]), tokens=int(totals[1]))
+        if self.progress.step % self.limits.save_every == 0:
+            self._checkpoint()
+        self.source.keep_alive()
+        self._heartbeat("training")
+
+    def _collate(self, samples: list[Sample]) -> MicroBatch:
+        cfg = self.model.cfg
+        for s in samples:
+            check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.lm_head.shape[1])
+        return collate(samples, self.dist.device, self.float_dtype)
+
+    def _accumulate(self, batches: list[MicroBatch], n_tokens: float) -> list[float]:
+        """Forward/backward every micro-batch; returns [weighted loss sum, loss_sum_k.., correct_k.., count_k..]."""
+        k = self.config.ttt_length
+        totals = [0.0] * (1 + 3 * k)
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
+        for b in batches:
+            t = teacher(b.target_hidden.float(), self.lm_head, self.model.t2d, b.loss_mask)
+            with autocast:
+                logits = self.model(b.input_ids, b.aux_hidden.float(), k)
+            sums = ttt_sums(logits, t, self.model.d2t)
+            weighted = sums.weighted_loss()
+            (weighted / n_tokens).backward()
+            values = [weighted] + sums.loss_sum + sums.correct + sums.count
+            for i, v in enumerate(torch.stack([v.detach().float() for v in values]).tolist()):  # one device sync
+                totals[i] += v
+        return totals
+
+    # ---- checkpoints, ending ----
+
+    def _checkpoint(self) -> Path | None:
+        """Rank 0 writes; the refs every rank acked since the last one become TRAINED with it."""
+        covered = gather_ints(self.dist, self.progress.uncovered)
+        path = None
+        if self.dist.is_main:
+            state = {
+                "model": {n: t for n, t in self.model.state_dict().items() if n != ckpt.EMBED_NAME},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "draft_config": asdict(self.model.cfg),
+                "train_config": self.config.recorded(),
+                "refs": covered,
+                **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens")},
+            }
+            dtype = torch.bfloat16 if self.float_dtype == torch.bfloat16 else torch.float32
+            path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=dtype,
+                                         include_embed=self.config.export_embed_tokens, keep=self.limits.keep)
+            self.meta.record_checkpoint(self.progress.step, str(path), covered)
+        barrier(self.dist)
+        self.progress.uncovered = []
+        return path
+
+    def _finish(self, ending: str) -> None:
+        last = self.meta.last_checkpoint()
+        path = Path(last.path) if last is not None and last.step == self.progress.step else None
+        if path is None and self.progress.step > 0:
+            path = self._checkpoint()
+        if ending in ("finished", "max-steps") and self.dist.is_main:
+            if path is not None:
+                ckpt.mark_final(self.out, path)
+            self.meta.set_train_finished()
+        status = {"finished": "finished", "max-steps": "finished (max steps)"}.get(ending, f"stopped ({ending})")
+        self._heartbeat(status, force=True)
+        self.status.print(f"{status}: step {self.progress.step}, {self.progress.samples} samples; checkpoints in {self.out}")
+
+    def _replay_epochs(self) -> bool:
+        """--epochs: once drained, rank 0 puts the later epochs' refs; whether any were new."""
+        new = 0
+        if self.dist.is_main:
+            new = replay_epochs(self.queue.conn, self.reader, epochs=self.limits.epochs, seed=self.config.seed)
+        return all_sum(self.dist, [new])[0] > 0
+
+    def _drained(self) -> bool:
+        counts = self.queue.counts()
+        return (self.meta.end_of_stream() and counts["pending"] == 0 and counts["leased"] == 0
+                and self.tasks.remaining() == 0)
+
+    # ---- waiting, heartbeats, logs ----
+
+    def _rollout_last_seen(self) -> float | None:
+        rollouts = self.meta.processes(role="rollout")
+        return max((p.heartbeat_at for p in rollouts), default=None)
+
+    def _wait_reason(self) -> str:
+        return wait_reason(self._rollout_last_seen(), time.time())
+
+    def _idle_too_long(self, idle_s: float) -> bool:
+        if not self.limits.exit_when_idle or idle_s < self.limits.exit_when_idle:
+            return False
+        last = self._rollout_last_seen()
+        return last is None or time.time() - last > self.limits.exit_when_idle
+
+    def _waiting(self, reason: str, waited_s: float) -> None:
+        self.status.show(f"{reason} ({waited_s:.0f}s)")
+        self._heartbeat(reason)
+
+    def _heartbeat(self, status: str, force: bool = False) -> None:
+        if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
+            self.meta.heartbeat(self.process_id, "train", status, {"step": self.progress.step,
+                                                                   "samples": self.progress.samples})
+            self._last_heartbeat = time.monotonic()
+
+    def _log(self, window: Window) -> Window:
+        if self.progress.step % self.limits.log_every:
+            return window
+        row = window.summary(self.progress.step, self.scheduler.get_last_lr()[0])
+        if self.metrics is not None:
+            self.metrics.write(row)
+            self.status.show(describe(row))
+        return Window()
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+
+def wait_reason(rollout_last_seen: float | None, now: float) -> str:
+    if rollout_last_seen is None:
+        return "waiting for rollout (not started yet)"
+    if now - rollout_last_seen < STALE_AFTER_S:
+        return "waiting for data from the rollout"
+    return f"waiting for rollout (last seen {now - rollout_last_seen:.0f}s ago)"
+
+
+def _pid_alive(process) -> bool:
+    import socket
+
+    if process.host != socket.gethostname():
+        return True  # cannot tell; trust the heartbeat
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(process.pid, 0)
+        return True
+    return False
+
+
+def train(db: Path, config: TrainConfig, limits: TrainLimits, *, allow_network_fs: bool = False) -> str:
+    """`dataflow train`: one rank (or one torchrun rank) on the run at `db`."""
+    from dataflow.control.db import connect
+    from dataflow.train.dist import close_dist, init_dist
+
+    dist = init_dist(limits.device)
+    conn = connect(db, allow_network_fs=allow_network_fs)
+    try:
+        return Trainer(conn, config, limits, dist).run()
+    finally:
+        conn.close()
+        close_dist(dist)
