@@ -141,16 +141,20 @@ class Attention(nn.Module):
 
 
 def ttt_attention(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], *, scale: float) -> torch.Tensor:
-    """Step-0 keys causally, later steps' keys on the diagonal only; one softmax over all of them."""
-    T = q.shape[2]
+    """Step-0 keys causally, later steps' keys on the diagonal only; one softmax over all of them.
+
+    The queries may be the last Tq of step 0's Tk positions (inference drafts from the last position only).
+    """
+    Tq = q.shape[2]
     k0, v0 = cache[0]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = [(q @ k0.transpose(-1, -2)).float().masked_fill(~causal, float("-inf")) * scale]  # (B, nH, T, T)
-    scores += [(q * kj).sum(-1, keepdim=True).float() * scale for kj, _ in cache[1:]]  # (B, nH, T, 1) each
+    Tk = k0.shape[2]
+    causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    scores = [(q @ k0.transpose(-1, -2)).float().masked_fill(~causal, float("-inf")) * scale]  # (B, nH, Tq, Tk)
+    scores += [(q * kj).sum(-1, keepdim=True).float() * scale for kj, _ in cache[1:]]  # (B, nH, Tq, 1) each
     weights = torch.cat(scores, dim=-1).softmax(dim=-1).to(q.dtype)
-    out = weights[..., :T] @ v0
+    out = weights[..., :Tk] @ v0
     for j, (_, vj) in enumerate(cache[1:]):
-        out = out + weights[..., T + j : T + j + 1] * vj
+        out = out + weights[..., Tk + j : Tk + j + 1] * vj
     return out
 
 
