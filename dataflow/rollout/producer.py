@@ -160,9 +160,11 @@ class Producer:
         lease = self.held[token]
         self.status = "producing"
         start, self._waited = time.monotonic(), 0.0
-        handle, nbytes = self.writer.write(lease.key, tensors, on_wait=self.on_wait)
-        self.stats.wait_s += self._waited
-        self.stats.write_s += time.monotonic() - start - self._waited
+        try:
+            handle, nbytes = self.writer.write(lease.key, tensors, on_wait=self.on_wait)
+        finally:
+            self.stats.wait_s += self._waited
+            self.stats.write_s += time.monotonic() - start - self._waited
         ref = RefItem(lease.key, handle, nbytes, handle["store"])
         if not self.timed("sqlite_s", self.tasks.complete, token, [ref]):
             self.stats.lost_leases += 1  # our lease expired and another rollout took the task over
@@ -247,12 +249,13 @@ def max_sample_bytes(config: RolloutConfig, engine: HFEngine) -> int:
 
 def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView) -> RolloutStats:
     """Join the run (config, target, vocab, tasks), then produce until done; the writer is closed after."""
-    from dataflow.transport import open_writer
+    from dataflow.transport import open_writer, sweep
 
     summary = prepare_run(conn, config, engine, view)
     if summary["bad_rows_skipped"]:
         view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")
     meta = RunMeta(conn)
+    sweep(conn)  # arenas of dead producers that nobody needs any more
     producer_id = config.producer_id or choose_producer_id(meta)
     meta.heartbeat(f"rollout-{producer_id}", "rollout", "starting")  # claims the id for later starters
     writer = open_writer(

@@ -33,8 +33,8 @@ class RolloutView:
         self.progress.stop()
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
+        """Always shown (on stderr), with or without the live progress."""
+        self.console.print(text)
 
     @contextmanager
     def vocab_pass(self, total: int) -> Iterator[Callable[[], None]]:

@@ -1,0 +1,129 @@
+"""Real rollout processes on one DB: sharing the dataset, kill -9 and restart, trainer gone, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.control.tasks import TaskQueue
+from dataflow.rollout.data import load_dataset
+from dataflow.rollout.testing import build_tiny_target
+from dataflow.transport import sweep
+
+N = 40
+SMALL_ARENA = str(600_000)  # room for ~6 samples of the tiny target (max length 256): the rollout blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "run.sqlite"
+    yield path
+    if path.exists():  # remove this run's arenas from /dev/shm
+        conn = connect(path)
+        RunMeta(conn).set_train_finished()
+        sweep(conn)
+
+
+def start(db, target, *extra):
+    args = ["--db", str(db), "--target-model", str(target), "--num-samples", str(N), "--threads", "1",
+            "--no-progress", "--max-length", "256", "--lease-ttl", "3", "--tasks-per-lease", "4", "--token-budget", "512", *extra]
+    return subprocess.Popen([sys.executable, "-m", "dataflow", "rollout", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, proc, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"rollout exited ({proc.returncode}) before {what}: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def rollout_status(conn, producer_id):
+    return {p.id: p for p in RunMeta(conn).processes("rollout")}.get(f"rollout-{producer_id}")
+
+
+def consume_until_exit(conn, proc):
+    """Act as the trainer: ack whatever is pending so the arena frees, until the rollout exits."""
+    queue = RefQueue(conn)
+    while proc.poll() is None:
+        queue.ack([lease.token for lease in queue.lease("test-trainer", n=100)])
+        time.sleep(0.05)
+    queue.ack([lease.token for lease in queue.lease("test-trainer", n=100)])
+    return proc.stdout.read()
+
+
+def all_ref_keys(conn):
+    return [r[0] for r in conn.execute("SELECT key FROM refs ORDER BY key")]
+
+
+def test_two_rollout_processes_on_one_db_produce_every_prompt_exactly_once(db, tiny_target):
+    procs = [start(db, tiny_target, "--producer-id", p) for p in ("a", "b")]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    conn = connect(db)
+    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
+    produced = {p.id: p.info["samples"] for p in RunMeta(conn).processes("rollout")}
+    assert sum(produced.values()) == N
+    assert RunMeta(conn).end_of_stream()
+
+
+def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_target):
+    first = start(db, tiny_target, "--producer-id", "r", "--max-inflight-bytes", SMALL_ARENA)
+    conn = connect(db)
+    wait_until(lambda: (s := rollout_status(conn, "r")) is not None and s.status.startswith("waiting for trainer"),
+               first, "the rollout blocks on the watermark")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = set(all_ref_keys(conn))
+    assert 0 < len(before) < N and TaskQueue(conn).counts()["leased"] > 0  # it died holding leases
+
+    second = start(db, tiny_target, "--producer-id", "r", "--max-inflight-bytes", SMALL_ARENA)
+    output = consume_until_exit(conn, second)
+    assert second.returncode == 0, output
+    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
+    assert rollout_status(conn, "r").info["samples"] == N - len(before)  # nothing produced twice
+    assert TaskQueue(conn).counts() == {"pending": 0, "leased": 0, "done": N, "dead": 0}
+
+
+def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_finished(db, tiny_target):
+    proc = start(db, tiny_target, "--producer-id", "w", "--max-inflight-bytes", SMALL_ARENA)
+    conn = connect(db)
+    wait_until(lambda: (s := rollout_status(conn, "w")) is not None and s.status.startswith("waiting for trainer"),
+               proc, "the rollout blocks on the watermark")
+    meta = RunMeta(conn)
+    meta.heartbeat("train-0", "train", "running")
+    conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 600 WHERE id = 'train-0'")  # a dead trainer
+    wait_until(lambda: "is it running?" in rollout_status(conn, "w").status, proc, "the stale-trainer status")
+    meta.set_train_finished()
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "trainer has finished" in output
+    assert TaskQueue(conn).counts()["leased"] == 0 and not meta.end_of_stream()
+
+
+def test_ctrl_c_leaves_the_run_resumable(db, tiny_target):
+    proc = start(db, tiny_target, "--producer-id", "c", "--max-inflight-bytes", SMALL_ARENA)
+    conn = connect(db)
+    wait_until(lambda: (s := rollout_status(conn, "c")) is not None and s.status.startswith("waiting for trainer"),
+               proc, "the rollout blocks on the watermark")
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "resumable" in output
+    counts = TaskQueue(conn).counts()
+    assert counts["leased"] == 0 and counts["pending"] > 0  # handed back at once, not at lease expiry
+    resumed = start(db, tiny_target, "--producer-id", "c", "--max-inflight-bytes", SMALL_ARENA)
+    assert consume_until_exit(conn, resumed) and resumed.returncode == 0
+    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
