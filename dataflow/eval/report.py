@@ -1,0 +1,114 @@
+"""`dataflow eval`: τ of a trained draft vs an untrained one on held-out prompts, with the exactness check."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dataflow.errors import InputError
+from dataflow.eval.speculative import SpecStats, Target, greedy, speculative
+from dataflow.train.checkpoint import draft_from_export
+from dataflow.train.eagle3 import Eagle3Draft
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    draft: Path
+    """A checkpoint dir (config.json + model.safetensors), e.g. OUT/final."""
+    target_model: str | None = None
+    """The target (HF dir or .gguf); None = the default SmolLM2."""
+    data: Path | None = None
+    """jsonl of conversations; None = the bundled dataset."""
+    num_prompts: int = 8
+    """Prompts taken from the END of the dataset (the demo trains on the first rows)."""
+    num_draft_tokens: int = 7
+    max_new_tokens: int = 64
+    aux_layers: tuple[int, ...] | None = None
+    """HF hidden_states indices the draft was trained on; None = the default (2, N//2, N-3)."""
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_prompts", "num_draft_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
+    """Same shape, vocab mapping and embeddings, fresh weights: the floor τ."""
+    torch.manual_seed(seed)
+    return Eagle3Draft(draft.cfg, embed_tokens=draft.embed_tokens.weight, d2t=draft.d2t, t2d=draft.t2d).eval()
+
+
+def held_out_prompts(tokenizer, data: Path | None, n: int) -> list[list[int]]:
+    from dataflow.rollout.data import load_dataset
+
+    samples = [s for s in load_dataset(data, on_bad_row="skip").samples if s.messages]
+    prompts = []
+    for sample in samples[-n:]:
+        first_user = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
+        messages = list(sample.messages[: first_user + 1])
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
+def load_target(spec: str | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dataflow.rollout.engines.hf import default_aux_layers
+    from dataflow.rollout.template import set_chat_template
+    from dataflow.target import resolve_target
+
+    model_dir = resolve_target(spec)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    set_chat_template(tokenizer, model_dir, None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer, default_aux_layers(model.config.num_hidden_layers)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    return {t for t in [*ids, tokenizer.eos_token_id] if t is not None}
+
+
+def evaluate(config: EvalConfig, on_prompt=lambda i, n: None) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if not (config.draft / "model.safetensors").exists():
+        raise InputError(f"--draft {config.draft}: no model.safetensors there; pass a checkpoint dir such as OUT/final")
+    model, tokenizer, default_layers = load_target(config.target_model)
+    target = Target(model, list(config.aux_layers or default_layers))
+    draft = draft_from_export(config.draft, embed_tokens=model.get_input_embeddings().weight.detach()).eval()
+    if draft.cfg.vocab_size != model.config.vocab_size:
+        raise InputError(f"--draft {config.draft}: vocab {draft.cfg.vocab_size} does not match the target's")
+    floor = untrained_like(draft, config.seed)
+    eos = eos_ids(model, tokenizer)
+    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts)
+    trained, untrained = SpecStats(), SpecStats()
+    greedy_tokens, greedy_seconds, mismatches = 0, 0.0, 0
+    for i, prompt in enumerate(prompts):
+        on_prompt(i, len(prompts))
+        reference, seconds = greedy(target, prompt, config.max_new_tokens, eos)
+        greedy_tokens, greedy_seconds = greedy_tokens + len(reference), greedy_seconds + seconds
+        got = speculative(target, draft, prompt, config.max_new_tokens, eos, config.num_draft_tokens, trained)
+        floor_got = speculative(target, floor, prompt, config.max_new_tokens, eos, config.num_draft_tokens, untrained)
+        mismatches += (got != reference) + (floor_got != reference)
+    return {
+        "draft": str(config.draft),
+        "prompts": len(prompts),
+        "num_draft_tokens": config.num_draft_tokens,
+        "tau": round(trained.tau, 3),
+        "tau_untrained": round(untrained.tau, 3),
+        "accept_rate_per_position": [round(a, 3) for a in trained.per_position()],
+        "verify_steps": trained.steps,
+        "tokens_per_s_greedy": round(greedy_tokens / greedy_seconds, 2),
+        "tokens_per_s_speculative": round(trained.new_tokens / trained.seconds, 2),
+        "exact_match": mismatches == 0,
+        "mismatches": mismatches,
+    }
