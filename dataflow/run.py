@@ -38,13 +38,19 @@ def option_arity(command: click.Command) -> dict[str, bool]:
 
 
 def route_options(args: list[str], commands: dict[str, click.Command]) -> dict[str, list[str]]:
-    """Send each `--opt [value]` to every command that knows it (e.g. --db to both); unknown ones are errors."""
+    """Send each `--opt [value]` to every command that knows it (e.g. --db to both); `--train-opt` /
+    `--rollout-opt` go to that command only (for options both have, like --dtype); unknown ones are errors."""
     arities = {role: option_arity(cmd) for role, cmd in commands.items()}
     routed: dict[str, list[str]] = {role: [] for role in commands}
     i = 0
     while i < len(args):
         name, _, inline_value = args[i].partition("=")
         takers = [role for role, arity in arities.items() if name in arity]
+        for role in commands:
+            own = "--" + name.removeprefix(f"--{role}-")
+            if name.startswith(f"--{role}-") and own in arities[role]:
+                takers, name = [role], own
+                args = [*args[:i], own + (f"={inline_value}" if inline_value else ""), *args[i + 1 :]]
         if not takers:
             raise InputError(f"`dataflow run`: option {args[i]!r} is known to neither `dataflow rollout` nor `dataflow train`")
         takes_value = any(arities[role][name] for role in takers) and not inline_value

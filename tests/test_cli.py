@@ -88,6 +88,13 @@ def test_run_routes_each_option_to_the_commands_that_accept_it():
     assert routed["train"] == ["--db", "r.sqlite", "--lr", "3e-4", "--seed=7"]
 
 
+def test_run_sends_a_role_prefixed_option_to_that_command_only():
+    rollout = fake_command(click.Option(["--dtype"]))
+    train = fake_command(click.Option(["--dtype"]))
+    routed = route_options(["--train-dtype", "bf16", "--rollout-dtype=float32"], {"rollout": rollout, "train": train})
+    assert routed == {"rollout": ["--dtype=float32"], "train": ["--dtype", "bf16"]}
+
+
 def test_run_refuses_an_option_neither_command_knows():
     with pytest.raises(InputError, match="--bogus"):
         route_options(["--bogus", "1"], {"rollout": fake_command(), "train": fake_command()})
