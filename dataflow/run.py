@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -27,17 +26,18 @@ ROLES = ("rollout", "train")
 STOP_GRACE_S = 60.0
 
 
-def option_arity(command: click.Command) -> dict[str, bool]:
-    """Every option string a click command accepts -> whether it takes a value."""
+def option_arity(command) -> dict[str, bool]:
+    """Every option string a click command accepts -> whether it takes a value. (Duck-typed: typer ships
+    its own copy of click, so its options are not `click.Option` instances.)"""
     arity = {}
     for param in command.params:
-        if isinstance(param, click.Option):
+        if param.param_type_name == "option":
             for name in (*param.opts, *param.secondary_opts):
                 arity[name] = not (param.is_flag or param.count)
     return arity
 
 
-def route_options(args: list[str], commands: dict[str, click.Command]) -> dict[str, list[str]]:
+def route_options(args: list[str], commands: dict) -> dict[str, list[str]]:
     """Send each `--opt [value]` to every command that knows it (e.g. --db to both); `--train-opt` /
     `--rollout-opt` go to that command only (for options both have, like --dtype); unknown ones are errors."""
     arities = {role: option_arity(cmd) for role, cmd in commands.items()}
@@ -127,6 +127,9 @@ def stop(children: list[Child]) -> None:
 
 
 def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: float = 1.0) -> None:
+    from dataflow.control.db import connect
+
+    connect(db, allow_network_fs="--allow-network-fs" in routed["train"]).close()  # both children find it
     log_dir.mkdir(parents=True, exist_ok=True)
     console = Console()
     children = [spawn(role, routed[role], log_dir) for role in ROLES]
