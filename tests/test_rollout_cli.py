@@ -1,0 +1,59 @@
+"""`dataflow rollout` through typer's CliRunner: the one-line refusals."""
+
+import pytest
+from typer.testing import CliRunner
+
+from dataflow.cli import app
+from dataflow.rollout.testing import build_tiny_target
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
+
+
+def rollout(db, *args):
+    return runner.invoke(app, ["rollout", "--db", str(db), "--no-progress", "--store", "files",
+                               "--store-dir", str(db.parent / "features"), *args])
+
+
+def error_line(result):
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_a_missing_model_path_is_one_line(tmp_path):
+    assert "no such file or directory" in error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tmp_path / "x")))
+
+
+def test_a_missing_dataset_is_one_line(tmp_path, tiny_target):
+    result = rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--dataset", str(tmp_path / "d.jsonl"))
+    assert "no such file; pass --dataset" in error_line(result)
+
+
+def test_a_model_without_chat_template_and_no_option_is_one_line(tmp_path, tiny_target):
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_target, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    assert "has no chat template; pass --chat-template" in error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(model)))
+
+
+def test_a_db_created_for_a_different_target_is_one_line(tmp_path, tiny_target):
+    import shutil
+
+    db = tmp_path / "r.sqlite"
+    assert rollout(db, "--target-model", str(tiny_target), "--num-samples", "2").exit_code == 0
+    other = tmp_path / "other-target"
+    shutil.copytree(tiny_target, other)
+    line = error_line(rollout(db, "--target-model", str(other), "--num-samples", "2"))
+    assert "target_model" in line and "start a new run with another --db" in line
+
+
+def test_bad_options_are_one_line(tmp_path, tiny_target):
+    line = error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--epochs", "0"))
+    assert "epochs must be >= 1" in line
