@@ -88,11 +88,11 @@ class MetricsLog:
 
 
 class StatusLine:
-    """One live line on stderr (rich), or nothing when disabled / not a terminal."""
+    """One live line on stderr (rich) when `live` and a terminal; messages only when `speak` (rank 0)."""
 
-    def __init__(self, enabled: bool):
-        self._live = None
-        if enabled and sys.stderr.isatty():
+    def __init__(self, *, live: bool, speak: bool):
+        self._live, self._speak = None, speak
+        if live and speak and sys.stderr.isatty():
             from rich.console import Console
             from rich.live import Live
 
@@ -104,6 +104,8 @@ class StatusLine:
             self._live.update(text)
 
     def print(self, text: str) -> None:
+        if not self._speak:
+            return
         if self._live is not None:
             self._live.console.print(text)
         else:

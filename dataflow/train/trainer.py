@@ -53,7 +53,7 @@ class Trainer:
         self.meta, self.queue, self.tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
         self.process_id = f"train-{dist.rank}"
         self.out = check_out_dir(limits.out)
-        self.status = StatusLine(limits.progress and dist.is_main)
+        self.status = StatusLine(live=limits.progress, speak=dist.is_main)
         self.stop_requested = False
         self._last_heartbeat = 0.0
         self.progress, self.metrics = Progress(), None
@@ -100,10 +100,15 @@ class Trainer:
                 f"trainer {self.process_id} is already running (pid {previous.pid} on {previous.host}); "
                 "stop it first, or wait until its heartbeat is stale"
             )
-        while (left := previous.heartbeat_at + self.limits.lease_ttl - time.time()) > 0:
-            self._waiting(f"waiting {left:.0f}s for the previous trainer's leases to expire", 0.0)
-            time.sleep(min(left, 1.0))
-        self.queue.reclaim()
+        # Leases taken after its last heartbeat may outlive heartbeat + ttl: wait for the queue to
+        # show none held, bounded (a consumer we do not know of may hold some legitimately).
+        give_up = previous.heartbeat_at + 3 * self.limits.lease_ttl + 10 * HEARTBEAT_EVERY_S
+        while True:
+            self.queue.reclaim()
+            if not self.queue.in_flight() or time.time() > give_up:
+                return
+            self._waiting("waiting for the previous trainer's leases to expire", 0.0)
+            time.sleep(min(self.limits.lease_ttl / 4, 1.0))
 
     # ---- the loop ----
 

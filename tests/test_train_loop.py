@@ -1,0 +1,124 @@
+"""The trainer on real runs: a tiny Llama's real features, the real queue and stores, real processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.train.checkpoint import read_export
+from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
+from dataflow.train.trainer import train, wait_reason
+
+DRAFT_VOCAB = 160
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def samples(target):
+    return tiny_features(target, [24, 32, 20, 28, 32, 24, 16, 30])
+
+
+def new_run(tmp_path: Path, target, samples, *, store="files", name="run") -> Path:
+    db = tmp_path / f"{name}.sqlite"
+    seed_run(db, target, samples, draft_vocab_size=DRAFT_VOCAB, store=store, store_dir=tmp_path / f"{name}-store")
+    return db
+
+
+def train_args(db: Path, out: Path, **extra) -> list[str]:
+    args = {"--db": db, "--out": out, "--lr": 3e-3, "--warmup-steps": 2, "--ttt-length": 3, "--batch-tokens": 64,
+            "--grad-accum": 2, "--log-every": 1, "--device": "cpu"} | extra
+    return [str(x) for kv in args.items() for x in kv] + ["--no-progress"]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_export(out / "final")[1]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[n].double() - b[n].double()).abs().max().item() for n in a if a[n].is_floating_point())
+
+
+def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
+    db = new_run(tmp_path, target, samples[:4])
+    config = TrainConfig(lr=3e-3, warmup_steps=5, ttt_length=2, batch_tokens=256)
+    ending = train(db, config, TrainLimits(out=tmp_path / "out", epochs=80, log_every=10, progress=False))
+    assert ending == "finished"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
+    meta = RunMeta(connect(db))
+    assert meta.train_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
+
+
+def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, target, samples):
+    outs = {}
+    for store in ("shm", "files"):
+        db = new_run(tmp_path, target, samples, store=store, name=store)
+        limits = TrainLimits(out=tmp_path / f"out-{store}", progress=False)
+        train(db, TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=64, grad_accum=2), limits)
+        outs[store] = final_weights(tmp_path / f"out-{store}")
+    assert max_difference(outs["shm"], outs["files"]) <= 1e-6
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "DATAFLOW_DEBUG": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dataflow", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, target, samples):
+    extra = {"--epochs": 4, "--save-every": 3, "--lease-ttl": 1}
+    reference = run_cli(train_args(new_run(tmp_path, target, samples, name="ref"), tmp_path / "out-ref", **extra))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    db = new_run(tmp_path, target, samples, name="killed")
+    victim = run_cli(train_args(db, tmp_path / "out-killed", **extra))
+    meta, queue = RunMeta(connect(db)), RefQueue(connect(db))
+    while not (meta.last_checkpoint() and queue.counts()["acked"] and queue.counts()["leased"]):
+        assert victim.poll() is None, "the trainer finished before it could be killed"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not meta.train_finished() and queue.counts()["acked"] > 0
+
+    restarted = run_cli(train_args(db, tmp_path / "out-killed", **extra))
+    assert restarted.wait(timeout=300) == 0
+    log = restarted.stdout.read()
+    assert "put back" in log and "resumed from" in log, log
+    assert max_difference(final_weights(tmp_path / "out-ref"), final_weights(tmp_path / "out-killed")) <= 1e-6
+    counts = queue.counts()
+    assert counts["trained"] == 4 * len(samples) and counts["acked"] == counts["pending"] == counts["leased"] == 0
+
+
+def test_two_ranks_over_gloo_train_every_ref_once(tmp_path, target, samples):
+    db = new_run(tmp_path, target, samples)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dataflow", "train", *train_args(db, tmp_path / "out", **{"--epochs": 2, "--save-every": 2})]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    meta = RunMeta(connect(db))
+    assert meta.train_finished()
+    assert RefQueue(meta.conn).counts()["trained"] == 2 * len(samples)
+    assert {p.id for p in meta.processes(role="train")} == {"train-0", "train-1"}
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_waiting_says_how_long_ago_the_rollout_was_last_seen():
+    now = 1000.0
+    assert wait_reason(None, now) == "waiting for rollout (not started yet)"
+    assert wait_reason(now - 2, now) == "waiting for data from the rollout"
+    assert wait_reason(now - 95, now) == "waiting for rollout (last seen 95s ago)"
