@@ -210,6 +210,7 @@ def train(
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: when the stream drains)."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over a files-store run (later ones replay its features)."),
     save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
     keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),
     exit_when_idle: float = typer.Option(0.0, "--exit-when-idle", help="Stop after SECONDS idle with no live rollout."),
@@ -232,7 +233,7 @@ def train(
                              grad_clip=grad_clip, grad_accum=grad_accum, batch_tokens=batch_tokens,
                              ttt_length=ttt_length, dtype=dtype, seed=seed, draft_overrides=overrides,
                              export_embed_tokens=export_embed_tokens)
-        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, save_every=save_every,
+        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, epochs=epochs, save_every=save_every,
                              keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl, device=device,
                              log_every=log_every, progress=progress)
     except (OSError, ValueError) as e:
@@ -250,6 +251,65 @@ def plot(
     from dataflow.train.plot import plot_metrics
 
     typer.echo(str(plot_metrics(run_dir, out)))
+
+
+@app.command("eval")
+@one_line_errors
+def eval_draft(
+    draft: Path = typer.Option(..., "--draft", help="Checkpoint dir to evaluate, e.g. OUT/final."),
+    target_model: str = typer.Option(None, "--target-model", help="HF dir or .gguf; default SmolLM2-135M-Instruct."),
+    data: Path = typer.Option(None, "--data", help="jsonl conversations; default the bundled dataset."),
+    num_prompts: int = typer.Option(8, help="Held-out prompts, taken from the end of the dataset."),
+    num_draft_tokens: int = typer.Option(7, "--num-draft-tokens", "-k", help="Guesses per verification step."),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
+    aux_layers: str = typer.Option(None, help="Comma-separated HF hidden_states indices (default 2,N//2,N-3)."),
+    threads: int = typer.Option(None, help="torch CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Speculative decoding with the HF target: acceptance length τ (trained vs untrained), speed, exactness."""
+    import json
+
+    from rich.console import Console
+
+    from dataflow.eval.report import EvalConfig, evaluate
+
+    config = EvalConfig(
+        draft=draft, target_model=target_model, data=data, num_prompts=num_prompts,
+        num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
+        aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
+    )
+    console = Console(stderr=True)
+    result = evaluate(config, on_prompt=lambda i, n: console.log(f"prompt {i + 1}/{n}"))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console = Console()
+    console.print(f"draft {result['draft']}: τ = {result['tau']:.2f} (untrained {result['tau_untrained']:.2f}), "
+                  f"K = {result['num_draft_tokens']}, {result['prompts']} prompts, {result['verify_steps']} steps")
+    console.print("accepted per position: " + " ".join(f"{a:.2f}" for a in result["accept_rate_per_position"]))
+    console.print(f"tokens/s: greedy {result['tokens_per_s_greedy']}, speculative {result['tokens_per_s_speculative']}")
+    verdict = "[green]identical to greedy decoding[/]" if result["exact_match"] else "[red]DIFFERS from greedy decoding[/]"
+    console.print(f"output: {verdict}")
+    if not result["exact_match"]:
+        raise typer.Exit(1)
+
+
+@app.command("gc")
+@one_line_errors
+def gc_command(
+    db: Path = DbOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    allow_network_fs: bool = AllowNetworkFs,
+) -> None:
+    """Remove this run's orphaned shared-memory arenas and feature files (rollout and train do it at start)."""
+    import dataclasses
+    import json
+
+    from dataflow.transport.gc import sweep
+
+    report = sweep(open_run(require_run(db), allow_network_fs), dry_run=dry_run)
+    typer.echo(json.dumps(dataclasses.asdict(report)) if as_json else ("dry run: " if dry_run else "") + report.summary())
 
 
 def main() -> None:

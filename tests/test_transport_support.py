@@ -51,3 +51,31 @@ def sample(key: str, tokens: int = 16, dtype: torch.dtype = torch.float32) -> di
 def matches(key: str, tensors: dict[str, torch.Tensor], tokens: int = 16, dtype: torch.dtype = torch.float32) -> bool:
     expected = sample(key, tokens, dtype)
     return set(expected) == set(tensors) and all(torch.equal(expected[k], tensors[k]) for k in expected)
+
+
+def produce(db: Path, producer_id: str, keys: list[str], capacity: int, tokens: int = 16, hang: bool = False) -> None:
+    """A producer process: write and commit each key's sample; then die without closing (or hang to be
+    killed). Module-level so multiprocessing's spawn can find it."""
+    import os
+    import time
+
+    from dataflow.control.queue import RefItem, RefQueue
+    from dataflow.transport import open_writer
+
+    conn = connect(db)
+    writer = open_writer(conn, store="shm", producer_id=producer_id, max_inflight_bytes=capacity)
+    queue = RefQueue(conn)
+    for key in keys:
+        handle, nbytes = writer.write(key, sample(key, tokens))
+        queue.put(RefItem(key, handle, nbytes, handle["store"]))
+    while hang:
+        time.sleep(0.1)
+    os._exit(0)  # like a crash: no close, no cleanup
+
+
+def spawn(target, *args, **kwargs):
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, kwargs=kwargs, daemon=True)
+    process.start()
+    return process

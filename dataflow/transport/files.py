@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.errors import FeaturesLost, StoreError
-from dataflow.transport.arena import DTYPES, TensorSpec, views_of, wait_for
+from dataflow.transport.arena import DTYPE_NAMES, DTYPES, TensorSpec, align_up, views_of, wait_for
 from dataflow.transport.refs import Uncommitted
 from dataflow.transport.segment import LOCK_WAIT_S, human
 
@@ -98,7 +98,7 @@ class FilesWriter:
     def write(
         self, key: str, tensors: dict[str, torch.Tensor], on_wait: Callable[[float], None] | None = None
     ) -> tuple[dict, int]:
-        estimate = sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * (len(tensors) + 1)
+        estimate = file_size(key, tensors)
         self.check_fits(estimate, f"sample {key!r}")
         self._check_disk(estimate)
         wait_for(lambda: True if self._inflight_bytes() + estimate <= self.capacity else None, on_wait)
@@ -135,6 +135,16 @@ class FilesWriter:
                 f"{self.directory}: the files store holds {human(self._disk_bytes)} and --max-disk-bytes is "
                 f"{human(self.max_disk_bytes)}; raise it, free space with `dataflow gc`, or use --store shm"
             )
+
+
+def file_size(key: str, tensors: dict[str, torch.Tensor]) -> int:
+    """The size safetensors will write (its JSON header is compact and padded to 8 bytes), at most 8 over."""
+    header, offset = {"__metadata__": {"key": key}}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return 8 + align_up(len(json.dumps(header, separators=(",", ":"))), 8) + offset
 
 
 class FilesReader:

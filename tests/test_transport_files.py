@@ -1,0 +1,103 @@
+import pytest
+import torch
+from test_transport_support import matches, run_db, sample  # noqa: F401
+
+from dataflow.control.db import connect
+from dataflow.control.queue import RefItem, RefQueue
+from dataflow.errors import FeaturesLost, InputError, StoreError
+from dataflow.transport import open_reader, open_writer, sweep, usage
+
+
+@pytest.fixture
+def conn(run_db):
+    conn = connect(run_db)
+    yield conn
+    conn.close()
+
+
+def files_writer(conn, tmp_path, **kw):
+    kw = {"max_inflight_bytes": 1 << 20, **kw}
+    return open_writer(conn, store="files", producer_id="p0", store_dir=tmp_path / "features", **kw)
+
+
+def put(queue, handle, nbytes):
+    queue.put(RefItem(handle["key"], handle, nbytes, handle["store"]))
+
+
+def test_a_sample_file_comes_back_bit_exact_and_survives_the_ack_for_later_epochs(conn, tmp_path):
+    queue, writer, reader = RefQueue(conn), files_writer(conn, tmp_path), open_reader(conn)
+    for dtype in (torch.float32, torch.bfloat16):
+        handle, nbytes = writer.write(f"s-{dtype}", sample(f"s-{dtype}", dtype=dtype))
+        put(queue, handle, nbytes)
+        lease = queue.lease("t")[0]
+        views = reader.open(lease.handle)
+        assert matches(f"s-{dtype}", views, dtype=dtype)
+        views["aux_hidden"].zero_()  # views are private copy-on-write pages: the file is untouched
+        assert not queue.ack([lease.token])
+        assert reader.retained(lease.handle)
+        assert matches(f"s-{dtype}", reader.open(lease.handle), dtype=dtype)
+    writer.close()
+
+
+def test_in_flight_bytes_are_bounded_by_the_watermark(conn, tmp_path):
+    queue = RefQueue(conn)
+    nbytes = files_writer(conn, tmp_path / "probe").write("probe", sample("probe"))[1]
+    writer = files_writer(conn, tmp_path, max_inflight_bytes=2 * nbytes + 16)
+    for key in ("a", "b"):
+        put(queue, *writer.write(key, sample(key)))
+
+    def trainer_acks(waited):
+        leases = queue.lease("t", n=10)
+        queue.ack([lease.token for lease in leases])
+
+    handle, _ = writer.write("c", sample("c"), on_wait=trainer_acks)
+    assert queue.live_bytes(handle["store"]) == 0
+    writer.close()
+
+
+def test_a_disk_cap_is_a_clear_error_naming_the_option(conn, tmp_path):
+    writer = files_writer(conn, tmp_path, max_disk_bytes=5000)
+    writer.write("a", sample("a"))
+    with pytest.raises(StoreError, match="--max-disk-bytes"):
+        writer.write("b", sample("b"))
+    writer.close()
+
+
+def test_a_missing_or_foreign_file_is_reported_as_lost_features(conn, tmp_path):
+    writer, reader = files_writer(conn, tmp_path), open_reader(conn)
+    a, _ = writer.write("a", sample("a"))
+    b, _ = writer.write("b", sample("b"))
+    with pytest.raises(FeaturesLost, match="holds sample 'b'"):
+        reader.open({**a, "path": b["path"]})
+    writer.abandon(a)
+    with pytest.raises(FeaturesLost, match="gone"):
+        reader.open(a)
+    assert not reader.retained(a)
+    writer.close()
+
+
+def test_files_store_needs_a_directory(conn):
+    with pytest.raises(InputError, match="--store-dir"):
+        open_writer(conn, store="files", producer_id="p0", max_inflight_bytes=1 << 20)
+
+
+def test_gc_removes_uncommitted_and_lost_files_but_keeps_those_later_epochs_need(conn, tmp_path):
+    queue = RefQueue(conn)
+    writer = files_writer(conn, tmp_path)
+    kept, _ = writer.write("kept", sample("kept"))
+    put(queue, kept, kept["nbytes"])
+    lost, _ = writer.write("lost", sample("lost"))
+    put(queue, lost, lost["nbytes"])
+    orphan, _ = writer.write("orphan", sample("orphan"))  # never committed
+    for lease in queue.lease("t", n=2):
+        if lease.key == "lost":
+            queue.mark_lost(lease.token, "test")
+        else:
+            queue.ack([lease.token])
+    report = sweep(conn)
+    assert report.removed_files == 1  # the lost one; the orphan may still be committed by its live writer
+    writer.close()
+    assert sweep(conn).removed_files == 1  # the writer is gone: its uncommitted file is an orphan
+    [store] = usage(conn)
+    assert store["kind"] == "files" and store["files"] == 1 and store["disk_bytes"] == kept["nbytes"]
+    assert open_reader(conn).retained(kept)
