@@ -37,6 +37,7 @@ class TrainerFinished(Exception):
 class RolloutStats:
     samples: int = 0
     tokens: int = 0
+    padded_tokens: int = 0  # batch x longest, summed over forwards: the compute actually spent
     skipped_no_assistant: int = 0
     lost_leases: int = 0
     regenerated: int = 0
@@ -69,7 +70,8 @@ class RolloutStats:
         return (
             f"{self.samples} samples, {self.tokens} tokens in {self.elapsed_s:.1f}s "
             f"({self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.0f} tokens/s); "
-            f"forward {self.forward_s:.1f}s, overhead {self.overhead_s:.2f}s "
+            f"forward {self.forward_s:.1f}s ({self.tokens / max(self.padded_tokens, 1):.0%} real tokens, the rest padding), "
+            f"overhead {self.overhead_s:.2f}s "
             f"({100 * self.overhead_s / max(self.forward_s, 1e-9):.1f}% of forward: tokenise {self.tokenize_s:.2f}s, "
             f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
             + (f", regenerated {self.regenerated} in {self.regenerate_s:.1f}s" if self.regenerated else "")
@@ -132,6 +134,7 @@ class Producer:
         tokenized = self.timed("tokenize_s", self.tokenize, samples)
         for batch in token_budget_batches(tokenized, self.config.token_budget):
             features = self.timed("forward_s", self.engine.features, batch)
+            self.stats.padded_tokens += len(batch) * len(batch[0].input_ids)
             for sample, tensors in zip(batch, features):
                 self.publish(sample.id, tensors)
             self.keep_leases()
