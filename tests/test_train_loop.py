@@ -122,3 +122,16 @@ def test_waiting_says_how_long_ago_the_rollout_was_last_seen():
     assert wait_reason(None, now) == "waiting for rollout (not started yet)"
     assert wait_reason(now - 2, now) == "waiting for data from the rollout"
     assert wait_reason(now - 95, now) == "waiting for rollout (last seen 95s ago)"
+
+
+def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, target, samples):
+    # Lengths 24,32,20,28 | 32,24,16,30: a 64-token budget packs each step as two micro-batches, a
+    # 128-token budget as one; the steps hold the same samples, so the updates must agree.
+    outs = {}
+    for budget, accum in ((64, 2), (128, 1)):
+        db = new_run(tmp_path, target, samples, name=f"b{budget}")
+        config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=budget, grad_accum=accum)
+        train(db, config, TrainLimits(out=tmp_path / f"out-{budget}", progress=False))
+        outs[budget] = final_weights(tmp_path / f"out-{budget}")
+        assert RunMeta(connect(db)).last_checkpoint().step == 2
+    assert max_difference(outs[64], outs[128]) <= 1e-5
