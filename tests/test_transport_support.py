@@ -5,6 +5,7 @@ by run prefix, so helpers' tests running beside ours on the same machine never i
 
 from __future__ import annotations
 
+import functools
 import zlib
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def matches(key: str, tensors: dict[str, torch.Tensor], tokens: int = 16, dtype:
     return set(expected) == set(tensors) and all(torch.equal(expected[k], tensors[k]) for k in expected)
 
 
-def produce(db: Path, producer_id: str, keys: list[str], capacity: int, tokens: int = 16, hang: bool = False) -> None:
+def tokens_for(key: str) -> int:
+    """Varied sample lengths, so frees come out of order in size as well as in time."""
+    return 4 + zlib.crc32(key.encode()) % 29
+
+
+def produce(db: Path, producer_id: str, keys: list[str], capacity: int, hang: bool = False) -> None:
     """A producer process: write and commit each key's sample; then die without closing (or hang to be
     killed). Module-level so multiprocessing's spawn can find it."""
     import os
@@ -65,12 +71,44 @@ def produce(db: Path, producer_id: str, keys: list[str], capacity: int, tokens: 
     conn = connect(db)
     writer = open_writer(conn, store="shm", producer_id=producer_id, max_inflight_bytes=capacity)
     queue = RefQueue(conn)
+    waiting = functools.partial(RunMeta(conn).set, f"waiting.{producer_id}")  # tests can see backpressure
     for key in keys:
-        handle, nbytes = writer.write(key, sample(key, tokens))
+        handle, nbytes = writer.write(key, sample(key, tokens_for(key)), on_wait=waiting)
         queue.put(RefItem(key, handle, nbytes, handle["store"]))
     while hang:
         time.sleep(0.1)
     os._exit(0)  # like a crash: no close, no cleanup
+
+
+def consume(db: Path, total: int, batch: int = 3, seed: int = 0, hold: bool = False) -> None:
+    """A consumer process: lease a few refs, verify each sample, ack them in shuffled order, until `total`
+    were acked; exit code 3 on any mismatch. hold=True: lease and map one batch, then hang (to be killed)."""
+    import random
+    import sys
+    import time
+
+    from dataflow.control.queue import RefQueue
+    from dataflow.transport import open_reader
+
+    conn, rng = connect(db), random.Random(seed)
+    queue, reader = RefQueue(conn), open_reader(conn)
+    done = 0
+    while done < total:
+        leases = queue.lease(f"consumer-{seed}", n=batch, ttl=1.0 if hold else 60.0)
+        views = [reader.open(lease.handle) for lease in leases]
+        if not all(matches(lease.key, v, tokens_for(lease.key)) for lease, v in zip(leases, views)):
+            sys.exit(3)
+        while hold and leases:
+            time.sleep(0.1)
+        for lease in leases:
+            reader.check(lease.handle)
+        rng.shuffle(leases)
+        for lease in leases:
+            assert not queue.ack([lease.token])
+            done += 1
+        if not leases:
+            time.sleep(0.01)
+    reader.close()  # returns normally: a consumer that merely attached must not unlink the arena
 
 
 def spawn(target, *args, **kwargs):
