@@ -14,7 +14,11 @@ import typer
 
 from dataflow.errors import DataflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file.",
+)
 
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
 AllowNetworkFs = typer.Option(
