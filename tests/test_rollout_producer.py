@@ -94,3 +94,17 @@ def test_samples_without_assistant_tokens_are_skipped_and_counted(tmp_path, engi
     conn, _, stats = rollout(tmp_path, engine, dataset=dataset)
     assert stats.skipped_no_assistant == 1 and stats.samples == 1
     assert [lease.key for lease in RefQueue(conn).lease("test", n=10)] == ["b"]
+
+
+def test_a_restarted_rollout_takes_over_the_id_of_a_dead_one_but_not_of_a_running_one(tmp_path):
+    import subprocess
+    import sys
+
+    from dataflow.rollout.producer import choose_producer_id
+
+    meta = RunMeta(connect(tmp_path / "run.sqlite"))
+    meta.heartbeat("rollout-r0", "rollout", "producing")  # this test process: running
+    assert choose_producer_id(meta) == "r1"
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    meta.conn.execute("UPDATE processes SET pid = ? WHERE id = 'rollout-r0'", (int(child.stdout),))  # now dead
+    assert choose_producer_id(meta) == "r0"

@@ -9,6 +9,8 @@ heartbeat "waiting for trainer", and stop cleanly if the trainer has finished fo
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -236,12 +238,26 @@ class Producer:
 
 
 def choose_producer_id(meta: RunMeta) -> str:
-    """The lowest "r<i>" no live rollout of this run uses (a restart after a crash gets its old arena back)."""
-    live = {p.id for p in meta.processes("rollout") if p.alive()}
+    """The lowest "r<i>" no running rollout of this run uses, so a rollout restarted after a crash gets
+    the dead one's arena back (its unconsumed samples stay readable and the arena is not left behind)."""
+    running = {p.id for p in meta.processes("rollout") if p.alive() and not dead_on_this_host(p)}
     i = 0
-    while f"rollout-r{i}" in live:
+    while f"rollout-r{i}" in running:
         i += 1
     return f"r{i}"
+
+
+def dead_on_this_host(process) -> bool:
+    """A fresh heartbeat can belong to a process killed seconds ago: ask the kernel when it ran here."""
+    if process.host != socket.gethostname():
+        return False
+    try:
+        os.kill(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def max_sample_bytes(config: RolloutConfig, engine: HFEngine) -> int:
