@@ -139,6 +139,26 @@ def test_the_claim_is_served_by_the_refs_claim_index_without_sorting_the_backlog
     assert all("refs_claim" in query_plan(conn, sql) for sql in statements)
 
 
+def test_ack_extend_and_fail_never_scan_the_whole_table(tmp_path):
+    # served by the token index, or by a state index limited to LEASED rows (bounded by what is in flight)
+    conn = connect(tmp_path / "run.sqlite")
+    queue = RefQueue(conn)
+    queue.put_many([item(str(i)) for i in range(100)])
+    a, b, c = queue.lease("t", n=3)
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    queue.extend([a.token], 60.0)
+    queue.ack([a.token])
+    queue.fail(b.token, "x")
+    queue.mark_lost(c.token, "gone")
+    conn.set_trace_callback(None)
+    fenced = [sql for sql in seen if "lease_token" in sql and "WHERE" in sql and not sql.startswith("UPDATE tasks")]
+    assert len(fenced) == 5
+    for sql in fenced:
+        plan = query_plan(conn, sql)
+        assert "SEARCH refs USING" in plan and "SCAN refs" not in plan, plan
+
+
 def test_the_expiry_sweep_is_served_by_an_index(tmp_path):
     conn = connect(tmp_path / "run.sqlite")
     plan = query_plan(conn, "SELECT id FROM refs WHERE state = 1 AND lease_deadline < :now", now=0.0)

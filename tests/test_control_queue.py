@@ -70,6 +70,21 @@ def test_ack_is_fenced_by_token_and_reports_what_it_did_not_ack(conn):
     assert queue.ack([b.token]) == []
 
 
+def test_the_token_index_holds_live_leases_only(conn):
+    # every way out of LEASED clears the token: the unique index stays the size of what is in flight
+    queue = RefQueue(conn, max_attempts=1)
+    queue.put_many([item(str(i)) for i in range(6)])
+    acked, failed, lost, expired, held, _ = queue.lease("t", n=6)
+    queue.ack([acked.token])
+    queue.fail(failed.token, "x")
+    queue.mark_lost(lost.token, "gone")
+    queue.extend([expired.token], -1.0)
+    queue.reclaim()
+    assert [r[0] for r in conn.execute("SELECT key FROM refs WHERE lease_token IS NOT NULL ORDER BY id")] == [
+        held.key, _.key
+    ]
+
+
 def test_an_expired_lease_is_reclaimed_and_its_old_token_is_fenced_out(conn):
     queue = RefQueue(conn)
     queue.put(item("a"))

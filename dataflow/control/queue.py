@@ -151,14 +151,17 @@ class RefQueue:
         return [_lease_of(r) for r in rows]
 
     def ack(self, tokens: list[str]) -> list[str]:
-        """Mark leased refs ACKED; returns the tokens that were not acked because the lease is not yours."""
+        """Mark leased refs ACKED; returns the tokens that were not acked because the lease is not yours.
+
+        The token is cleared like every other way out of LEASED, so the token index holds live leases only;
+        left set, it grew with every ref ever acked and each claim scattered its new tokens over all of it."""
+        params = {"now": time.time(), "tokens": json.dumps(list(tokens))}
+        held = f"state = {RefState.LEASED:d} AND lease_token IN (SELECT value FROM json_each(:tokens))"
         with immediate(self.conn):
-            done = self.conn.execute(
-                f"""UPDATE refs SET state = {RefState.ACKED:d}, acked_at = :now
-                    WHERE state = {RefState.LEASED:d} AND lease_token IN (SELECT value FROM json_each(:tokens))
-                    RETURNING lease_token""",
-                {"now": time.time(), "tokens": json.dumps(list(tokens))},
-            ).fetchall()
+            done = self.conn.execute(f"SELECT lease_token FROM refs WHERE {held}", params).fetchall()
+            self.conn.execute(
+                f"UPDATE refs SET state = {RefState.ACKED:d}, acked_at = :now, lease_token = NULL WHERE {held}", params
+            )
         return sorted(set(tokens) - {r[0] for r in done})
 
     def fail(self, token: str, error: str, retryable: bool = True) -> bool:
