@@ -54,10 +54,15 @@ def test_aux_layers_out_of_range_are_refused(engine):
 
 
 def test_batches_are_length_sorted_within_the_token_budget():
-    samples = [TokenizedSample(str(n), [0] * n, [True] * n) for n in (5, 40, 12, 30, 100, 8)]
-    batches = token_budget_batches(samples, token_budget=64)
-    assert [[len(s.input_ids) for s in b] for b in batches] == [[100], [40], [30, 12], [8, 5]]
-    assert all(len(b) * len(b[0].input_ids) <= 64 for b in batches if len(b) > 1)
+    samples = [TokenizedSample(str(n), [0] * n, [True] * n) for n in (5, 40, 12, 30, 100, 8, 7)]
+    batches = token_budget_batches(samples, token_budget=64, max_padding=1.0)
+    assert [[len(s.input_ids) for s in b] for b in batches] == [[100], [40], [30, 12], [8, 7, 5]]
+
+
+def test_batches_bound_the_padding_of_each_sample():
+    samples = [TokenizedSample(str(n), [0] * n, [True] * n) for n in (100, 90, 80, 70, 60)]
+    batches = token_budget_batches(samples, token_budget=10_000, max_padding=0.25)
+    assert [[len(s.input_ids) for s in b] for b in batches] == [[100, 90, 80], [70, 60]]
 
 
 def test_generate_writes_a_reply_to_the_last_user_turn(engine):

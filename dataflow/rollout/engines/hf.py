@@ -138,11 +138,16 @@ class HFEngine:
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
 
 
-def token_budget_batches(samples: list[TokenizedSample], token_budget: int) -> list[list[TokenizedSample]]:
-    """Length-sorted batches whose padded size (batch x longest) stays within the budget."""
+def token_budget_batches(
+    samples: list[TokenizedSample], token_budget: int, max_padding: float = 0.25
+) -> list[list[TokenizedSample]]:
+    """Length-sorted batches whose padded size (batch x longest) stays within the budget, and where no
+    sample is padded by more than `max_padding` of the batch's longest (padding is wasted compute)."""
     batches: list[list[TokenizedSample]] = []
     for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
-        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].input_ids) <= token_budget:
+        longest = len(batches[-1][0].input_ids) if batches else 0
+        fits = batches and (len(batches[-1]) + 1) * longest <= token_budget
+        if fits and len(sample.input_ids) >= (1 - max_padding) * longest:
             batches[-1].append(sample)
         else:
             batches.append([sample])
