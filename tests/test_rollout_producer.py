@@ -6,7 +6,7 @@ import torch
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
-from dataflow.control.tasks import TaskQueue
+from dataflow.control.tasks import TaskQueue, TaskState
 from dataflow.errors import ConfigMismatch
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import load_dataset
@@ -108,3 +108,23 @@ def test_a_restarted_rollout_takes_over_the_id_of_a_dead_one_but_not_of_a_runnin
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     meta.conn.execute("UPDATE processes SET pid = ? WHERE id = 'rollout-r0'", (int(child.stdout),))  # now dead
     assert choose_producer_id(meta) == "r0"
+
+
+def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_rest_is_produced(tmp_path, engine):
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(
+        '{"id": "twice", "conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},'
+        ' {"role": "assistant", "content": "c"}]}\n'
+        '{"id": "ok", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+    )
+    strict = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    strict_engine = HFEngine(HFEngineConfig(model_dir=engine.config.model_dir, threads=1, chat_template=strict))
+    conn, _, stats = rollout(tmp_path, strict_engine, dataset=dataset)
+    assert stats.failed == 1 and stats.samples == 1
+    row = conn.execute("SELECT state, last_error FROM tasks WHERE key = 'twice'").fetchone()
+    assert row["state"] == TaskState.DEAD and "roles must alternate" in row["last_error"]
+    assert RunMeta(conn).end_of_stream()

@@ -73,3 +73,8 @@ def test_a_tokenizer_without_chat_template_needs_one_given(tmp_path):
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     set_chat_template(tokenizer, tmp_path, str(template))
     assert tokenizer.chat_template == template.read_text()
+
+
+def test_a_chat_template_file_that_cannot_be_read_is_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="--chat-template .*cannot read it"):
+        set_chat_template(smollm2_tokenizer(), tmp_path, str(tmp_path / "missing.jinja"))

@@ -13,7 +13,7 @@ from dataflow.control.tasks import TaskQueue
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample, default_dataset_path, load_dataset
 from dataflow.rollout.engines.hf import HFEngine
-from dataflow.rollout.template import tokenize_sample
+from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
 from dataflow.rollout.vocab import count_tokens, draft_vocab
 
@@ -75,11 +75,16 @@ def epoch_order(samples: list[Sample], config: RolloutConfig) -> list[tuple[int,
 def vocab_pass(engine: HFEngine, samples: list[Sample], config: RolloutConfig, size: int, view: RolloutView) -> dict:
     """Tokenise-only pass: the most frequent loss-masked tokens become the draft vocabulary."""
     with view.vocab_pass(len(samples)) as advance:
-        tokenized = (
-            tokenize_sample(
-                engine.tokenizer, s, max_length=config.max_length, train_only_last_turn=config.train_only_last_turn
-            )
-            for s in samples
-        )
+        tokenized = (renderable(engine, s, config) for s in samples)
         counts = count_tokens(tokenized, on_sample=advance)
     return draft_vocab(counts, engine.vocab_size, size)
+
+
+def renderable(engine: HFEngine, sample: Sample, config: RolloutConfig) -> TokenizedSample | None:
+    """The tokenised sample, or None where the chat template refuses it (the producer reports those)."""
+    try:
+        return tokenize_sample(
+            engine.tokenizer, sample, max_length=config.max_length, train_only_last_turn=config.train_only_last_turn
+        )
+    except UNRENDERABLE:
+        return None

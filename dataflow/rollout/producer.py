@@ -23,7 +23,7 @@ from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample
 from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
 from dataflow.rollout.prepare import prepare_run
-from dataflow.rollout.template import TokenizedSample, tokenize_sample
+from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
 
 HEARTBEAT_EVERY_S = 2.0
@@ -41,6 +41,7 @@ class RolloutStats:
     tokens: int = 0
     padded_tokens: int = 0  # batch x longest, summed over forwards: the compute actually spent
     skipped_no_assistant: int = 0
+    failed: int = 0  # samples the chat template refused (their tasks are dead, with the error)
     lost_leases: int = 0
     regenerated: int = 0
     forward_s: float = 0.0
@@ -78,6 +79,7 @@ class RolloutStats:
             f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
             + (f", regenerated {self.regenerated} in {self.regenerate_s:.1f}s" if self.regenerated else "")
             + (f", skipped {self.skipped_no_assistant} without assistant tokens" if self.skipped_no_assistant else "")
+            + (f", {self.failed} refused by the chat template (dead tasks)" if self.failed else "")
         )
 
     def as_dict(self) -> dict:
@@ -146,12 +148,18 @@ class Producer:
         """Tokenised samples keyed by lease token (in .id); samples without assistant tokens are closed."""
         out = []
         for token, sample in samples.items():
-            tokenized = tokenize_sample(
-                self.engine.tokenizer,
-                sample,
-                max_length=self.config.max_length,
-                train_only_last_turn=self.config.train_only_last_turn,
-            )
+            try:
+                tokenized = tokenize_sample(
+                    self.engine.tokenizer,
+                    sample,
+                    max_length=self.config.max_length,
+                    train_only_last_turn=self.config.train_only_last_turn,
+                )
+            except UNRENDERABLE as e:  # e.g. a template that insists on alternating roles: bury, go on
+                self.stats.failed += 1
+                self.tasks.fail(token, f"chat template: {e}", retryable=False)
+                del self.held[token]
+                continue
             if tokenized is None:
                 self.stats.skipped_no_assistant += 1
                 self.tasks.complete(token)

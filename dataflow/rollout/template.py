@@ -13,8 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
+
 from dataflow.errors import InputError
 from dataflow.rollout.data import Sample
+
+UNRENDERABLE = (TemplateError, ValueError)  # what a chat template raises for a conversation it refuses
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,13 @@ class TokenizedSample:
 
 def set_chat_template(tokenizer, model_dir: Path, chat_template: str | None) -> None:
     """Install `chat_template` (a file path or a Jinja string) or check the tokenizer has one."""
-    if chat_template:
-        path = Path(chat_template)
-        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
+    if chat_template and ("{{" in chat_template or "{%" in chat_template):
+        tokenizer.chat_template = chat_template
+    elif chat_template:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text()
+        except OSError as e:
+            raise InputError(f"--chat-template {chat_template}: cannot read it ({e.strerror}); pass a Jinja file")
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             f"target model {model_dir}: its tokenizer has no chat template; pass --chat-template FILE (Jinja)"
