@@ -76,7 +76,13 @@ class RefQueueModel(RuleBasedStateMachine):
         items = [RefItem(key=k, handle={"key": k, "put": self.puts}, nbytes=1, store="s") for k in keys]
         assert self.queue.put_many(items) == expected
 
-    @rule(target=tokens, n=st.integers(1, 4), ttl=st.sampled_from([LIVE, EXPIRED]), rank=st.integers(0, 2), world=st.integers(1, 3))
+    @rule(
+        target=tokens,
+        n=st.integers(1, 4),
+        ttl=st.sampled_from([LIVE, EXPIRED]),
+        rank=st.integers(0, 2),
+        world=st.integers(1, 3),
+    )
     def lease(self, n, ttl, rank, world):
         rank = rank % world
         self.model_reclaim()

@@ -12,6 +12,7 @@ from dataflow.control.queue import RefQueue, shard_of
 from dataflow.control.tasks import TaskQueue
 from test_control_support import (
     SPAWN,
+    connect_on_signal,
     consume,
     consume_limit,
     item,
@@ -46,7 +47,8 @@ def test_one_producer_and_three_consumers_ack_every_one_of_10k_refs_exactly_once
     acked = read_acked(out)
     assert [k for k, n in Counter(acked).items() if n > 1] == []
     assert sorted(acked, key=int) == keys
-    assert RefQueue(connect(db)).counts() == {"pending": 0, "leased": 0, "acked": 10_000, "trained": 0, "dead": 0, "lost": 0}
+    counts = RefQueue(connect(db)).counts()
+    assert counts == {"pending": 0, "leased": 0, "acked": 10_000, "trained": 0, "dead": 0, "lost": 0}
     owners = {json.loads(line)["owner"] for line in out.read_text().splitlines()}
     assert owners == {"c0", "c1", "c2"}  # the work was really shared
 
@@ -129,7 +131,9 @@ def test_a_reshard_from_two_to_three_consumers_acks_the_remainder_exactly_once(t
         SPAWN.Process(target=consume_limit, args=(db, f"a{r}", str(first), 50, 600, (r, 2)), name=f"a{r}")
         for r in range(2)
     ])
-    run_all([SPAWN.Process(target=consume, args=(db, f"b{r}", str(second), 50, (r, 3)), name=f"b{r}") for r in range(3)])
+    run_all([
+        SPAWN.Process(target=consume, args=(db, f"b{r}", str(second), 50, (r, 3)), name=f"b{r}") for r in range(3)
+    ])
 
     before, after = read_acked(first), read_acked(second)
     assert len(before) == 1200
@@ -188,6 +192,21 @@ def test_refs_committed_before_a_writer_is_killed_survive_intact(tmp_path):
     keys = {r[0] for r in conn.execute("SELECT key FROM refs")}
     assert keys == {f"w{i}" for i in range(count)}
     assert RefQueue(conn).put(item("after-crash")) is True
+
+
+def test_processes_opening_a_new_database_at_once_all_join_one_run(tmp_path):
+    db, ready, go = str(tmp_path / "run.sqlite"), SPAWN.Semaphore(0), SPAWN.Event()
+    outs = [tmp_path / f"joined{i}.json" for i in range(4)]
+    workers = [SPAWN.Process(target=connect_on_signal, args=(db, ready, go, str(out))) for out in outs]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.acquire(timeout=60)  # all imported and waiting: they race for the file together
+    go.set()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert len({read_published(out)["run_id"] for out in outs}) == 1
 
 
 def test_a_reopened_database_keeps_every_state(tmp_path):

@@ -196,7 +196,8 @@ def test_a_trainer_restart_puts_back_acked_refs_and_loses_the_freed_ones(conn):
     queue, tasks = RefQueue(conn), TaskQueue(conn)
     tasks.add_many([(f"p{i}", {}) for i in range(4)])
     for task in tasks.lease("rollout", n=4):
-        tasks.complete(task.token, [RefItem(key=task.key, handle={"spilled": task.key in ("p0", "p1")}, nbytes=1, store="s")])
+        spilled = task.key in ("p0", "p1")  # features that survive an ack (files store)
+        tasks.complete(task.token, [RefItem(key=task.key, handle={"spilled": spilled}, nbytes=1, store="s")])
     leases = queue.lease("trainer", n=4)
     queue.ack([lease.token for lease in leases])
     RunMeta(conn).record_checkpoint(step=10, path="ckpt/10", ref_ids=[leases[0].id])  # p0 is durably trained
@@ -215,7 +216,9 @@ def test_a_checkpoint_moves_exactly_the_listed_acked_refs_to_trained(conn):
     listed = [leases[0].id, leases[1].id, leases[3].id]  # leases[3] is still leased: must stay so
     checkpoint_id = meta.record_checkpoint(step=7, path="/ckpt/7", ref_ids=listed)
 
-    trained = [r[0] for r in conn.execute("SELECT id FROM refs WHERE state = 3 AND checkpoint_id = ?", (checkpoint_id,))]
+    trained = [
+        r[0] for r in conn.execute("SELECT id FROM refs WHERE state = 3 AND checkpoint_id = ?", (checkpoint_id,))
+    ]
     assert sorted(trained) == sorted([leases[0].id, leases[1].id])
     assert states(queue) == {"trained": 2, "acked": 1, "leased": 1, "pending": 1}
     last = meta.last_checkpoint()

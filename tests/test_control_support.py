@@ -104,6 +104,15 @@ def lease_tasks_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> N
         time.sleep(1.0)
 
 
+def connect_on_signal(db: str, ready, go, out: str) -> None:
+    """Wait for the common start signal, open the (maybe not yet existing) database, publish its run id."""
+    ready.release()
+    go.wait()
+    conn = connect(db)
+    publish(out, {"run_id": RunMeta(conn).run_id})
+    conn.close()
+
+
 def write_forever(db: str, ready: str) -> None:
     """Put refs in small committed batches until killed; touches `ready` once the first batch is durable."""
     conn = connect(db)
