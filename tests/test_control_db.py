@@ -37,9 +37,10 @@ def test_an_sqlite_file_of_another_application_is_refused(tmp_path):
     other.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
     other.commit()
     other.close()
+    before = path.read_bytes()
     assert "not a dataflow database" in refusal(path)
-    check = sqlite3.connect(path)
-    assert [r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["customers"]
+    assert path.read_bytes() == before  # refused untouched: not even switched to WAL
+    assert not path.with_name(path.name + "-wal").exists()
 
 
 def test_a_schema_newer_than_the_code_is_refused(tmp_path):

@@ -153,18 +153,24 @@ def _check_header(path: Path) -> None:
         raise DatabaseError(f"{path}: not a dataflow database (not SQLite at all); pass a new --db path")
 
 
+def _check_identity(conn: sqlite3.Connection, path: Path) -> int:
+    """Refuse another application's SQLite file or a newer schema; returns the schema version (0 = new)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+    if app_id != APPLICATION_ID and (has_tables or version):
+        raise DatabaseError(f"{path}: an SQLite file that is not a dataflow database; pass a new --db path")
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path}: schema version {version} is newer than this dataflow understands ({SCHEMA_VERSION}); "
+            "upgrade dataflow"
+        )
+    return version
+
+
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     with immediate(conn):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-        if app_id != APPLICATION_ID and (has_tables or version):
-            raise DatabaseError(f"{path}: an SQLite file that is not a dataflow database; pass a new --db path")
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"{path}: schema version {version} is newer than this dataflow understands ({SCHEMA_VERSION}); "
-                "upgrade dataflow"
-            )
+        version = _check_identity(conn, path)  # again under the write lock: another process may have created it
         for target in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[target].split(";"):
                 if statement.strip():
@@ -188,6 +194,7 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _check_identity(conn, path)  # before anything writes: a refused file must be left exactly as it was
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     except sqlite3.DatabaseError as e:
         raise DatabaseError(f"{path}: cannot open as a database ({e}); pass a new --db path") from None
