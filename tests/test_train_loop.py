@@ -135,3 +135,18 @@ def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, target, sam
         outs[budget] = final_weights(tmp_path / f"out-{budget}")
         assert RunMeta(connect(db)).last_checkpoint().step == 2
     assert max_difference(outs[64], outs[128]) <= 1e-5
+
+
+def test_sigterm_stops_gracefully_with_a_durable_checkpoint_and_no_held_leases(tmp_path, target, samples):
+    db = new_run(tmp_path, target, samples)
+    trainer = run_cli(train_args(db, tmp_path / "out", **{"--epochs": 50, "--save-every": 1000}))
+    queue, meta = RefQueue(connect(db)), RunMeta(connect(db))
+    while not queue.counts()["acked"]:
+        assert trainer.poll() is None, trainer.stdout.read()
+        time.sleep(0.01)
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=120) == 0
+    assert "stopped (SIGTERM)" in trainer.stdout.read()
+    counts = queue.counts()
+    assert counts["trained"] > 0 and counts["acked"] == counts["leased"] == 0 and not meta.train_finished()
+    assert meta.last_checkpoint().num_refs == counts["trained"]

@@ -113,7 +113,7 @@ class Trainer:
     # ---- the loop ----
 
     def run(self) -> str:
-        """Train until the stream is drained (or --max-steps / idle); returns how it ended."""
+        """Train until the stream is drained; returns how it ended: finished, max-steps, idle or SIGTERM."""
         signal.signal(signal.SIGTERM, self._request_stop)
         try:
             self.resume()
@@ -136,7 +136,7 @@ class Trainer:
             if self.limits.max_steps and self.progress.step >= self.limits.max_steps:
                 return "max-steps"
             if self.stop_requested:
-                return "stopped"
+                return "SIGTERM"
             wait_start = time.monotonic()
             micro = self.source.step_batch(grad_accum=self.config.grad_accum, batch_tokens=self.config.batch_tokens)
             window.data_wait_s += time.monotonic() - wait_start
