@@ -43,8 +43,8 @@ def invoke(*args):
 def test_train_waits_with_a_message_until_the_rollout_records_the_vocab(tmp_path, target, samples):
     db = tmp_path / "run.sqlite"
     connect(db).close()  # a run the rollout has not prepared yet
-    trainer = subprocess.Popen([sys.executable, "-m", "dataflow", "train", "--db", db, "--out", tmp_path / "out", *QUICK],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "dataflow", "train", "--db", db, "--out", tmp_path / "out", *QUICK]
+    trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     meta = RunMeta(connect(db))
     while not any(p.status.startswith("waiting for the rollout to record") for p in meta.processes(role="train")):
         assert trainer.poll() is None, trainer.stdout.read()

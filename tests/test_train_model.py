@@ -11,7 +11,7 @@ from safetensors import safe_open
 from dataflow.errors import InputError
 from dataflow.train.checkpoint import draft_from_export, write_export
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft, apply_rotary, rotary_tables
-from dataflow.train.loss import STEP_DECAY, loss_tokens, teacher, ttt_sums
+from dataflow.train.loss import STEP_DECAY, draft_target_ids, loss_tokens, teacher, ttt_sums
 from dataflow.train.target import load_target_head
 from dataflow.train.testing import build_tiny_target
 from dataflow.train.vocab import vocab_from_meta, vocab_from_target_ids, vocab_to_meta
@@ -28,6 +28,10 @@ def tiny_draft(seed=0, draft_vocab=VD, heads=4, kv_heads=2) -> Eagle3Draft:
     for p in model.parameters():  # norms start at 1; randomise so a swapped norm would show
         p.data.normal_(0, 0.3) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
     return model
+
+
+def vocab_of(model: Eagle3Draft) -> dict:
+    return {"t2d": model.t2d, "draft_ids": draft_target_ids(model.d2t)}
 
 
 # The DESIGN "Checkpoint" list, written out by hand: a wrong name would load silently as random weights.
@@ -126,7 +130,7 @@ def test_loss_equals_a_direct_recomputation():
     lm_head = torch.randn(V, H)
     loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
     logits = model(ids, aux, steps)
-    sums = ttt_sums(logits, teacher(target_hidden, lm_head, model.t2d, loss_mask), model.d2t)
+    sums = ttt_sums(logits, teacher(target_hidden, lm_head, loss_mask, **vocab_of(model)), model.d2t)
     draft_ids = sorted(int(i) for i in torch.nonzero(model.t2d))  # target id of draft id d
     expected, n_tokens = 0.0, 0
     for i in range(T - 1):  # normaliser: teacher positions whose next token is an assistant token
@@ -154,9 +158,9 @@ def test_right_padding_does_not_change_a_samples_loss():
     T = 9
     ids, aux, th = torch.randint(0, V, (1, T)), torch.randn(1, T, 3 * H), torch.randn(1, T, H)
     lm_head, mask = torch.randn(V, H), torch.ones(1, T, dtype=torch.bool)
-    alone = ttt_sums(model(ids, aux, 3), teacher(th, lm_head, model.t2d, mask), model.d2t)
+    alone = ttt_sums(model(ids, aux, 3), teacher(th, lm_head, mask, **vocab_of(model)), model.d2t)
     pad = lambda x: F.pad(x, (0, 0, 0, 4)) if x.dim() == 3 else F.pad(x, (0, 4))
-    padded = ttt_sums(model(pad(ids), pad(aux), 3), teacher(pad(th), lm_head, model.t2d, pad(mask)), model.d2t)
+    padded = ttt_sums(model(pad(ids), pad(aux), 3), teacher(pad(th), lm_head, pad(mask), **vocab_of(model)), model.d2t)
     for a, b in zip(alone.loss_sum, padded.loss_sum):
         torch.testing.assert_close(a, b)
     assert [int(c) for c in alone.count] == [int(c) for c in padded.count]
@@ -180,7 +184,8 @@ def test_target_head_is_read_from_safetensors_and_falls_back_to_tied_embeddings(
     untied = load_target_head(build_tiny_target(tmp_path / "untied", vocab_size=40, hidden_size=16, num_layers=4))
     assert untied.embed_tokens.shape == untied.lm_head.shape == (40, 16)
     assert not torch.equal(untied.embed_tokens, untied.lm_head)
-    tied = load_target_head(build_tiny_target(tmp_path / "tied", vocab_size=40, hidden_size=16, tie_word_embeddings=True))
+    tied_dir = build_tiny_target(tmp_path / "tied", vocab_size=40, hidden_size=16, tie_word_embeddings=True)
+    tied = load_target_head(tied_dir)
     assert torch.equal(tied.embed_tokens, tied.lm_head)
 
 

@@ -88,7 +88,8 @@ def draft_from_export(path: str | Path, *, embed_tokens: torch.Tensor | None = N
     if embed is None:
         raise InputError(f"{path}: the export has no embed_tokens; pass the target's embeddings")
     model = Eagle3Draft(cfg, embed_tokens=embed.float(), d2t=tensors["d2t"], t2d=tensors["t2d"])
-    model.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}, strict=False)
+    weights = {name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}
+    model.load_state_dict(weights, strict=False)
     return model
 
 

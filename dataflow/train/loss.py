@@ -31,12 +31,19 @@ def predicts_assistant(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
 
 
-def teacher(target_hidden: torch.Tensor, lm_head: torch.Tensor, t2d: torch.Tensor, loss_mask: torch.Tensor) -> Teacher:
-    """target_hidden (B, T, H), frozen lm_head (V, H), t2d (V,) bool, loss_mask (B, T) bool."""
+def draft_target_ids(d2t: torch.Tensor) -> torch.Tensor:
+    """(Vd,) int64: the target id of each draft id."""
+    return d2t + torch.arange(d2t.numel(), device=d2t.device)
+
+
+def teacher(target_hidden: torch.Tensor, lm_head: torch.Tensor, loss_mask: torch.Tensor, *,
+            t2d: torch.Tensor, draft_ids: torch.Tensor) -> Teacher:
+    """target_hidden (B, T, H), frozen lm_head (V, H), loss_mask (B, T) bool, t2d (V,) bool,
+    draft_ids (Vd,) = draft_target_ids(d2t) (an index, not a mask: no host sync on GPU)."""
     with torch.no_grad():
         full = target_hidden.to(lm_head.dtype) @ lm_head.T  # (B, T, V)
         top = full.argmax(dim=-1)  # (B, T)
-        probs = full[..., t2d].float().softmax(dim=-1)  # (B, T, Vd)
+        probs = full.index_select(-1, draft_ids).float().softmax(dim=-1)  # (B, T, Vd)
         valid = predicts_assistant(loss_mask) & t2d[top]
     return Teacher(probs=probs, top=top, valid=valid)
 
@@ -57,7 +64,7 @@ def ttt_sums(logits: list[torch.Tensor], t: Teacher, d2t: torch.Tensor) -> StepS
     """logits: per step (B, T, Vd) from Eagle3Draft.forward."""
     sums = StepSums(loss_sum=[], correct=[], count=[])
     T = t.top.shape[1]
-    draft_to_target = d2t + torch.arange(d2t.numel(), device=d2t.device)  # (Vd,)
+    draft_to_target = draft_target_ids(d2t)  # (Vd,)
     for k, step_logits in enumerate(logits):
         n = T - k - 1  # positions with a teacher at t+k+1
         logp = step_logits[:, :n].float().log_softmax(dim=-1)  # (B, n, Vd)

@@ -34,7 +34,8 @@ class Window:
             self.loss_sum[i] += loss_sum[i]
             self.correct[i] += correct[i]
             self.count[i] += count[i]
-        self.steps, self.samples, self.tokens, self.loss = self.steps + 1, self.samples + samples, self.tokens + tokens, self.loss + loss
+        self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
+        self.loss += loss
 
     def summary(self, step: int, lr: float) -> dict:
         elapsed = max(time.monotonic() - self.started, 1e-9)

@@ -45,7 +45,7 @@ def check_features(sample: Sample, *, aux_width: int, hidden_width: int) -> None
     f = sample.features
     missing = [name for name in FEATURES if name not in f]
     if missing:
-        raise InputError(f"sample {sample.lease.key}: features {missing} missing; the rollout is not an EAGLE3 producer")
+        raise InputError(f"sample {sample.lease.key}: features {missing} missing; is the producer an EAGLE3 rollout?")
     T = sample.length
     if f["aux_hidden"].shape != (T, aux_width) or f["target_hidden"].shape != (T, hidden_width):
         raise InputError(

@@ -29,7 +29,7 @@ from dataflow.train.build import (build_draft, build_optimizer, check_draft_matc
 from dataflow.train.config import TrainConfig, TrainLimits
 from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, sum_gradients
 from dataflow.train.epochs import replay_epochs
-from dataflow.train.loss import loss_tokens, teacher, ttt_sums
+from dataflow.train.loss import draft_target_ids, loss_tokens, teacher, ttt_sums
 from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
 from dataflow.train.source import MicroBatch, RefSource, Sample, check_features, collate
 
@@ -62,7 +62,10 @@ class Trainer:
         self.model, head = build_draft(target, vocab, config)
         self.model.to(dist.device)
         self.lm_head = head.lm_head.to(dist.device, torch.float32)  # frozen teacher head
-        self.float_dtype = torch.bfloat16 if target.get("dtype") == "bfloat16" and dist.device.type == "cuda" else torch.float32
+        self.draft_ids = draft_target_ids(self.model.d2t)
+        # The target's dtype: features are collated in it and the export is written in it.
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+        self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
         self.params, self.optimizer, self.scheduler = build_optimizer(self.model, config, limits.max_steps)
         self.reader = open_reader(conn)
         self.source = RefSource(self.queue, self.reader, owner=self.process_id,
@@ -185,7 +188,7 @@ class Trainer:
         cfg = self.model.cfg
         for s in samples:
             check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.lm_head.shape[1])
-        return collate(samples, self.dist.device, self.float_dtype)
+        return collate(samples, self.dist.device, self.target_dtype)
 
     def _accumulate(self, batches: list[MicroBatch], n_tokens: float) -> list[float]:
         """Forward/backward every micro-batch; returns [weighted loss sum, loss_sum_k.., correct_k.., count_k..]."""
@@ -193,7 +196,8 @@ class Trainer:
         totals = [0.0] * (1 + 3 * k)
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
         for b in batches:
-            t = teacher(b.target_hidden.float(), self.lm_head, self.model.t2d, b.loss_mask)
+            t = teacher(b.target_hidden.float(), self.lm_head, b.loss_mask,
+                        t2d=self.model.t2d, draft_ids=self.draft_ids)
             with autocast:
                 logits = self.model(b.input_ids, b.aux_hidden.float(), k)
             sums = ttt_sums(logits, t, self.model.d2t)
@@ -221,8 +225,7 @@ class Trainer:
                 "refs": covered,
                 **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens")},
             }
-            dtype = torch.bfloat16 if self.float_dtype == torch.bfloat16 else torch.float32
-            path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=dtype,
+            path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=self.target_dtype,
                                          include_embed=self.config.export_embed_tokens, keep=self.limits.keep)
             self.meta.record_checkpoint(self.progress.step, str(path), covered)
         barrier(self.dist)
@@ -240,7 +243,8 @@ class Trainer:
             self.meta.set_train_finished()
         status = {"finished": "finished", "max-steps": "finished (max steps)"}.get(ending, f"stopped ({ending})")
         self._heartbeat(status, force=True)
-        self.status.print(f"{status}: step {self.progress.step}, {self.progress.samples} samples; checkpoints in {self.out}")
+        p = self.progress
+        self.status.print(f"{status}: step {p.step}, {p.samples} samples; checkpoints in {self.out}")
 
     def _replay_epochs(self) -> bool:
         """--epochs: once drained, rank 0 puts the later epochs' refs; whether any were new."""
