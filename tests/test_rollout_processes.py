@@ -110,7 +110,7 @@ def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_fin
     wait_until(lambda: "is it running?" in rollout_status(conn, "w").status, proc, "the stale-trainer status")
     meta.set_train_finished()
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "trainer has finished" in output
+    assert proc.returncode == 0 and "trainer has finished" in output and "the trainer looks dead" in output
     assert TaskQueue(conn).counts()["leased"] == 0 and not meta.end_of_stream()
 
 

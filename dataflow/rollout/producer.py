@@ -100,6 +100,8 @@ class Producer:
         self.status = "starting"
         self._last_heartbeat = 0.0
         self._last_extend = time.monotonic()
+        self._said_trainer_dead = False
+        self._waited = 0.0  # seconds the current write has waited on the watermark
 
     def run(self) -> RolloutStats:
         """Produce until no task is left (then mark end-of-stream) or the trainer finished for good."""
@@ -197,7 +199,11 @@ class Producer:
         if trainers and not any(p.alive() for p in trainers):
             stale = time.time() - max(p.heartbeat_at for p in trainers)
             self.status = f"waiting for trainer (its heartbeat is {stale:.0f}s old: is it running?)"
+            if not self._said_trainer_dead:
+                self.view.message("the trainer looks dead (stale heartbeat); waiting for it: restart `dataflow train`")
+                self._said_trainer_dead = True
         else:
+            self._said_trainer_dead = False
             self.status = f"waiting for trainer ({waited:.0f}s)"
         self.keep_leases()
         self.heartbeat(self.status)
