@@ -200,7 +200,9 @@ def rollout(
 @one_line_errors
 def train(
     db: Path = DbOption,
-    out: Path = typer.Option(None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."),
+    out: Path = typer.Option(
+        None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."
+    ),
     lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate."),
     warmup_steps: int = typer.Option(50, "--warmup-steps"),
     decay_steps: int = typer.Option(0, "--decay-steps", help="Cosine decay length (0: --max-steps, else constant)."),
@@ -219,6 +221,7 @@ def train(
     keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),
     exit_when_idle: float = typer.Option(0.0, "--exit-when-idle", help="Stop after SECONDS idle with no live rollout."),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
+    fill_wait: float = typer.Option(2.0, "--fill-wait", help="Seconds to wait for a full step while streaming."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     log_every: int = typer.Option(10, "--log-every"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -237,9 +240,9 @@ def train(
                              grad_clip=grad_clip, grad_accum=grad_accum, batch_tokens=batch_tokens,
                              ttt_length=ttt_length, dtype=dtype, seed=seed, draft_overrides=overrides,
                              export_embed_tokens=export_embed_tokens)
-        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, epochs=epochs, save_every=save_every,
-                             keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl, device=device,
-                             log_every=log_every, progress=progress)
+        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, epochs=epochs,
+                             save_every=save_every, keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl,
+                             fill_wait=fill_wait, device=device, log_every=log_every, progress=progress)
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
     run_training(require_run(db), config, limits, allow_network_fs=allow_network_fs)

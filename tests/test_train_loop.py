@@ -80,6 +80,40 @@ def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+PRODUCER = """
+import sys, time
+from pathlib import Path
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefItem, RefQueue
+from dataflow.train.testing import tiny_features
+from dataflow.transport import open_writer
+db, target = sys.argv[1], Path(sys.argv[2])
+conn = connect(db)
+meta, queue = RunMeta(conn), RefQueue(conn)
+writer = open_writer(conn, store="shm", producer_id="rollout-0", max_inflight_bytes=1 << 20)
+for i, sample in enumerate(tiny_features(target, [24, 32, 20, 28, 32, 24, 16, 30], seed=1)):
+    meta.heartbeat("rollout-0", "rollout", "producing")
+    handle, nbytes = writer.write(f"live{i}", sample)
+    queue.put(RefItem(key=f"live{i}", handle=handle, nbytes=nbytes, store=handle["store"]))
+    time.sleep(0.2)
+meta.set_end_of_stream()
+meta.heartbeat("rollout-0", "rollout", "finished")
+writer.close()
+"""
+
+
+def test_training_beside_a_live_producer_trains_every_ref_once(tmp_path, target, samples):
+    db = tmp_path / "live.sqlite"
+    seed_run(db, target, samples[:1], draft_vocab_size=DRAFT_VOCAB, store="shm", end_of_stream=False)
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(db), str(target)])
+    config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
+    ending = train(db, config, TrainLimits(out=tmp_path / "out", fill_wait=0.1, log_every=1, progress=False))
+    assert producer.wait(timeout=120) == 0 and ending == "finished"
+    counts = RefQueue(connect(db)).counts()
+    assert counts["trained"] == 9 and counts["lost"] == counts["dead"] == counts["pending"] == 0
+
+
 def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, target, samples):
     extra = {"--epochs": 4, "--save-every": 3, "--lease-ttl": 1}
     reference = run_cli(train_args(new_run(tmp_path, target, samples, name="ref"), tmp_path / "out-ref", **extra))

@@ -66,6 +66,8 @@ class TrainLimits:
     """Give up after this many seconds with no data and no live rollout (0: wait forever)."""
     lease_ttl: float = 60.0
     """Seconds a leased ref stays ours without an extension."""
+    fill_wait: float = 2.0
+    """Seconds to wait for more refs to fill a step while the stream is open (then train on what there is)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     log_every: int = 10
@@ -77,5 +79,5 @@ class TrainLimits:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0 or self.save_every < 1 or self.keep < 1 or self.log_every < 1:
             raise ValueError("--max-steps must be >= 0; --save-every, --keep, --log-every >= 1")
-        if self.exit_when_idle < 0 or self.lease_ttl <= 0:
-            raise ValueError("--exit-when-idle must be >= 0 and --lease-ttl > 0")
+        if self.exit_when_idle < 0 or self.lease_ttl <= 0 or self.fill_wait < 0:
+            raise ValueError("--exit-when-idle and --fill-wait must be >= 0, --lease-ttl > 0")

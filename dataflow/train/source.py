@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,6 +17,7 @@ from dataflow.control.queue import Lease, RefQueue
 from dataflow.errors import FeaturesLost, InputError
 
 FEATURES = ("input_ids", "loss_mask", "aux_hidden", "target_hidden")
+FILL_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,24 @@ class RefSource:
         self.held.pop(lease.token, None)
         self.lost += 1
 
-    def step_batch(self, *, grad_accum: int, batch_tokens: int) -> list[list[Sample]]:
-        """Up to grad_accum micro-batches; fewer (or none) when the queue runs dry."""
+    def step_batch(self, *, grad_accum: int, batch_tokens: int, fill_wait_s: float = 0.0,
+                   stream_open: Callable[[], bool] = lambda: False) -> list[list[Sample]]:
+        """Up to grad_accum micro-batches. When the queue runs dry mid-step while the stream is open, wait
+        up to fill_wait_s for more, then train on what there is (a producer held back by the byte
+        watermark may be waiting for our acks)."""
         micro: list[list[Sample]] = [[]]
-        while (sample := self.next_sample()) is not None:
+        deadline = None
+        while True:
+            sample = self.next_sample()
+            if sample is None:
+                if not micro[0] or not stream_open():
+                    break
+                deadline = deadline or time.monotonic() + fill_wait_s
+                if time.monotonic() >= deadline:
+                    break
+                self.keep_alive()
+                time.sleep(FILL_POLL_S)
+                continue
             if fits(micro[-1], sample, batch_tokens):
                 micro[-1].append(sample)
             elif len(micro) < grad_accum:

@@ -141,7 +141,8 @@ class Trainer:
             if self.stop_requested:
                 return "SIGTERM"
             wait_start = time.monotonic()
-            micro = self.source.step_batch(grad_accum=self.config.grad_accum, batch_tokens=self.config.batch_tokens)
+            micro = self.source.step_batch(grad_accum=self.config.grad_accum, batch_tokens=self.config.batch_tokens,
+                                           fill_wait_s=self.limits.fill_wait, stream_open=self._stream_open)
             window.data_wait_s += time.monotonic() - wait_start
             if not all_true(self.dist, not micro):  # some rank has data: everyone steps
                 self._train_step(micro, window)
@@ -161,8 +162,8 @@ class Trainer:
             sleep = min(sleep * 2, IDLE_SLEEP_S[1])
 
     def _train_step(self, micro: list[list[Sample]], window: Window) -> None:
-        batches = [self._collate(mb) for mb in micro]
-        samples = [s for mb in micro for s in mb]
+        batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
+        samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
         n_tokens = all_sum(self.dist, [float(sum(int(loss_tokens(b.loss_mask)) for b in batches))])[0]
         sums = self._accumulate(batches, max(n_tokens, 1.0))
         sum_gradients(self.dist, self.params)
@@ -171,6 +172,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         acked = self.source.ack(samples)
+        if len(acked) < len(samples):  # only when a step outlived --lease-ttl; those refs may train twice
+            self.status.print(f"warning: {len(samples) - len(acked)} leases lapsed before the ack; raise --lease-ttl")
         totals = all_sum(self.dist, [len(samples), sum(s.length for s in samples)] + sums)
         k = self.config.ttt_length
         self.progress.step += 1
@@ -184,11 +187,17 @@ class Trainer:
         self.source.keep_alive()
         self._heartbeat("training")
 
-    def _collate(self, samples: list[Sample]) -> MicroBatch:
+    def _collate(self, samples: list[Sample]) -> MicroBatch | None:
+        """Copy a micro-batch out of the store; samples whose bytes changed under us are dropped (LOST)."""
         cfg = self.model.cfg
         for s in samples:
             check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.lm_head.shape[1])
-        return collate(samples, self.dist.device, self.target_dtype)
+        batch = collate(samples, self.dist.device, self.target_dtype)
+        kept = self.source.confirm(samples)
+        if len(kept) < len(samples):
+            samples[:] = kept
+            return collate(kept, self.dist.device, self.target_dtype) if kept else None
+        return batch
 
     def _accumulate(self, batches: list[MicroBatch], n_tokens: float) -> list[float]:
         """Forward/backward every micro-batch; returns [weighted loss sum, loss_sum_k.., correct_k.., count_k..]."""
@@ -203,6 +212,7 @@ class Trainer:
             sums = ttt_sums(logits, t, self.model.d2t)
             weighted = sums.weighted_loss()
             (weighted / n_tokens).backward()
+            self.source.keep_alive()  # a long step must not let our leases lapse before the ack
             values = [weighted] + sums.loss_sum + sums.correct + sums.count
             for i, v in enumerate(torch.stack([v.detach().float() for v in values]).tolist()):  # one device sync
                 totals[i] += v
@@ -252,6 +262,9 @@ class Trainer:
         if self.dist.is_main:
             new = replay_epochs(self.queue.conn, self.reader, epochs=self.limits.epochs, seed=self.config.seed)
         return all_sum(self.dist, [new])[0] > 0
+
+    def _stream_open(self) -> bool:
+        return not self.meta.end_of_stream()
 
     def _drained(self) -> bool:
         counts = self.queue.counts()
