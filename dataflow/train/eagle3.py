@@ -105,7 +105,8 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(cfg: DraftConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (len(positions), head_dim), neox layout (the HF/SGLang Llama convention)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (cfg.rope_theta ** (half / cfg.head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()

@@ -55,7 +55,7 @@ class Trainer:
         self.out = check_out_dir(limits.out)
         self.status = StatusLine(live=limits.progress, speak=dist.is_main)
         self.stop_requested = False
-        self._last_heartbeat = 0.0
+        self._last_heartbeat, self._last_row = 0.0, {}
         self.progress, self.metrics = Progress(), None
         self.meta.check_config("train", config.recorded())
         target, vocab = wait_for_records(self.meta, self._waiting)
@@ -164,7 +164,10 @@ class Trainer:
     def _train_step(self, micro: list[list[Sample]], window: Window) -> None:
         batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
         samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
-        n_tokens = all_sum(self.dist, [float(sum(int(loss_tokens(b.loss_mask)) for b in batches))])[0]
+        local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
+        n_samples, n_tokens = all_sum(self.dist, [len(samples), local_tokens])
+        if n_samples == 0:  # every sample was lost: no update (AdamW would still move on momentum)
+            return
         sums = self._accumulate(batches, max(n_tokens, 1.0))
         sum_gradients(self.dist, self.params)
         torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -292,14 +295,16 @@ class Trainer:
 
     def _heartbeat(self, status: str, force: bool = False) -> None:
         if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
-            self.meta.heartbeat(self.process_id, "train", status, {"step": self.progress.step,
-                                                                   "samples": self.progress.samples})
+            info = {"step": self.progress.step, "samples": self.progress.samples}
+            info |= {k: round(v, 4) for k, v in self._last_row.items() if k in ("loss", "acc_0", "samples_per_s")}
+            self.meta.heartbeat(self.process_id, "train", status, info)
             self._last_heartbeat = time.monotonic()
 
     def _log(self, window: Window) -> Window:
         if self.progress.step % self.limits.log_every:
             return window
         row = window.summary(self.progress.step, self.scheduler.get_last_lr()[0])
+        self._last_row = row
         if self.metrics is not None:
             self.metrics.write(row)
             self.status.show(describe(row))
