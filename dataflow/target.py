@@ -70,19 +70,25 @@ def checked_hf_dir(path: Path) -> Path:
     return path
 
 
-def cached_conversion(gguf: Path) -> Path:
-    """The cached HF directory for `gguf`, converting it under a file lock if it is not there yet."""
+def cached_dir_for(gguf: Path) -> Path:
+    """Where the conversion of this exact file (path, size, mtime) lives in the cache."""
     stat = gguf.stat()
     digest = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = cache_root()
-    out = root / f"{gguf.stem}-{digest}"
+    return cache_root() / f"{gguf.stem}-{digest}"
+
+
+def cached_conversion(gguf: Path) -> Path:
+    """The cached HF directory for `gguf`, converting it under a file lock if it is not there yet."""
+    out = cached_dir_for(gguf)
+    root = out.parent
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{out.name}.lock")):
         if not (out / "config.json").is_file():  # another process may have converted while we waited
+            for stale in root.glob(f".{out.name}.tmp-*"):  # left by a converter killed midway (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".{out.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             convert_gguf(gguf, tmp)
             os.replace(tmp, out)  # atomic: the directory exists only once complete
     return out

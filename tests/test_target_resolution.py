@@ -4,7 +4,7 @@ import pytest
 from safetensors import safe_open
 
 from dataflow.errors import InputError
-from dataflow.target import cache_root, default_gguf_path, resolve_target
+from dataflow.target import cache_root, cached_dir_for, default_gguf_path, resolve_target
 
 
 def test_the_default_target_is_the_bundled_smollm2_gguf_converted_once_into_a_cached_hf_dir():
@@ -70,7 +70,9 @@ print(target.cached_conversion(Path(sys.argv[1])))
 """
 
 
-def test_two_processes_resolving_the_same_gguf_convert_it_only_once(tmp_path):
+def test_two_processes_resolving_the_same_gguf_convert_it_only_once_and_clear_a_killed_conversion(
+    tmp_path, monkeypatch
+):
     import os
     import subprocess
     import sys
@@ -79,6 +81,9 @@ def test_two_processes_resolving_the_same_gguf_convert_it_only_once(tmp_path):
     gguf.write_bytes(b"GGUF")
     log = tmp_path / "conversions.log"
     env = {**os.environ, "DATAFLOW_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("DATAFLOW_CACHE", str(tmp_path / "cache"))
+    expected = cached_dir_for(gguf)
+    (expected.parent / f".{expected.name}.tmp-1").mkdir(parents=True)  # left by a converter killed midway
     procs = [
         subprocess.Popen([sys.executable, "-c", CONVERT_WITH_A_SLOW_FAKE, str(gguf), str(log)], env=env,
                          stdout=subprocess.PIPE, text=True)
@@ -88,3 +93,4 @@ def test_two_processes_resolving_the_same_gguf_convert_it_only_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs[0] == outputs[1] and outputs[0].startswith(str(tmp_path / "cache" / "model-"))
     assert log.read_text() == "converted\n"
+    assert outputs[0] == str(expected) and [p for p in expected.parent.iterdir() if p.is_dir()] == [expected]
