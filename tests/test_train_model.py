@@ -196,3 +196,52 @@ def test_draft_config_defaults_follow_the_target_and_accept_overrides():
     assert (cfg.head_dim, cfg.intermediate_size, cfg.rope_theta, cfg.target_hidden_size) == (16, 256, 5e5, 64)
     with pytest.raises(ValueError, match="unknown keys"):
         DraftConfig.from_target(target, draft_vocab_size=100, overrides={"hiden_size": 1})
+
+
+STACKED = [(".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),
+           (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj")]
+LAYER_PARAMS = ["self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+                "mlp.down_proj.weight", "input_layernorm.weight", "hidden_norm.weight",
+                "post_attention_layernorm.weight"]
+
+
+def stacked(name: str) -> str:
+    for shard, fused in STACKED:
+        if shard in name:
+            return name.replace(shard, fused)
+    return name
+
+
+def sglang_param_of(name: str, params: set[str]) -> str | None:
+    """SGLang LlamaForCausalLMEagle3.load_weights: d2t/t2d are buffers; else fuse, then try a `model.` prefix."""
+    if "d2t" in name or "t2d" in name:
+        return name
+    name = stacked(name)
+    name = name if name in params else f"model.{name}"
+    return name if name in params else None  # SGLang skips it silently: a random weight at serving time
+
+
+def vllm_param_of(name: str, params: set[str]) -> str | None:
+    """vLLM Eagle3LlamaForCausalLM.load_weights: d2t -> draft_id_to_target_id, midlayer -> layers.0, model. prefix."""
+    if "t2d" in name:
+        return name
+    if "d2t" in name:
+        return name.replace("d2t", "draft_id_to_target_id")
+    name = name.replace("midlayer.", "layers.0.")
+    name = stacked(name if "lm_head" in name else f"model.{name}")
+    return name if name in params else None
+
+
+@pytest.mark.parametrize("loader, params", [
+    (sglang_param_of, {f"model.midlayer.{p}" for p in LAYER_PARAMS}
+     | {"model.embed_tokens.weight", "model.fc.weight", "model.norm.weight", "lm_head.weight"}),
+    (vllm_param_of, {f"model.layers.0.{p}" for p in LAYER_PARAMS}
+     | {"model.embed_tokens.weight", "model.fc.weight", "model.norm.weight", "lm_head.weight",
+        "draft_id_to_target_id"}),
+])
+def test_every_exported_tensor_lands_in_a_serving_parameter_and_every_trained_one_is_filled(tmp_path, loader, params):
+    write_export(tiny_draft(), tmp_path, dtype=torch.float32, include_embed=False)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        landed = {name: loader(name, params) for name in f.keys()}
+    assert None not in landed.values(), landed
+    assert params - set(landed.values()) == {"model.embed_tokens.weight"}  # shared from the target when absent
