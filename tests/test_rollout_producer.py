@@ -128,3 +128,18 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
     row = conn.execute("SELECT state, last_error FROM tasks WHERE key = 'twice'").fetchone()
     assert row["state"] == TaskState.DEAD and "roles must alternate" in row["last_error"]
     assert RunMeta(conn).end_of_stream()
+
+
+def test_the_heartbeat_stays_fresh_during_a_long_forward(tmp_path):
+    import time
+
+    from dataflow.rollout.producer import beating_during
+
+    db = tmp_path / "run.sqlite"
+    meta = RunMeta(connect(db))
+    with beating_during(str(db), "rollout-x", "producing", {"samples": 3}):
+        # the main thread is busy (stands for a forward); the beat comes from the side thread
+        while not meta.processes("rollout"):
+            time.sleep(0.1)
+    [process] = meta.processes("rollout")
+    assert process.id == "rollout-x" and process.status == "producing" and process.info == {"samples": 3}

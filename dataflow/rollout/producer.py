@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
 from dataflow.control.tasks import TaskLease, TaskQueue
@@ -95,6 +98,7 @@ class Producer:
         self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
+        self.db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
@@ -139,7 +143,8 @@ class Producer:
             self.regenerate(samples)
         tokenized = self.timed("tokenize_s", self.tokenize, samples)
         for batch in token_budget_batches(tokenized, self.config.token_budget):
-            features = self.timed("forward_s", self.engine.features, batch)
+            with beating_during(self.db_path, self.process_id, "producing", self.stats.as_dict()):
+                features = self.timed("forward_s", self.engine.features, batch)
             self.stats.padded_tokens += len(batch) * len(batch[0].input_ids)
             for sample, tensors in zip(batch, features):
                 self.publish(sample.id, tensors)
@@ -251,27 +256,51 @@ class Producer:
             setattr(self.stats, bucket, getattr(self.stats, bucket) + time.monotonic() - start)
 
 
+@contextmanager
+def beating_during(db_path: str, process_id: str, status: str, info: dict):
+    """Heartbeat from a thread (own connection) while the caller is in a long forward: torch releases the
+    GIL, and a slow CPU forward must not make a live rollout look dead."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        conn = connect(db_path)
+        try:
+            while not stop.wait(HEARTBEAT_EVERY_S):
+                RunMeta(conn).heartbeat(process_id, "rollout", status, info)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=beat, name="forward-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def choose_producer_id(meta: RunMeta) -> str:
     """The lowest "r<i>" no running rollout of this run uses, so a rollout restarted after a crash gets
     the dead one's arena back (its unconsumed samples stay readable and the arena is not left behind)."""
-    running = {p.id for p in meta.processes("rollout") if p.alive() and not dead_on_this_host(p)}
+    running = {p.id for p in meta.processes("rollout") if is_running(p)}
     i = 0
     while f"rollout-r{i}" in running:
         i += 1
     return f"r{i}"
 
 
-def dead_on_this_host(process) -> bool:
-    """A fresh heartbeat can belong to a process killed seconds ago: ask the kernel when it ran here."""
+def is_running(process) -> bool:
+    """On this host the kernel knows (a fresh heartbeat can belong to a process killed seconds ago);
+    elsewhere the heartbeat decides."""
     if process.host != socket.gethostname():
-        return False
+        return process.alive()
     try:
         os.kill(process.pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, owned by someone else
         return False
-    return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def max_sample_bytes(config: RolloutConfig, engine: HFEngine) -> int:
