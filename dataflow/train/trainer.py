@@ -76,6 +76,7 @@ class Trainer:
     def resume(self) -> None:
         self._wait_out_previous_leases()
         if self.dist.is_main:
+            self._sweep()  # arenas of dead producers that no live ref needs
             requeued, lost = self.queue.put_back_acked(self.reader.retained)
             if requeued or lost:
                 self.status.print(f"put back {requeued} refs acked after the last checkpoint; {lost} prompts re-queued")
@@ -254,6 +255,7 @@ class Trainer:
             if path is not None:
                 ckpt.mark_final(self.out, path)
             self.meta.set_train_finished()
+            self._sweep()  # a finished run's arenas are freed (a producer still attached keeps its own)
         status = {"finished": "finished", "max-steps": "finished (max steps)"}.get(ending, f"stopped ({ending})")
         self._heartbeat(status, force=True)
         p = self.progress
@@ -265,6 +267,13 @@ class Trainer:
         if self.dist.is_main:
             new = replay_epochs(self.queue.conn, self.reader, epochs=self.limits.epochs, seed=self.config.seed)
         return all_sum(self.dist, [new])[0] > 0
+
+    def _sweep(self) -> None:
+        from dataflow.transport import sweep
+
+        report = sweep(self.queue.conn)
+        if report.removed_segments or report.removed_files:
+            self.status.print(f"cleaned up: {report.summary()}")
 
     def _stream_open(self) -> bool:
         return not self.meta.end_of_stream()
