@@ -173,4 +173,4 @@ class RefQueueModel(RuleBasedStateMachine):
 
 
 TestRefQueueAgainstModel = RefQueueModel.TestCase
-TestRefQueueAgainstModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestRefQueueAgainstModel.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)

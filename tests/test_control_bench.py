@@ -1,0 +1,38 @@
+"""scripts/bench_queue.py runs end to end on a tiny N and prints its JSON result last (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_queue.py"
+
+
+def test_the_queue_benchmark_checks_every_item_and_prints_one_json_object_last(tmp_path):
+    pytest.importorskip("litequeue")
+    pytest.importorskip("persistqueue")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--n", "150", "--repeats", "1", "--dir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1 = targets missed, which a tiny N may well do
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    required = ("n", "backlog_ops_s", "conc_ops_s", "duplicates", "lost", "ratio_vs_litequeue_backlog")
+    assert all(key in result for key in required + ("ratio_vs_litequeue_conc",))
+    assert result["n"] == 150 and result["duplicates"] == 0 and result["lost"] == 0
+    assert set(result["backlog_ops_s"]) == {"dataflow", "dataflow_unbatched", "litequeue", "persistqueue"}
+    for backend in ("dataflow", "litequeue"):
+        assert result["per_backend_checks"][backend]["backlog"] == {"duplicates": 0, "lost": 0}
+
+
+def test_the_queue_benchmark_refuses_an_unknown_backend_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--backends", "dataflow,redis"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--backends" in done.stderr.splitlines()[-1]
