@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -95,8 +96,6 @@ def check_out_dir(out: Path) -> Path:
 
 
 def check_draft_matches(state: dict, model: Eagle3Draft, checkpoint: str) -> None:
-    from dataclasses import asdict
-
     if state.get("draft_config") != asdict(model.cfg):
         raise ConfigMismatch(
             f"checkpoint {checkpoint} holds a draft of shape {state.get('draft_config')}, now {asdict(model.cfg)}; "

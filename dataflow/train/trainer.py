@@ -47,8 +47,6 @@ class Progress:
 
 class Trainer:
     def __init__(self, conn: sqlite3.Connection, config: TrainConfig, limits: TrainLimits, dist: Dist):
-        from dataflow.transport import open_reader
-
         self.config, self.limits, self.dist = config, limits, dist
         self.meta, self.queue, self.tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
         self.process_id = f"train-{dist.rank}"
@@ -57,7 +55,20 @@ class Trainer:
         self.stop_requested = False
         self._last_heartbeat, self._last_row = 0.0, {}
         self.progress, self.metrics = Progress(), None
+        try:
+            self._build()
+        except BaseException:
+            self.status.close()  # leave the terminal clean on a config error
+            raise
+
+    def _build(self) -> None:
+        from dataflow.transport import open_reader
+
+        config, limits, dist = self.config, self.limits, self.dist
         self.meta.check_config("train", config.recorded())
+        self.reader = open_reader(self.queue.conn)
+        self.source = RefSource(self.queue, self.reader, owner=self.process_id,
+                                partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
         target, vocab = wait_for_records(self.meta, self._waiting)
         self.model, head = build_draft(target, vocab, config)
         self.model.to(dist.device)
@@ -67,9 +78,6 @@ class Trainer:
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
         self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
         self.params, self.optimizer, self.scheduler = build_optimizer(self.model, config, limits.max_steps)
-        self.reader = open_reader(conn)
-        self.source = RefSource(self.queue, self.reader, owner=self.process_id,
-                                partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
@@ -304,7 +312,7 @@ class Trainer:
 
     def _heartbeat(self, status: str, force: bool = False) -> None:
         if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
-            info = {"step": self.progress.step, "samples": self.progress.samples}
+            info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
             info |= {k: round(v, 4) for k, v in self._last_row.items() if k in ("loss", "acc_0", "samples_per_s")}
             self.meta.heartbeat(self.process_id, "train", status, info)
             self._last_heartbeat = time.monotonic()
