@@ -57,3 +57,8 @@ def test_a_db_created_for_a_different_target_is_one_line(tmp_path, tiny_target):
 def test_bad_options_are_one_line(tmp_path, tiny_target):
     line = error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--epochs", "0"))
     assert "epochs must be >= 1" in line
+
+
+def test_a_draft_vocab_larger_than_the_target_vocab_is_one_line(tmp_path, tiny_target):
+    line = error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--draft-vocab-size", "10000000"))
+    assert "--draft-vocab-size 10000000: larger than the target vocabulary" in line

@@ -10,6 +10,7 @@ import random
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
+from dataflow.errors import InputError
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample, default_dataset_path, load_dataset
 from dataflow.rollout.engines.hf import HFEngine
@@ -49,7 +50,9 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     meta, tasks = RunMeta(conn), TaskQueue(conn)
     draft_vocab_size = config.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, engine.vocab_size)
     if draft_vocab_size > engine.vocab_size:
-        raise ValueError(f"draft_vocab_size {draft_vocab_size} exceeds the target vocabulary ({engine.vocab_size})")
+        raise InputError(
+            f"--draft-vocab-size {draft_vocab_size}: larger than the target vocabulary; pass at most {engine.vocab_size}"
+        )
     dataset = load_dataset(config.dataset, config.on_bad_row)
     samples = dataset.samples[: config.num_samples]
     meta.check_config("rollout", run_identity(config, engine, draft_vocab_size))

@@ -119,6 +119,8 @@ class HFEngine:
     def generate(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[str]:
         """The target's reply to each conversation (ending with a user turn): batched, left-padded."""
         tok = self.tokenizer
+        if tok.pad_token is None:  # left padding needs a pad token; the attention mask hides it
+            tok.pad_token = tok.eos_token
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         tok.padding_side, side = "left", tok.padding_side
         try:
@@ -133,7 +135,7 @@ class HFEngine:
             temperature=temperature if sampled else None,
             top_p=None,
             top_k=None,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
 
