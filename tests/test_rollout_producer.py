@@ -130,16 +130,21 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
     assert RunMeta(conn).end_of_stream()
 
 
-def test_the_heartbeat_stays_fresh_during_a_long_forward(tmp_path):
+def test_heartbeat_and_leases_stay_fresh_during_a_long_forward(tmp_path):
     import time
 
     from dataflow.rollout.producer import beating_during
 
     db = tmp_path / "run.sqlite"
-    meta = RunMeta(connect(db))
-    with beating_during(str(db), "rollout-x", "producing", {"samples": 3}):
-        # the main thread is busy (stands for a forward); the beat comes from the side thread
-        while not meta.processes("rollout"):
+    conn = connect(db)
+    meta, tasks = RunMeta(conn), TaskQueue(conn)
+    tasks.add_many([("k", {})])
+    [lease] = tasks.lease("me", ttl=4.0)
+    first_deadline = conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0]
+    with beating_during(str(db), "rollout-x", "producing", {"samples": 3}, [lease.token], ttl=4.0):
+        # the main thread is busy (stands for a forward); the beat and the extension come from the side thread
+        while conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0] == first_deadline:
             time.sleep(0.1)
     [process] = meta.processes("rollout")
     assert process.id == "rollout-x" and process.status == "producing" and process.info == {"samples": 3}
+    assert tasks.complete(lease.token)  # still ours

@@ -143,7 +143,8 @@ class Producer:
             self.regenerate(samples)
         tokenized = self.timed("tokenize_s", self.tokenize, samples)
         for batch in token_budget_batches(tokenized, self.config.token_budget):
-            with beating_during(self.db_path, self.process_id, "producing", self.stats.as_dict()):
+            info, held = self.stats.as_dict(), list(self.held)
+            with beating_during(self.db_path, self.process_id, "producing", info, held, self.config.lease_ttl):
                 features = self.timed("forward_s", self.engine.features, batch)
             self.stats.padded_tokens += len(batch) * len(batch[0].input_ids)
             for sample, tensors in zip(batch, features):
@@ -257,16 +258,21 @@ class Producer:
 
 
 @contextmanager
-def beating_during(db_path: str, process_id: str, status: str, info: dict):
-    """Heartbeat from a thread (own connection) while the caller is in a long forward: torch releases the
-    GIL, and a slow CPU forward must not make a live rollout look dead."""
+def beating_during(db_path: str, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0):
+    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread with its own connection while
+    the caller is in a long forward: torch releases the GIL, and a slow CPU forward must neither make a
+    live rollout look dead nor let its leases expire."""
     stop = threading.Event()
 
     def beat() -> None:
         conn = connect(db_path)
+        last_extend = time.monotonic()
         try:
             while not stop.wait(HEARTBEAT_EVERY_S):
                 RunMeta(conn).heartbeat(process_id, "rollout", status, info)
+                if tokens and time.monotonic() - last_extend > ttl / 4:
+                    TaskQueue(conn).extend(list(tokens), ttl)
+                    last_extend = time.monotonic()
         finally:
             conn.close()
 
