@@ -26,7 +26,8 @@ def error_line(result):
 
 
 def test_a_missing_model_path_is_one_line(tmp_path):
-    assert "no such file or directory" in error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tmp_path / "x")))
+    result = rollout(tmp_path / "r.sqlite", "--target-model", str(tmp_path / "x"))
+    assert "no such file or directory" in error_line(result)
 
 
 def test_a_missing_dataset_is_one_line(tmp_path, tiny_target):
@@ -40,7 +41,8 @@ def test_a_model_without_chat_template_and_no_option_is_one_line(tmp_path, tiny_
     model = tmp_path / "no-template"
     shutil.copytree(tiny_target, model)
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    assert "has no chat template; pass --chat-template" in error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(model)))
+    result = rollout(tmp_path / "r.sqlite", "--target-model", str(model))
+    assert "has no chat template; pass --chat-template" in error_line(result)
 
 
 def test_a_db_created_for_a_different_target_is_one_line(tmp_path, tiny_target):
@@ -60,5 +62,6 @@ def test_bad_options_are_one_line(tmp_path, tiny_target):
 
 
 def test_a_draft_vocab_larger_than_the_target_vocab_is_one_line(tmp_path, tiny_target):
-    line = error_line(rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--draft-vocab-size", "10000000"))
+    result = rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--draft-vocab-size", "10000000")
+    line = error_line(result)
     assert "--draft-vocab-size 10000000: larger than the target vocabulary" in line

@@ -66,6 +66,6 @@ def test_batches_bound_the_padding_of_each_sample():
 
 
 def test_generate_writes_a_reply_to_the_last_user_turn(engine):
-    replies = engine.generate([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question?"}]],
-                              max_new_tokens=4, temperature=0.0)
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question?"}]]
+    replies = engine.generate(prompts, max_new_tokens=4, temperature=0.0)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

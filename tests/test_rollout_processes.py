@@ -37,7 +37,8 @@ def db(tmp_path):
 
 def start(db, target, *extra):
     args = ["--db", str(db), "--target-model", str(target), "--num-samples", str(N), "--threads", "1",
-            "--no-progress", "--max-length", "256", "--lease-ttl", "3", "--tasks-per-lease", "4", "--token-budget", "512", *extra]
+            "--no-progress", "--max-length", "256", "--lease-ttl", "3", "--tasks-per-lease", "4",
+            "--token-budget", "512", *extra]
     return subprocess.Popen([sys.executable, "-m", "dataflow", "rollout", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

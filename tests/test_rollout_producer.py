@@ -115,7 +115,8 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
     dataset.write_text(
         '{"id": "twice", "conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},'
         ' {"role": "assistant", "content": "c"}]}\n'
-        '{"id": "ok", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+        '{"id": "ok", "conversations": [{"role": "user", "content": "Hi"},'
+        ' {"role": "assistant", "content": "Hello"}]}\n'
     )
     strict = (
         "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"

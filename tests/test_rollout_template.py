@@ -32,7 +32,8 @@ def test_masked_tokens_decode_to_exactly_the_assistant_replies_and_their_end_of_
     tokenized = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=4096)
     assert masked_text(tokenizer, tokenized) == "".join(r + eot for r in REPLIES)
     assert masked_text(tokenizer, tokenized, skip_special_tokens=True) == "".join(REPLIES)
-    assert tokenized.input_ids == tokenizer.apply_chat_template(list(CONVERSATION), tokenize=True, return_dict=True)["input_ids"]
+    rendered = tokenizer.apply_chat_template(list(CONVERSATION), tokenize=True, return_dict=True)
+    assert tokenized.input_ids == rendered["input_ids"]
 
 
 def test_train_only_last_turn_masks_only_the_final_reply(tokenizer_and_eot):

@@ -51,7 +51,8 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     draft_vocab_size = config.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, engine.vocab_size)
     if draft_vocab_size > engine.vocab_size:
         raise InputError(
-            f"--draft-vocab-size {draft_vocab_size}: larger than the target vocabulary; pass at most {engine.vocab_size}"
+            f"--draft-vocab-size {draft_vocab_size}: larger than the target vocabulary; "
+            f"pass at most {engine.vocab_size}"
         )
     dataset = load_dataset(config.dataset, config.on_bad_row)
     samples = dataset.samples[: config.num_samples]

@@ -76,7 +76,8 @@ class RolloutStats:
         return (
             f"{self.samples} samples, {self.tokens} tokens in {self.elapsed_s:.1f}s "
             f"({self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.0f} tokens/s); "
-            f"forward {self.forward_s:.1f}s ({self.tokens / max(self.padded_tokens, 1):.0%} real tokens, the rest padding), "
+            f"forward {self.forward_s:.1f}s ({self.tokens / max(self.padded_tokens, 1):.0%} real tokens, "
+            "the rest padding), "
             f"overhead {self.overhead_s:.2f}s "
             f"({100 * self.overhead_s / max(self.forward_s, 1e-9):.1f}% of forward: tokenise {self.tokenize_s:.2f}s, "
             f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
@@ -88,7 +89,8 @@ class RolloutStats:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("started")
-        return {**d, "elapsed_s": self.elapsed_s, "samples_per_s": self.samples_per_s, "tokens_per_s": self.tokens_per_s}
+        rates = {"elapsed_s": self.elapsed_s, "samples_per_s": self.samples_per_s, "tokens_per_s": self.tokens_per_s}
+        return {**d, **rates}
 
 
 class Producer:
@@ -130,7 +132,8 @@ class Producer:
         """One lease group. False when every task of the run is done."""
         if self.meta.train_finished():
             raise TrainerFinished
-        leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, self.config.tasks_per_lease, self.config.lease_ttl)
+        n, ttl = self.config.tasks_per_lease, self.config.lease_ttl
+        leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, n, ttl)
         if not leases:
             if self.tasks.remaining() == 0:
                 return False
