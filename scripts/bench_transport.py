@@ -179,7 +179,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--smoke", action="store_true", help="tiny samples, one round (a test that it runs)")
     args = parser.parse_args()
+    sizes = {name: (16, 8, dtype) for name, (_, _, dtype) in SIZES.items()} if args.smoke else SIZES
+    if args.smoke:
+        args.iters, args.warmup = 1, 0
     torch.set_num_threads(args.threads)
     from dataflow.control.db import connect
     from dataflow.transport import sweep
@@ -193,7 +197,7 @@ def main() -> None:
         child = ctx.Process(target=consumer, args=(child_end, queue, db, args.threads), daemon=True)
         child.start()
         try:
-            results = {name: bench_size(name, spec, args, pipe, queue, db_conn) for name, spec in SIZES.items()}
+            results = {name: bench_size(name, spec, args, pipe, queue, db_conn) for name, spec in sizes.items()}
         finally:
             pipe.send(None)
             child.join(30)

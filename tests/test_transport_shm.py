@@ -179,3 +179,23 @@ def test_a_clean_finish_leaves_nothing_in_dev_shm_and_an_unfinished_one_keeps_pe
     writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
     writer.close()
     assert not leftover_segments(RunMeta(conn).run_id)
+
+
+def test_a_handle_into_an_arena_that_was_re_created_is_refused(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    old, nbytes = writer.write("a", sample("a"))
+    put(queue, old, nbytes)
+    reader = open_reader(conn)
+    assert matches("a", reader.open(old))  # the reader now has the old arena mapped
+    writer.close()
+    writer.path.unlink()  # e.g. the host rebooted, or someone removed it by hand
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    fresh, _ = writer.write("b", sample("b"))
+    assert (fresh["offset"], fresh["gen"]) == (old["offset"], old["gen"])  # same place, same generation...
+    assert matches("b", reader.open(fresh))  # ...the reader re-maps the new arena...
+    with pytest.raises(FeaturesLost, match="re-created"):
+        reader.open(old)  # ...and refuses the old handle by the arena's nonce
+    consume_all(queue)
+    reader.close()
+    writer.close()

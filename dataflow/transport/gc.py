@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue, RefState
-from dataflow.transport.files import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer
+from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer
 from dataflow.transport.refs import files_stores, handles_by_state, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SEGMENT_HEADER, SEGMENT_MAGIC, SHM_DIR, human, try_lock
 
