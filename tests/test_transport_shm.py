@@ -199,3 +199,12 @@ def test_a_handle_into_an_arena_that_was_re_created_is_refused(conn):
     consume_all(queue)
     reader.close()
     writer.close()
+
+
+def test_a_producer_stopping_after_training_finished_removes_its_arena_despite_unconsumed_samples(conn):
+    queue = RefQueue(conn)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    put(queue, *writer.write("a", sample("a")))
+    RunMeta(conn).set_train_finished()
+    writer.close()
+    assert not leftover_segments(RunMeta(conn).run_id)

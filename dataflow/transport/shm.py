@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from dataflow.control.meta import RunMeta
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
 from dataflow.transport.refs import Uncommitted, live_handles
@@ -91,12 +92,14 @@ class ShmWriter:
             self._rebuild()
 
     def close(self) -> None:
-        """Unmap; when no live ref needs the arena (a clean finish) also remove the segment. Writes not
-        committed by now never will be: the producer commits right after `write`."""
+        """Unmap; when no live ref needs the arena (a clean finish, or training finished for good) also
+        remove the segment. Writes not committed by now never will be: the producer commits right after
+        `write`."""
         if self._segment is None:
             return
         self._uncommitted.clear()
-        if not self._used_ranges() and self._segment.still_named():
+        unneeded = RunMeta(self.conn).train_finished() or not self._used_ranges()
+        if unneeded and self._segment.still_named():
             self.path.unlink(missing_ok=True)
         self._segment.close()
         self._segment = None
