@@ -159,7 +159,7 @@ def rollout(
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
     tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),
-    lease_ttl: float = typer.Option(120.0, help="Seconds before a silent rollout's tasks go to others."),
+    lease_ttl: float = typer.Option(60.0, help="Seconds before a dead rollout's tasks go to others."),
     store: str = typer.Option("shm", help="Feature store: shm or files."),
     store_dir: Path = typer.Option(None, help="Directory of the files store."),
     max_inflight_bytes: int = typer.Option(1 << 30, help="Byte watermark of features not yet consumed."),

@@ -36,7 +36,7 @@ class RolloutConfig:
     """Padded tokens per forward batch."""
     tasks_per_lease: int = 32
     """Prompt tasks leased at once (length-sorted into batches together)."""
-    lease_ttl: float = 120.0
+    lease_ttl: float = 60.0
     """Seconds a leased task stays ours without an extension (a killed rollout's tasks return after it)."""
     store: Literal["shm", "files"] = "shm"
     """Feature store of the data plane."""
