@@ -12,7 +12,7 @@ from dataflow.control.queue import RefQueue, shard_of
 from dataflow.control.tasks import TaskQueue
 from test_control_support import (
     SPAWN,
-    connect_on_signal,
+    connect_together,
     consume,
     consume_limit,
     item,
@@ -195,18 +195,12 @@ def test_refs_committed_before_a_writer_is_killed_survive_intact(tmp_path):
 
 
 def test_processes_opening_a_new_database_at_once_all_join_one_run(tmp_path):
-    db, ready, go = str(tmp_path / "run.sqlite"), SPAWN.Semaphore(0), SPAWN.Event()
+    # rollout and train are often started together on a fresh --db; race four openers over 40 new files
+    dbs, barrier = [str(tmp_path / f"run{i}.sqlite") for i in range(40)], SPAWN.Barrier(4)
     outs = [tmp_path / f"joined{i}.json" for i in range(4)]
-    workers = [SPAWN.Process(target=connect_on_signal, args=(db, ready, go, str(out))) for out in outs]
-    for w in workers:
-        w.start()
-    for _ in workers:
-        ready.acquire(timeout=60)  # all imported and waiting: they race for the file together
-    go.set()
-    for w in workers:
-        w.join(60)
-    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
-    assert len({read_published(out)["run_id"] for out in outs}) == 1
+    run_all([SPAWN.Process(target=connect_together, args=(dbs, barrier, str(out)), name=out.stem) for out in outs])
+    run_ids = [read_published(out)["run_ids"] for out in outs]
+    assert all(len(set(per_db)) == 1 for per_db in zip(*run_ids))
 
 
 def test_a_reopened_database_keeps_every_state(tmp_path):

@@ -104,13 +104,15 @@ def lease_tasks_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> N
         time.sleep(1.0)
 
 
-def connect_on_signal(db: str, ready, go, out: str) -> None:
-    """Wait for the common start signal, open the (maybe not yet existing) database, publish its run id."""
-    ready.release()
-    go.wait()
-    conn = connect(db)
-    publish(out, {"run_id": RunMeta(conn).run_id})
-    conn.close()
+def connect_together(dbs: list[str], barrier, out: str) -> None:
+    """For each new database in turn: meet the other workers at the barrier, then all open it at once."""
+    run_ids = []
+    for db in dbs:
+        barrier.wait(JOIN_TIMEOUT_S)
+        conn = connect(db)
+        run_ids.append(RunMeta(conn).run_id)
+        conn.close()
+    publish(out, {"run_ids": run_ids})
 
 
 def write_forever(db: str, ready: str) -> None:

@@ -155,9 +155,11 @@ def _check_header(path: Path) -> None:
 
 def _check_identity(conn: sqlite3.Connection, path: Path) -> int:
     """Refuse another application's SQLite file or a newer schema; returns the schema version (0 = new)."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+    version, app_id, has_tables = conn.execute(  # one statement, so one snapshot while another process creates it
+        """SELECT (SELECT user_version FROM pragma_user_version()),
+                  (SELECT application_id FROM pragma_application_id()),
+                  (SELECT count(*) > 0 FROM sqlite_master)"""
+    ).fetchone()
     if app_id != APPLICATION_ID and (has_tables or version):
         raise DatabaseError(f"{path}: an SQLite file that is not a dataflow database; pass a new --db path")
     if version > SCHEMA_VERSION:
@@ -184,6 +186,20 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL, retrying while locked. Processes opening a new file at once can each hold a read lock
+    while asking for the exclusive one; SQLite then answers "database is locked" at once, without waiting
+    out busy_timeout (deadlock avoidance), so the wait happens here."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "database is locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) a run database, refusing anything unsafe with one clear line."""
     path = Path(path)
@@ -195,7 +211,7 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _check_identity(conn, path)  # before anything writes: a refused file must be left exactly as it was
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _enable_wal(conn)
     except sqlite3.DatabaseError as e:
         raise DatabaseError(f"{path}: cannot open as a database ({e}); pass a new --db path") from None
     if mode.lower() != "wal":
