@@ -208,3 +208,9 @@ def test_a_producer_stopping_after_training_finished_removes_its_arena_despite_u
     RunMeta(conn).set_train_finished()
     writer.close()
     assert not leftover_segments(RunMeta(conn).run_id)
+
+
+def test_an_arena_larger_than_dev_shm_is_refused_at_start_and_leaves_nothing_behind(conn):
+    with pytest.raises(StoreError, match="--shm-size"):
+        open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 50)
+    assert not leftover_segments(RunMeta(conn).run_id)
