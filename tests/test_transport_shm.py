@@ -8,7 +8,7 @@ from test_transport_support import H, leftover_segments, matches, run_db, sample
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
-from dataflow.errors import FeaturesLost, StoreError
+from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport import open_reader, open_writer
 from dataflow.transport.arena import plan_layout
 from dataflow.transport.segment import check_shm_space
@@ -214,3 +214,13 @@ def test_an_arena_larger_than_dev_shm_is_refused_at_start_and_leaves_nothing_beh
     with pytest.raises(StoreError, match="--shm-size"):
         open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 50)
     assert not leftover_segments(RunMeta(conn).run_id)
+
+
+def test_names_that_could_point_outside_dev_shm_are_refused(conn):
+    with pytest.raises(InputError, match="producer id"):
+        open_writer(conn, store="shm", producer_id="../etc", max_inflight_bytes=1 << 16)
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    handle, _ = writer.write("a", sample("a"))
+    with pytest.raises(FeaturesLost, match="not an arena name"):
+        open_reader(conn).open({**handle, "store": "../../tmp/x"})
+    writer.close()

@@ -24,12 +24,13 @@ from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, Segment, human
 
 RANGE_HEADER = struct.Struct("<8sQQ")  # magic, generation, length
 RANGE_MAGIC = b"DFRANGE1"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
+PRODUCER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ARENA_NAME_RE = re.compile(r"^dataflow-[0-9a-f]{12}-[A-Za-z0-9_.-]{1,64}$")  # never a path
 
 
 def arena_name(run_id: str, producer_id: str) -> str:
-    if not NAME_RE.match(producer_id):
-        raise InputError(f"producer id {producer_id!r}: use letters, digits, '.', '_' or '-' (at most 96)")
+    if not PRODUCER_ID_RE.match(producer_id):
+        raise InputError(f"producer id {producer_id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     return f"dataflow-{run_id[:12]}-{producer_id}"
 
 
@@ -186,7 +187,7 @@ class ShmReader:
 
     def _segment_for(self, handle: dict) -> Segment:
         name = handle["store"]
-        if not NAME_RE.match(name):
+        if not ARENA_NAME_RE.match(name):
             raise FeaturesLost(f"handle names arena {name!r}, which is not an arena name")
         segment = self._segments.get(name)
         if segment is None or (segment.nonce != handle["nonce"] and not segment.still_named()):
