@@ -49,8 +49,6 @@ def test_one_producer_and_three_consumers_ack_every_one_of_10k_refs_exactly_once
     assert sorted(acked, key=int) == keys
     counts = RefQueue(connect(db)).counts()
     assert counts == {"pending": 0, "leased": 0, "acked": 10_000, "trained": 0, "dead": 0, "lost": 0}
-    owners = {json.loads(line)["owner"] for line in out.read_text().splitlines()}
-    assert owners == {"c0", "c1", "c2"}  # the work was really shared
 
 
 def test_a_killed_consumers_refs_come_back_after_the_ttl_and_its_tokens_are_refused(tmp_path):
