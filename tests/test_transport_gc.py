@@ -72,3 +72,19 @@ def test_the_gc_command_reports_what_it_removed(conn, run_db):
 def test_the_gc_command_refuses_a_missing_database(tmp_path):
     result = CliRunner().invoke(app, ["gc", "--db", str(tmp_path / "nope.sqlite")])
     assert result.exit_code != 0 and "no such run database" in result.output
+
+
+def test_gc_removes_arenas_of_runs_whose_database_is_gone_but_never_a_live_producers(conn, tmp_path):
+    gone_db = tmp_path / "gone" / "run.sqlite"
+    gone_db.parent.mkdir()
+    crashed_producer(gone_db, ["a"])
+    gone_run = RunMeta(connect(gone_db)).run_id
+    alive_db = connect(tmp_path / "alive.sqlite")
+    writer = open_writer(alive_db, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    for suffix in ("", "-wal", "-shm"):
+        (gone_db.parent / f"run.sqlite{suffix}").unlink(missing_ok=True)
+    (tmp_path / "alive.sqlite").unlink()  # its producer still runs: its arena stays
+    report = sweep(conn)
+    assert report.removed_segments == [f"dataflow-{gone_run[:12]}-p0"] and report.kept_segments == []
+    assert not leftover_segments(gone_run) and writer.path.exists()
+    writer.close()

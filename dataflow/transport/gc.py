@@ -7,16 +7,18 @@ rollout and train call `sweep` at start; `dataflow gc --db run.sqlite` runs it b
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue, RefState
 from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer
 from dataflow.transport.refs import files_stores, handles_by_state, live_handles
-from dataflow.transport.segment import HEADER_BYTES, SEGMENT_HEADER, SEGMENT_MAGIC, SHM_DIR, human, try_lock
+from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, human, read_header, try_lock
 
 
 @dataclass(kw_only=True)
@@ -38,26 +40,48 @@ def run_prefix(run_id: str) -> str:
 
 
 def sweep(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR, dry_run: bool = False) -> SweepReport:
+    """This run's unneeded arenas and files, and the arenas of any run whose database no longer exists
+    (e.g. a test's or a deleted run's) once nobody writes them."""
     report = SweepReport()
     meta = RunMeta(conn)
-    finished = meta.train_finished()
-    for path in sorted(shm_dir.glob(run_prefix(meta.run_id) + "*")):
-        _sweep_segment(conn, path, finished, dry_run, report)
+    own, finished = run_prefix(meta.run_id), meta.train_finished()
+    for path in sorted(shm_dir.glob("dataflow-*")):
+        if path.name.startswith(own):
+            keep = functools.partial(_own_keep, conn, path.name, finished)
+            _sweep_segment(path, keep, dry_run, report, listed=True)
+        else:
+            _sweep_segment(path, _orphan_keep, dry_run, report, listed=False)
     for store, directory in files_stores(conn, STORE_META_PREFIX).items():
         _sweep_files(conn, store, Path(directory), dry_run, report)
     return report
 
 
-def _sweep_segment(conn: sqlite3.Connection, path: Path, finished: bool, dry_run: bool, report: SweepReport) -> None:
+def _own_keep(conn: sqlite3.Connection, name: str, finished: bool, arena: bool, nonce: int, owner_db: str) -> str | None:
+    live = arena and any(h.get("nonce") == nonce for h in live_handles(conn, name))
+    return "holds samples the trainer has not consumed" if live and not finished else None
+
+
+def _orphan_keep(arena: bool, nonce: int, owner_db: str) -> str | None:
+    if arena and owner_db and not Path(owner_db).exists():
+        return None
+    return ""  # another run's business: keep, and do not list it
+
+
+def _sweep_segment(
+    path: Path, keep: Callable[[bool, int, str], str | None], dry_run: bool, report: SweepReport, *, listed: bool
+) -> None:
+    """Remove `path` unless a producer holds it or keep(is arena, nonce, owner db) gives a reason
+    ("" keeps it unlisted: another run's arena)."""
     fd = try_lock(path)
     if fd is None:
-        report.kept_segments.append(f"{path.name} (its producer is running)")
+        if listed:
+            report.kept_segments.append(f"{path.name} (its producer is running)")
         return
     try:
-        magic, _, nonce, _ = SEGMENT_HEADER.unpack(os.pread(fd, SEGMENT_HEADER.size, 0).ljust(SEGMENT_HEADER.size, b"\0"))
-        live = magic == SEGMENT_MAGIC and any(h.get("nonce") == nonce for h in live_handles(conn, path.name))
-        if live and not finished:
-            report.kept_segments.append(f"{path.name} (holds samples the trainer has not consumed)")
+        reason = keep(*read_header(fd))
+        if reason is not None:
+            if reason:
+                report.kept_segments.append(f"{path.name} ({reason})")
             return
         report.freed_bytes += os.fstat(fd).st_size
         report.removed_segments.append(path.name)

@@ -25,6 +25,8 @@ SHM_DIR = Path("/dev/shm")
 HEADER_BYTES = 4096  # keeps the data area page aligned
 SEGMENT_HEADER = struct.Struct("<8sQQQ")  # magic, capacity, nonce, next generation
 SEGMENT_MAGIC = b"DFARENA1"
+OWNER_AT = 64  # u16 length + UTF-8 path of the run database, so gc can tell a run that no longer exists
+OWNER_MAX = HEADER_BYTES - OWNER_AT - 2
 LOCK_WAIT_S = 2.0  # gc holds a segment's lock for a moment while it decides; wait that out
 
 
@@ -89,13 +91,16 @@ class Segment:
             raise
 
     @classmethod
-    def create(cls, path: Path, capacity: int) -> "Segment":
-        """A fresh segment with a new nonce; the caller holds no lock yet (see lock())."""
+    def create(cls, path: Path, capacity: int, owner_db: str = "") -> "Segment":
+        """A fresh segment with a new nonce, stamped with its run's database path; the caller holds no
+        lock yet (see lock())."""
         check_shm_space(HEADER_BYTES + capacity, path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, 0o600)
             _reserve(fd, HEADER_BYTES + capacity, path)
+            owner = owner_db.encode()[:OWNER_MAX]
+            os.pwrite(fd, struct.pack("<H", len(owner)) + owner, OWNER_AT)
             os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, capacity, secrets.randbits(63), 1), 0)
             return cls(path, fd)
         except BaseException:
@@ -158,6 +163,14 @@ def _reserve(fd: int, size: int, path: Path) -> None:
             os.ftruncate(fd, size)  # a filesystem without fallocate: sized, not reserved
         else:
             raise
+
+
+def read_header(fd: int) -> tuple[bool, int, str]:
+    """(is a dataflow arena, nonce, owner database path) from an open segment file."""
+    raw = os.pread(fd, HEADER_BYTES, 0).ljust(HEADER_BYTES, b"\0")
+    magic, _, nonce, _ = SEGMENT_HEADER.unpack_from(raw, 0)
+    (n,) = struct.unpack_from("<H", raw, OWNER_AT)
+    return magic == SEGMENT_MAGIC, nonce, raw[OWNER_AT + 2 : OWNER_AT + 2 + n].decode(errors="replace")
 
 
 def try_lock(path: Path) -> int | None:

@@ -28,6 +28,10 @@ PRODUCER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ARENA_NAME_RE = re.compile(r"^dataflow-[0-9a-f]{12}-[A-Za-z0-9_.-]{1,64}$")  # never a path
 
 
+def database_path(conn: sqlite3.Connection) -> str:
+    return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+
+
 def arena_name(run_id: str, producer_id: str) -> str:
     if not PRODUCER_ID_RE.match(producer_id):
         raise InputError(f"producer id {producer_id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
@@ -146,7 +150,7 @@ class ShmWriter:
             except FeaturesLost:  # vanished, or a half-created segment of a producer killed in create
                 self.path.unlink(missing_ok=True)
         try:
-            return Segment.create(self.path, self.capacity)
+            return Segment.create(self.path, self.capacity, database_path(self.conn))
         except FileExistsError:
             return Segment.attach(self.path)
 
