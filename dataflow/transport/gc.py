@@ -25,12 +25,14 @@ from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, human, read_header
 class SweepReport:
     removed_segments: list[str] = field(default_factory=list)
     kept_segments: list[str] = field(default_factory=list)  # "name (why)"
+    removed_orphans: list[str] = field(default_factory=list)  # arenas of runs whose database is gone
     removed_files: int = 0
     freed_bytes: int = 0
 
     def summary(self) -> str:
         return (
-            f"removed {len(self.removed_segments)} arenas and {self.removed_files} files ({human(self.freed_bytes)}); "
+            f"removed {len(self.removed_segments)} arenas and {self.removed_files} files of this run and "
+            f"{len(self.removed_orphans)} arenas of deleted runs ({human(self.freed_bytes)}); "
             f"kept {len(self.kept_segments)} arenas"
         )
 
@@ -48,9 +50,9 @@ def sweep(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR, dry_run: bool = 
     for path in sorted(shm_dir.glob("dataflow-*")):
         if path.name.startswith(own):
             keep = functools.partial(_own_keep, conn, path.name, finished)
-            _sweep_segment(path, keep, dry_run, report, listed=True)
+            _sweep_segment(path, keep, dry_run, report, own=True)
         else:
-            _sweep_segment(path, _orphan_keep, dry_run, report, listed=False)
+            _sweep_segment(path, _orphan_keep, dry_run, report, own=False)
     for store, directory in files_stores(conn, STORE_META_PREFIX).items():
         _sweep_files(conn, store, Path(directory), dry_run, report)
     return report
@@ -68,13 +70,13 @@ def _orphan_keep(arena: bool, nonce: int, owner_db: str) -> str | None:
 
 
 def _sweep_segment(
-    path: Path, keep: Callable[[bool, int, str], str | None], dry_run: bool, report: SweepReport, *, listed: bool
+    path: Path, keep: Callable[[bool, int, str], str | None], dry_run: bool, report: SweepReport, *, own: bool
 ) -> None:
     """Remove `path` unless a producer holds it or keep(is arena, nonce, owner db) gives a reason
     ("" keeps it unlisted: another run's arena)."""
     fd = try_lock(path)
     if fd is None:
-        if listed:
+        if own:
             report.kept_segments.append(f"{path.name} (its producer is running)")
         return
     try:
@@ -84,7 +86,7 @@ def _sweep_segment(
                 report.kept_segments.append(f"{path.name} ({reason})")
             return
         report.freed_bytes += os.fstat(fd).st_size
-        report.removed_segments.append(path.name)
+        (report.removed_segments if own else report.removed_orphans).append(path.name)
         if not dry_run:
             path.unlink(missing_ok=True)  # under the lock: a producer starting now waits, then re-creates
     finally:
