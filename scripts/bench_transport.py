@@ -174,17 +174,8 @@ def bench_size(name, spec, args, pipe, queue, db_conn) -> dict:
     return {"bytes": nbytes, "methods": methods}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--smoke", action="store_true", help="tiny samples, one round (a test that it runs)")
-    args = parser.parse_args()
-    sizes = {name: (16, 8, dtype) for name, (_, _, dtype) in SIZES.items()} if args.smoke else SIZES
-    if args.smoke:
-        args.iters, args.warmup = 1, 0
-    torch.set_num_threads(args.threads)
+def run_all(sizes: dict, args) -> tuple[dict, list[str]]:
+    """Every size and method against one consumer process; returns results and arenas left behind."""
     from dataflow.control.db import connect
     from dataflow.transport import sweep
 
@@ -201,25 +192,37 @@ def main() -> None:
         finally:
             pipe.send(None)
             child.join(30)
-        leftover = sweep(db_conn)
-    big, small = results["48MiB_bf16"], results["smollm2_2048x4x576_fp32"]
-    arena_big = big["methods"]["arena"]
-    report = {
-        "benchmark": "transport",
-        "threads_per_process": args.threads,
-        "iters": args.iters,
-        "sizes": results,
-        "targets_48MiB": {
-            "arena_ratio_vs_copy": arena_big["ratio_vs_copy"],
-            "arena_le_1_5x_copy": arena_big["ratio_vs_copy"] <= 1.5,
-            "arena_speedup_vs_torch_save": arena_big["speedup_vs_torch_save"],
-            "arena_ge_4x_torch_save": arena_big["speedup_vs_torch_save"] >= 4,
-            "consumer_open_ms_48MiB_vs_18MiB": [arena_big["consumer_open_ms"], small["methods"]["arena"]["consumer_open_ms"]],
-        },
-        "arenas_left_after_sweep": leftover.kept_segments,
+        return results, sweep(db_conn).kept_segments
+
+
+def targets(results: dict) -> dict:
+    arena_big = results["48MiB_bf16"]["methods"]["arena"]
+    arena_small = results["smollm2_2048x4x576_fp32"]["methods"]["arena"]
+    return {
+        "arena_ratio_vs_copy": arena_big["ratio_vs_copy"],
+        "arena_le_1_5x_copy": arena_big["ratio_vs_copy"] <= 1.5,
+        "arena_speedup_vs_torch_save": arena_big["speedup_vs_torch_save"],
+        "arena_ge_4x_torch_save": arena_big["speedup_vs_torch_save"] >= 4,
+        "consumer_open_ms_48MiB_vs_18MiB": [arena_big["consumer_open_ms"], arena_small["consumer_open_ms"]],
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--smoke", action="store_true", help="tiny samples, one round (a test that it runs)")
+    args = parser.parse_args()
+    sizes = {name: (16, 8, dtype) for name, (_, _, dtype) in SIZES.items()} if args.smoke else SIZES
+    if args.smoke:
+        args.iters, args.warmup = 1, 0
+    torch.set_num_threads(args.threads)
+    results, leftover = run_all(sizes, args)
     for name, r in results.items():
         print(f"{name}: " + ", ".join(f"{m} {v['median_ms']} ms" for m, v in r["methods"].items()), file=sys.stderr)
+    report = {"benchmark": "transport", "threads_per_process": args.threads, "iters": args.iters, "sizes": results,
+              "targets_48MiB": targets(results), "arenas_left_after_sweep": leftover}
     print(json.dumps(report))
 
 

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 import torch
-from test_transport_support import H, leftover_segments, matches, run_db, sample  # noqa: F401
+from test_transport_support import leftover_segments, matches, run_db, sample  # noqa: F401
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
