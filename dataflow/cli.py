@@ -245,7 +245,7 @@ def train(
                              fill_wait=fill_wait, device=device, log_every=log_every, progress=progress)
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
-    run_training(require_run(db), config, limits, allow_network_fs=allow_network_fs)
+    run_training(db, config, limits, allow_network_fs=allow_network_fs)
 
 
 @app.command()
