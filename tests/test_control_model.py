@@ -170,6 +170,8 @@ class RefQueueModel(RuleBasedStateMachine):
             expected[r.state.name.lower()] += 1
         assert self.queue.counts() == expected
         assert self.queue.depth() == expected["pending"] and self.queue.in_flight() == expected["leased"]
+        tokens = self.conn.execute("SELECT count(*) FROM refs WHERE lease_token IS NOT NULL").fetchone()[0]
+        assert tokens == expected["leased"]  # only live leases hold a token
 
 
 TestRefQueueAgainstModel = RefQueueModel.TestCase
