@@ -74,21 +74,20 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from dataflow.control.status import snapshot
-    from dataflow.ui import status_view
+    from dataflow.ui import collect, status_view
 
     conn = open_run(require_run(db), allow_network_fs)
     if as_json and not watch:
-        typer.echo(json.dumps(snapshot(conn)))
+        typer.echo(json.dumps(collect(conn)))
         return
     console = Console()
     if not watch:
-        console.print(status_view(snapshot(conn)))
+        console.print(status_view(collect(conn)))
         return
-    with Live(status_view(snapshot(conn)), console=console, auto_refresh=False) as live:
+    with Live(status_view(collect(conn)), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(interval)
-            snap = snapshot(conn)
+            snap = collect(conn)
             if as_json:
                 console.print_json(json.dumps(snap))
             else:

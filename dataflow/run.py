@@ -97,14 +97,10 @@ def spawn(role: str, args: list[str], log_dir: Path) -> Child:
     return Child(role, log_path, proc, _offset=start_offset)
 
 
-def view(db: Path, children: list[Child]):
-    from dataflow.control.db import connect
-    from dataflow.control.status import snapshot
-    from dataflow.ui import status_view
+def view(conn, children: list[Child]):
+    from dataflow.ui import collect, status_view
 
-    parts = []
-    if db.exists():
-        parts.append(status_view(snapshot(connect(db))))
+    parts = [status_view(collect(conn))]
     for child in children:
         state = "running" if child.proc.poll() is None else f"exited {child.proc.returncode}"
         body = Text("\n".join(child.tail) or "(no output yet)")
@@ -129,12 +125,12 @@ def stop(children: list[Child]) -> None:
 def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: float = 1.0) -> None:
     from dataflow.control.db import connect
 
-    connect(db, allow_network_fs="--allow-network-fs" in routed["train"]).close()  # both children find it
+    conn = connect(db, allow_network_fs="--allow-network-fs" in routed["train"])  # created before either starts
     log_dir.mkdir(parents=True, exist_ok=True)
     console = Console()
     children = [spawn(role, routed[role], log_dir) for role in ROLES]
     try:
-        with Live(view(db, children), console=console, auto_refresh=False) as live:
+        with Live(view(conn, children), console=console, auto_refresh=False) as live:
             while any(c.proc.poll() is None for c in children):
                 failed = [c for c in children if c.proc.poll() not in (None, 0)]
                 if failed:
@@ -142,7 +138,7 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
                 time.sleep(refresh_s)
                 for c in children:
                     c.poll_log()
-                live.update(view(db, children), refresh=True)
+                live.update(view(conn, children), refresh=True)
     except KeyboardInterrupt:
         stop(children)
         raise

@@ -14,6 +14,20 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def collect(conn) -> dict:
+    """The control plane's snapshot plus the data plane's per-store use (arena size, disk bytes)."""
+    from dataflow.control.status import snapshot
+    from dataflow.transport.gc import usage
+
+    return {**snapshot(conn), "stores": usage(conn)}
+
+
+def store_line(store: dict) -> str:
+    if store["kind"] == "shm":
+        return f"{human_bytes(store['live_bytes'])} of {human_bytes(store['capacity'])} in flight"
+    return f"{store['files']} files, {human_bytes(store['disk_bytes'])} on disk in {store['dir']}"
+
+
 def status_view(snap: dict) -> Group:
     """Counts by state, rates, lag and per-process liveness of one `control.status.snapshot`."""
     run = Table(title=f"run {snap['run_id'][:12]}", show_header=False, box=None)
@@ -21,6 +35,8 @@ def status_view(snap: dict) -> Group:
     run.add_row("prompts", ", ".join(f"{k} {v}" for k, v in tasks.items()))
     run.add_row("refs", ", ".join(f"{k} {v}" for k, v in refs.items()))
     run.add_row("in flight", human_bytes(snap["in_flight_bytes"]))
+    for store in snap.get("stores", []):
+        run.add_row(f"store {store['store']}", store_line(store))
     run.add_row("rates", f"produced {snap['produced_per_s']:.2f}/s, consumed {snap['acked_per_s']:.2f}/s")
     oldest = snap["oldest_pending_age_s"]
     run.add_row("lag", "none pending" if oldest is None else f"oldest pending {oldest:.1f}s")
