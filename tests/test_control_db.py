@@ -11,7 +11,7 @@ import pytest
 from dataflow.control import db as control_db
 from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, connect, immediate
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefQueue
+from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import DatabaseError
 from test_control_support import item
 
@@ -184,4 +184,19 @@ def test_the_wal_stays_under_the_journal_limit_through_many_writes(tmp_path, mon
         meta.heartbeat("t", "train")  # the next write restarts the checkpointed WAL and truncates it
         assert wal.stat().st_size <= limit
     assert queue.counts()["acked"] == 4000
-    assert largest * 10 < written  # the peak is one interval's writes, not the run's total
+    assert largest * 5 < written  # the peak is one interval's writes, not the run's total
+
+
+def test_an_older_schema_is_migrated_forward_keeping_its_rows(tmp_path):
+    db = tmp_path / "run.sqlite"
+    conn = connect(db)
+    RefQueue(conn).put(RefItem(key="kept", handle={}, nbytes=1, store="s"))
+    conn.execute("DROP INDEX refs_created")
+    conn.execute("DROP INDEX refs_acked")
+    conn.execute("PRAGMA user_version = 1")  # as written by the first release
+    conn.close()
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"refs_created", "refs_acked"} <= indexes
+    assert [lease.key for lease in RefQueue(conn).lease("t")] == ["kept"]

@@ -91,6 +91,11 @@ MIGRATIONS: list[str] = [
         num_refs   INTEGER NOT NULL
     );
     """,
+    # 2: `dataflow status` rates read recent rows by time; without these it scans every ref per refresh.
+    """
+    CREATE INDEX refs_created ON refs(created_at);
+    CREATE INDEX refs_acked ON refs(acked_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -123,14 +123,16 @@ class RunMeta:
         contains from ACKED to TRAINED."""
         with immediate(self.conn):
             checkpoint_id = self.conn.execute(
-                "INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (?, ?, ?, ?) RETURNING id",
-                (step, str(path), time.time(), len(ref_ids)),
+                "INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (?, ?, ?, 0) RETURNING id",
+                (step, str(path), time.time()),
             ).fetchone()[0]
-            self.conn.execute(
+            moved = self.conn.execute(
                 f"""UPDATE refs SET state = {RefState.TRAINED:d}, checkpoint_id = :cid
                     WHERE state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))""",
                 {"cid": checkpoint_id, "ids": json.dumps(list(ref_ids))},
-            )
+            ).rowcount
+            # num_refs counts what this checkpoint really made TRAINED, not what the caller listed.
+            self.conn.execute("UPDATE checkpoints SET num_refs = ? WHERE id = ?", (moved, checkpoint_id))
         return checkpoint_id
 
     def last_checkpoint(self) -> Checkpoint | None:

@@ -208,7 +208,8 @@ class RefQueue:
             keep = [r["id"] for r in rows if survives[r["id"]]]
             gone = [r for r in rows if not survives[r["id"]]]
             self.conn.execute(
-                f"""UPDATE refs SET state = {RefState.PENDING:d}, lease_token = NULL, acked_at = NULL
+                # attempts reset: these were trained fine; only the checkpoint holding them was lost.
+                f"""UPDATE refs SET state = {RefState.PENDING:d}, lease_token = NULL, acked_at = NULL, attempts = 0
                     WHERE id IN (SELECT value FROM json_each(:ids))""",
                 {"ids": json.dumps(keep)},
             )
