@@ -222,6 +222,7 @@ def train(
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
     fill_wait: float = typer.Option(2.0, "--fill-wait", help="Seconds to wait for a full step while streaming."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     log_every: int = typer.Option(10, "--log-every"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     allow_network_fs: bool = AllowNetworkFs,
@@ -244,6 +245,10 @@ def train(
                              fill_wait=fill_wait, device=device, log_every=log_every, progress=progress)
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     run_training(db, config, limits, allow_network_fs=allow_network_fs)
 
 

@@ -23,6 +23,9 @@ from rich.text import Text
 from dataflow.errors import DataflowError, InputError
 
 ROLES = ("rollout", "train")
+# What each child treats as "stop at a safe point, stay resumable": the rollout hands its prompt leases back
+# on Ctrl-C; the trainer finishes its step, checkpoints and releases its leases on SIGTERM.
+STOP_SIGNALS = {"rollout": signal.SIGINT, "train": signal.SIGTERM}
 STOP_GRACE_S = 60.0
 
 
@@ -109,10 +112,10 @@ def view(conn, children: list[Child]):
 
 
 def stop(children: list[Child]) -> None:
-    """SIGINT first (children stop at a safe point and stay resumable), SIGKILL after a grace period."""
+    """Each child's graceful stop signal first, SIGKILL after a grace period."""
     for child in children:
         if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGINT)
+            child.proc.send_signal(STOP_SIGNALS[child.role])
     deadline = time.monotonic() + STOP_GRACE_S
     for child in children:
         try:
@@ -145,7 +148,7 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
     stop(children)
     for c in children:
         c.poll_log()
-    failed = [c for c in children if c.proc.returncode not in (0, -signal.SIGINT, 130)]
+    failed = [c for c in children if c.proc.returncode not in (0, 130, -signal.SIGINT, -signal.SIGTERM)]
     if failed:
         first = failed[0]
         last = first.tail[-1] if first.tail else "no output"

@@ -26,7 +26,7 @@ import torch
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
-from dataflow.rollout.testing import build_tiny_target
+from dataflow.testing import build_tiny_target
 from dataflow.train.checkpoint import read_training_state
 from dataflow.transport.segment import SHM_DIR
 

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dataflow.cli import app
-from dataflow.rollout.testing import build_tiny_target
+from dataflow.testing import build_tiny_target
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ import torch
 from dataflow.errors import InputError
 from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, default_aux_layers, token_budget_batches
 from dataflow.rollout.template import TokenizedSample
-from dataflow.rollout.testing import build_tiny_target
+from dataflow.testing import build_tiny_target
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.rollout.data import load_dataset
-from dataflow.rollout.testing import build_tiny_target
+from dataflow.testing import build_tiny_target
 from dataflow.transport import sweep
 
 N = 40

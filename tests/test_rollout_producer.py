@@ -13,7 +13,7 @@ from dataflow.rollout.data import load_dataset
 from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
 from dataflow.rollout.producer import run_rollout
 from dataflow.rollout.template import tokenize_sample
-from dataflow.rollout.testing import build_tiny_target
+from dataflow.testing import build_tiny_target
 from dataflow.rollout.ui import RolloutView
 from dataflow.rollout.vocab import target_ids_of
 from dataflow.transport import open_reader

@@ -148,16 +148,6 @@ def _check_location(path: Path, allow_network_fs: bool) -> None:
         )
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a non-empty file that is not SQLite before SQLite tries to open it."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb") as f:
-        magic = f.read(16)
-    if magic != b"SQLite format 3\x00":
-        raise DatabaseError(f"{path}: not a dataflow database (not SQLite at all); pass a new --db path")
-
-
 def _check_identity(conn: sqlite3.Connection, path: Path) -> int:
     """Refuse another application's SQLite file or a newer schema; returns the schema version (0 = new)."""
     version, app_id, has_tables = conn.execute(  # one statement, so one snapshot while another process creates it
@@ -209,7 +199,6 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
     """Open (creating if needed) a run database, refusing anything unsafe with one clear line."""
     path = Path(path)
     _check_location(path, allow_network_fs)
-    _check_header(path)
     existed = path.exists()
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
@@ -218,6 +207,10 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
         _check_identity(conn, path)  # before anything writes: a refused file must be left exactly as it was
         mode = _enable_wal(conn)
     except sqlite3.DatabaseError as e:
+        # The header is checked by SQLite itself: opening and closing the file from Python would drop the
+        # POSIX locks that this process's other connections hold on it (fcntl locks are per process).
+        if "file is not a database" in str(e):
+            raise DatabaseError(f"{path}: not a dataflow database (not SQLite at all); pass a new --db path") from None
         raise DatabaseError(f"{path}: cannot open as a database ({e}); pass a new --db path") from None
     if mode.lower() != "wal":
         raise DatabaseError(f"{path}: could not switch to WAL mode (got {mode}); put the database on a local disk")

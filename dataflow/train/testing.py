@@ -6,33 +6,15 @@ from pathlib import Path
 
 import torch
 
+from dataflow import testing
+from dataflow.rollout.engines.hf import default_aux_layers as aux_layers
+
 
 def build_tiny_target(out_dir: Path, *, vocab_size: int = 320, hidden_size: int = 64, num_layers: int = 4,
                       tie_word_embeddings: bool = False, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny Llama (config.json + model.safetensors)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a confident teacher (random init is near-uniform), like a trained model
-        model.lm_head.weight.mul_(30.0)
-    model.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
-def aux_layers(num_layers: int) -> list[int]:
-    """DESIGN: hidden_states[2], [N//2], [N-3] in HF indexing (what SGLang and vLLM capture)."""
-    return [2, num_layers // 2, num_layers - 3]
+    """A tiny target without tokenizer and with a confident teacher head."""
+    return testing.build_tiny_target(out_dir, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                                     tie_word_embeddings=tie_word_embeddings, head_scale=30.0, seed=seed)
 
 
 @torch.no_grad()
