@@ -8,7 +8,7 @@
 Prints one JSON object last: samples/s of each, speedup_vs_drain, speedup_vs_offline, the pipelined
 trainer's data-wait fraction, peak in-flight bytes and disk bytes written.
 
-    python scripts/bench_e2e.py --samples 32
+    python scripts/bench_e2e.py            # 256 bundled samples on SmolLM2; the trainer a bit slower than the rollout
 """
 
 from __future__ import annotations
@@ -100,14 +100,18 @@ def run_mode(mode: str, root: Path, args) -> dict:
         procs = {role: spawn(cmd, logs[role]) for role, cmd in cmds.items()}
         for role, proc in procs.items():
             finish(proc, logs[role])
-    else:
+    phases = {}
+    if mode != "pipelined":
         for role, cmd in cmds.items():
+            phase_start = time.perf_counter()
             finish(spawn(cmd, logs[role]), logs[role])
+            phases[f"{role}_s"] = round(time.perf_counter() - phase_start, 2)
     wall = time.perf_counter() - start
     sampler.done.set()
     sampler.join()
     return {
         "wall_s": round(wall, 2),
+        **phases,
         "samples_per_s": round(args.samples / wall, 4),
         "trainer_data_wait": round(data_wait_fraction(work / "out"), 4),
         "peak_inflight_bytes": sampler.peak_inflight,
@@ -117,12 +121,12 @@ def run_mode(mode: str, root: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--target-model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--token-budget", type=int, default=1024)
-    parser.add_argument("--draft-vocab-size", type=int, default=8192)
-    parser.add_argument("--ttt-length", type=int, default=7)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--token-budget", type=int, default=2048)
+    parser.add_argument("--draft-vocab-size", type=int, default=2048)
+    parser.add_argument("--ttt-length", type=int, default=4)
     parser.add_argument("--max-inflight-bytes", type=int, default=1 << 30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dataflow-bench-e2e-") as tmp:
