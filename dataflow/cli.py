@@ -162,6 +162,9 @@ def rollout(
     store: str = typer.Option("shm", help="Feature store: shm or files."),
     store_dir: Path = typer.Option(None, help="Directory of the files store."),
     max_inflight_bytes: int = typer.Option(1 << 30, help="Byte watermark of features not yet consumed."),
+    wait_for_trainer: bool = typer.Option(
+        False, "--wait-for-trainer", help="After the dataset, stay until the trainer finishes and regenerate lost prompts."
+    ),
     producer_id: str = typer.Option(None, help="This rollout's id (arena, heartbeat); default: lowest free r<i>."),
     progress: bool = typer.Option(True, help="Show live progress."),
     allow_network_fs: bool = AllowNetworkFs,
@@ -182,6 +185,7 @@ def rollout(
             regenerate=regenerate, max_new_tokens=max_new_tokens, temperature=temperature,
             token_budget=token_budget, tasks_per_lease=tasks_per_lease, lease_ttl=lease_ttl, store=store,
             store_dir=store_dir, max_inflight_bytes=max_inflight_bytes, producer_id=producer_id,
+            wait_for_trainer=wait_for_trainer,
         )
         engine_config = HFEngineConfig(
             model_dir=resolve_target(target_model), device=device, dtype=dtype, threads=threads,

@@ -129,6 +129,8 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
     from dataflow.control.db import connect
 
     conn = connect(db, allow_network_fs="--allow-network-fs" in routed["train"])  # created before either starts
+    # A trainer restart re-queues prompts whose features were freed: keep the rollout around to redo them.
+    routed = {**routed, "rollout": [*routed["rollout"], "--wait-for-trainer"]}
     log_dir.mkdir(parents=True, exist_ok=True)
     console = Console()
     children = [spawn(role, routed[role], log_dir) for role in ROLES]

@@ -5,7 +5,7 @@ checkpoint (the checkpoint's cumulative sample count equals the dataset, every r
 refs, nothing of the run left in /dev/shm, and a loss curve that kept going down across restarts.
 Prints one JSON object last.
 
-    python scripts/chaos.py --kills 10 --samples 48
+    python scripts/chaos.py --kills 10 --samples 96
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def commands(work: Path, target: Path, samples: int, seed: int) -> dict[str, lis
             sys.executable, "-m", "dataflow", "rollout", *common, "--target-model", str(target),
             "--num-samples", str(samples), "--max-length", "96", "--threads", "1", "--tasks-per-lease", "4",
             "--token-budget", "384", "--max-inflight-bytes", str(4 << 20), "--draft-vocab-size", "512",
+            "--wait-for-trainer",
         ],
         "train": [
             sys.executable, "-m", "dataflow", "train", *common, "--out", str(work / "out"), "--save-every", "2",
@@ -59,7 +60,7 @@ def run_with_kills(cmds: dict[str, list[str]], work: Path, kills: int, rng: rand
     procs = {role: start(role, cmd, work) for role, cmd in cmds.items()}
     killed = {"rollout": 0, "train": 0}
     for _ in range(kills):
-        time.sleep(rng.uniform(1.0, 5.0))
+        time.sleep(rng.uniform(0.5, 2.5))
         running = [role for role, p in procs.items() if p.poll() is None]
         if not running:
             break
@@ -107,7 +108,7 @@ def verify(work: Path, samples: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs to deliver (M)")
-    parser.add_argument("--samples", type=int, default=48, help="dataset rows to produce and train on")
+    parser.add_argument("--samples", type=int, default=96, help="dataset rows to produce and train on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="keep the run here instead of a temp dir")
     args = parser.parse_args()

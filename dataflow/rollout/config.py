@@ -44,6 +44,9 @@ class RolloutConfig:
     """Directory of the files store."""
     max_inflight_bytes: int = 1 << 30
     """Byte watermark: the rollout waits while this many feature bytes are not yet consumed."""
+    wait_for_trainer: bool = False
+    """After the dataset is done, stay until the trainer finishes and regenerate prompts whose features were
+    lost (a trainer restart re-queues them when their bytes were already freed). `dataflow run` sets it."""
     producer_id: str | None = None
     """Names this rollout's feature arena, leases and heartbeat; None = the lowest free "r<i>" of the run.
     A restarted rollout with the same id re-attaches its arena."""

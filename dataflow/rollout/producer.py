@@ -117,6 +117,8 @@ class Producer:
             while self.step():
                 pass
             self.meta.set_end_of_stream()
+            while self.config.wait_for_trainer and self.step_after_end():
+                pass
             self.heartbeat("finished", force=True)
         except TrainerFinished:
             self.give_back("trainer finished")
@@ -127,6 +129,18 @@ class Producer:
             self.heartbeat("interrupted", force=True)
             raise
         return self.stats
+
+    def step_after_end(self) -> bool:
+        """--wait-for-trainer: produce re-queued prompts until the trainer finishes (raises TrainerFinished)."""
+        if self.tasks.remaining():
+            while self.step():
+                pass
+            return True
+        if self.meta.train_finished():
+            raise TrainerFinished
+        self.heartbeat("stream complete; waiting for the trainer to finish")
+        time.sleep(IDLE_SLEEP_S)
+        return True
 
     def step(self) -> bool:
         """One lease group. False when every task of the run is done."""
