@@ -28,6 +28,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.testing import build_tiny_target
 from dataflow.train.checkpoint import read_training_state
+from dataflow.transport.gc import run_prefix
 from dataflow.transport.segment import SHM_DIR
 
 FINISH_TIMEOUT_S = 600
@@ -84,8 +85,7 @@ def verify(work: Path, samples: int) -> dict:
     last = meta.last_checkpoint()
     state = read_training_state(last.path) if last else {"samples": 0, "step": 0}
     recorded = conn.execute("SELECT coalesce(sum(num_refs), 0) FROM checkpoints").fetchone()[0]
-    run_prefix = f"dataflow-{meta.run_id[:12]}"
-    leaked = sum(p.stat().st_size for p in Path(SHM_DIR).glob(f"{run_prefix}*"))
+    leaked = sum(p.stat().st_size for p in Path(SHM_DIR).glob(f"{run_prefix(meta.run_id)}*"))
     rows = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     return {
