@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -15,10 +14,27 @@ import typer
 from dataflow.errors import DataflowError
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file.",
 )
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from dataflow import __version__
+
+        typer.echo(f"dataflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file."""
 
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
 AllowNetworkFs = typer.Option(
@@ -199,7 +215,7 @@ def rollout(
     typer.echo(f"rollout: {stats.summary()}")
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 @one_line_errors
 def train(
     db: Path = DbOption,
@@ -325,11 +341,3 @@ def gc_command(
 
     report = sweep(open_run(require_run(db), allow_network_fs), dry_run=dry_run)
     typer.echo(json.dumps(dataclasses.asdict(report)) if as_json else ("dry run: " if dry_run else "") + report.summary())
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
