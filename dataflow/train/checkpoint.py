@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -175,7 +176,13 @@ def read_training_state(checkpoint: str | Path, *, run_id: str | None = None) ->
     path = Path(checkpoint) / STATE_FILE
     if not path.exists():
         raise InputError(f"checkpoint {checkpoint}: {STATE_FILE} missing; the run's checkpoint dir was altered")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"checkpoint {checkpoint}: {STATE_FILE} holds objects other than tensors and plain data; not loading "
+            "it (a dataflow state never does): restore the checkpoint dir or start a new run"
+        ) from None
     if run_id is not None:
         check_run(state, checkpoint, run_id)
     return state
