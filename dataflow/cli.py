@@ -110,30 +110,39 @@ def status(
                 live.update(status_view(snap), refresh=True)
 
 
-@app.command()
-@one_line_errors
-def dead(
-    db: Path = DbOption,
-    requeue: bool = typer.Option(False, "--requeue", help="Give every dead ref a fresh set of attempts."),
-    limit: int = typer.Option(50, help="How many dead refs to list."),
-    allow_network_fs: bool = AllowNetworkFs,
-) -> None:
-    """List dead refs (attempts used up) with their last error; --requeue puts them back."""
-    from rich.console import Console
+def dead_table(title: str, rows: list):
+    """Dead refs or dead tasks (both have id, key, attempts, last_error) as a rich table."""
     from rich.table import Table
 
-    from dataflow.control.queue import RefQueue
-
-    queue = RefQueue(open_run(require_run(db), allow_network_fs))
-    rows = queue.dead(limit)
-    table = Table(title=f"dead refs ({queue.counts()['dead']})")
+    table = Table(title=title)
     for col in ("id", "key", "attempts", "last error"):
         table.add_column(col)
     for r in rows:
         table.add_row(str(r.id), r.key, str(r.attempts), r.last_error or "")
-    Console().print(table)
+    return table
+
+
+@app.command()
+@one_line_errors
+def dead(
+    db: Path = DbOption,
+    requeue: bool = typer.Option(False, "--requeue", help="Give every dead ref and prompt task a fresh set of attempts."),
+    limit: int = typer.Option(50, help="How many dead refs and tasks to list."),
+    allow_network_fs: bool = AllowNetworkFs,
+) -> None:
+    """List dead refs and dead prompt tasks (attempts used up) with their last error; --requeue puts them back."""
+    from rich.console import Console
+
+    from dataflow.control.queue import RefQueue
+    from dataflow.control.tasks import TaskQueue
+
+    conn = open_run(require_run(db), allow_network_fs)
+    refs, tasks = RefQueue(conn), TaskQueue(conn)
+    console = Console()
+    console.print(dead_table(f"dead refs ({refs.counts()['dead']})", refs.dead(limit)))
+    console.print(dead_table(f"dead prompt tasks ({tasks.counts()['dead']})", tasks.dead(limit)))
     if requeue:
-        typer.echo(f"requeued {queue.requeue_dead()} dead refs")
+        typer.echo(f"requeued {refs.requeue_dead()} dead refs and {tasks.requeue_dead()} dead prompt tasks")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,7 +1,8 @@
 """The ref queue against a plain in-memory model, driven by hypothesis through random operation sequences.
 
 Time is modelled without a clock: a lease is taken (or extended) with a ttl of +1000 s (never expires in
-a test) or -1 s (already past its deadline, so the next lease()/reclaim() takes it back).
+a test) or -1 s (already past its deadline, so the next lease() of another owner or reclaim() takes it back;
+its own owner's next lease() renews it instead).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ModelRef:
     state: RefState = RefState.PENDING
     attempts: int = 0
     token: str | None = None
+    owner: str | None = None
     expired: bool = False
 
 
@@ -53,11 +55,10 @@ class RefQueueModel(RuleBasedStateMachine):
     def held(self, token: str) -> ModelRef | None:
         return next((r for r in self.refs.values() if r.state == RefState.LEASED and r.token == token), None)
 
-    def model_reclaim(self) -> int:
-        expired = [r for r in self.refs.values() if r.state == RefState.LEASED and r.expired]
+    def model_reclaim(self, except_owner: str | None = None) -> int:
+        expired = [r for r in self.refs.values() if r.state == RefState.LEASED and r.expired and r.owner != except_owner]
         for r in expired:
-            r.state = RefState.DEAD if r.attempts >= MAX_ATTEMPTS else RefState.PENDING
-            r.token = None
+            r.state, r.token = RefState.PENDING, None  # a lapsed lease is no failure: attempts unchanged
         return len(expired)
 
     @rule(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=4))
@@ -82,18 +83,21 @@ class RefQueueModel(RuleBasedStateMachine):
         ttl=st.sampled_from([LIVE, EXPIRED]),
         rank=st.integers(0, 2),
         world=st.integers(1, 3),
+        owner=st.sampled_from(["a", "b"]),
     )
-    def lease(self, n, ttl, rank, world):
+    def lease(self, n, ttl, rank, world, owner):
         rank = rank % world
-        self.model_reclaim()
+        for r in self.refs.values():
+            if r.state == RefState.LEASED and r.owner == owner:
+                r.expired = ttl < 0  # renewed with this call's ttl
+        self.model_reclaim(except_owner=owner)
         pending = sorted((r for r in self.refs.values() if r.state == RefState.PENDING), key=lambda r: r.id)
         own = [r for r in pending if shard_of(r.key) % world == rank] if world > 1 else []
         chosen = own[:n] + [r for r in pending if r not in own[:n]][: n - len(own[:n])]
-        leases = self.queue.lease("owner", n=n, ttl=ttl, partition=(rank, world))
+        leases = self.queue.lease(owner, n=n, ttl=ttl, partition=(rank, world))
         assert [lease.key for lease in leases] == [r.key for r in chosen]
         for lease, ref in zip(leases, chosen):
-            ref.state, ref.token, ref.expired = RefState.LEASED, lease.token, ttl < 0
-            ref.attempts += 1
+            ref.state, ref.token, ref.owner, ref.expired = RefState.LEASED, lease.token, owner, ttl < 0
             assert (lease.attempts, lease.handle) == (ref.attempts, ref.handle)
         return multiple(*[lease.token for lease in leases])
 
@@ -114,6 +118,7 @@ class RefQueueModel(RuleBasedStateMachine):
         ref = self.held(token)
         assert self.queue.fail(token, "error", retryable) == (ref is not None)
         if ref is not None:
+            ref.attempts += 1
             ref.state = RefState.PENDING if retryable and ref.attempts < MAX_ATTEMPTS else RefState.DEAD
             ref.token = None
 
@@ -127,6 +132,17 @@ class RefQueueModel(RuleBasedStateMachine):
             else:
                 ref.expired = ttl < 0
         assert self.queue.extend(tokens, ttl) == sorted(stale)
+
+    @rule(tokens=st.lists(tokens, min_size=1, max_size=3))
+    def release(self, tokens):
+        stale = set()
+        for token in dict.fromkeys(tokens):
+            ref = self.held(token)
+            if ref is None:
+                stale.add(token)
+            else:
+                ref.state, ref.token = RefState.PENDING, None
+        assert self.queue.release(tokens, "stopping") == sorted(stale)
 
     @rule(token=tokens)
     def mark_lost(self, token):

@@ -16,6 +16,7 @@ from test_control_support import (
     consume,
     consume_limit,
     item,
+    lease_across_a_clock_jump,
     lease_and_hang,
     lease_tasks_and_hang,
     lease_wait_ack,
@@ -71,7 +72,19 @@ def test_a_killed_consumers_refs_come_back_after_the_ttl_and_its_tokens_are_refu
     assert queue.ack([lease.token for lease in again]) == []
     assert queue.counts()["acked"] == 20
     came_back = {lease.key: lease.attempts for lease in again}
-    assert all(came_back[key] == 2 for key in held["keys"])
+    assert all(came_back[key] == 0 for key in held["keys"])  # the consumer died: no fault of its refs
+
+
+def test_a_wall_clock_jump_past_the_ttl_never_hands_a_consumer_its_own_sample_again(tmp_path):
+    db, out = str(tmp_path / "run.sqlite"), tmp_path / "jump.json"
+    queue = RefQueue(connect(db))
+    queue.put_many([item("0"), item("1")])
+    jumper = SPAWN.Process(target=lease_across_a_clock_jump, args=(db, "jumper", 5.0, 2 * 5.0 + 1, str(out)))
+    jumper.start()
+    jumper.join(60)
+    result = read_published(out)
+    assert result == {"keys": ["0", "1"], "refused": []}  # not "0" twice under two tokens
+    assert queue.counts()["acked"] == 2
 
 
 def test_a_slow_consumers_late_ack_is_refused_once_its_lease_expired_and_was_retaken(tmp_path):

@@ -46,7 +46,7 @@ def test_a_lease_carries_the_handle_a_token_and_a_wall_clock_deadline(conn):
     (lease,) = queue.lease("trainer-0", n=5, ttl=30.0)
     after = time.time()
     assert (lease.key, lease.handle, lease.nbytes, lease.store, lease.attempts) == (
-        "a", {"offset": 64, "length": 8}, 8, "arena-1", 1
+        "a", {"offset": 64, "length": 8}, 8, "arena-1", 0
     )
     assert len(lease.token) == 32 and before + 30.0 <= lease.deadline <= after + 30.0
     assert (queue.depth(), queue.in_flight()) == (0, 1)
@@ -90,7 +90,7 @@ def test_an_expired_lease_is_reclaimed_and_its_old_token_is_fenced_out(conn):
     queue.put(item("a"))
     (old,) = queue.lease("slow", ttl=-1.0)  # already past its deadline
     (new,) = queue.lease("fast")
-    assert (new.key, new.attempts) == ("a", 2) and new.token != old.token
+    assert (new.key, new.attempts) == ("a", 0) and new.token != old.token  # a lapse is no failure of "a"
     assert queue.ack([old.token]) == [old.token]
     assert queue.fail(old.token, "late") is False
     assert queue.extend([old.token], 60.0) == [old.token]
@@ -111,7 +111,7 @@ def test_a_retryable_failure_returns_the_ref_and_counts_the_attempt(conn):
     queue = RefQueue(conn, max_attempts=3)
     queue.put(item("a"))
     assert queue.fail(queue.lease("t")[0].token, "oom") is True
-    assert queue.lease("t")[0].attempts == 2
+    assert queue.lease("t")[0].attempts == 1
 
 
 def test_a_ref_is_dead_after_max_attempts_with_its_last_error_kept(conn):
@@ -131,13 +131,46 @@ def test_a_non_retryable_failure_kills_the_ref_at_once(conn):
     assert [(d.attempts, d.last_error) for d in queue.dead()] == [(1, "corrupt features")]
 
 
-def test_leases_that_keep_expiring_end_dead_with_the_expiry_as_error(conn):
+def test_leases_that_keep_expiring_never_make_a_ref_dead(conn):
+    # Holders that crash while holding a ref (kill -9, OOM-kill) are not failures of the ref (issue 10 item 7).
     queue = RefQueue(conn, max_attempts=2)
     queue.put(item("a"))
-    queue.lease("crashy-1", ttl=-1.0)
-    queue.lease("crashy-2", ttl=-1.0)
-    assert queue.reclaim() == 1
-    assert "lease expired (owner crashy-2)" in queue.dead()[0].last_error
+    for crash in range(5):
+        queue.lease(f"crashy-{crash}", ttl=-1.0)
+    assert queue.reclaim() == 1 and queue.dead() == []
+    assert queue.counts()["pending"] == 1
+    (again,) = queue.lease("healthy")
+    assert again.attempts == 0
+    assert "lease expired (owner crashy-4)" in conn.execute("SELECT last_error FROM refs").fetchone()[0]
+
+
+def test_a_consumer_never_reclaims_its_own_expired_lease(conn):
+    # A wall-clock jump past the ttl must not hand a consumer its own carried sample back under a new token.
+    queue = RefQueue(conn)
+    queue.put_many([item("a"), item("b")])
+    (a,) = queue.lease("me", ttl=-1.0)
+    (b,) = queue.lease("me", ttl=60.0)  # renews "a" instead of reclaiming it
+    assert b.key == "b" and queue.lease("other") == []
+    assert queue.ack([a.token, b.token]) == []
+
+
+def test_giving_leases_back_on_stop_is_not_a_failure(conn):
+    queue = RefQueue(conn, max_attempts=1)
+    queue.put_many([item("a"), item("b")])
+    a, b = queue.lease("stopping", n=2)
+    assert queue.release([a.token, b.token, "never-issued"], "trainer stopped") == ["never-issued"]
+    assert queue.dead() == [] and [lease.attempts for lease in queue.lease("next", n=2)] == [0, 0]
+
+
+def test_a_restarted_holder_takes_back_its_dead_predecessors_leases_at_once(conn):
+    queue = RefQueue(conn)
+    queue.put_many([item("a"), item("b"), item("c")])
+    queue.lease("train-0@111-old", n=1, ttl=600.0)
+    queue.lease("train-1@222-other", n=1, ttl=600.0)
+    (mine,) = queue.lease("train-0@333-new", n=1, ttl=600.0)
+    assert queue.release_owners("train-0@", "train-0@333-new", "restarted") == 1
+    assert set(queue.lease_deadlines()) == {"train-1@222-other", "train-0@333-new"}
+    assert [lease.key for lease in queue.lease("train-0@333-new", n=3)] == ["a"]
 
 
 def test_requeue_dead_gives_all_or_the_chosen_dead_refs_fresh_attempts(conn):
@@ -148,7 +181,7 @@ def test_requeue_dead_gives_all_or_the_chosen_dead_refs_fresh_attempts(conn):
     ids = {d.key: d.id for d in queue.dead()}
     assert queue.requeue_dead([ids["b"]]) == 1
     (b,) = queue.lease("t", n=3)
-    assert (b.key, b.attempts) == ("b", 1)
+    assert (b.key, b.attempts) == ("b", 0)
     assert queue.requeue_dead() == 2
     assert sorted(lease.key for lease in queue.lease("t", n=3)) == ["a", "c"]
 
@@ -169,7 +202,7 @@ def test_mark_lost_re_queues_the_prompt_task_and_a_re_put_revives_the_key(conn):
     assert again.key == "p1"
     assert tasks.complete(again.token, [RefItem(key="p1", handle={"gen": 2}, nbytes=8, store="shm")])
     (revived,) = queue.lease("trainer")
-    assert (revived.key, revived.handle, revived.attempts) == ("p1", {"gen": 2}, 1)
+    assert (revived.key, revived.handle, revived.attempts) == ("p1", {"gen": 2}, 0)
 
 
 def test_losing_a_store_loses_only_its_live_refs(conn):
@@ -205,7 +238,7 @@ def test_a_trainer_restart_puts_back_acked_refs_and_loses_the_freed_ones(conn):
     assert queue.put_back_acked(lambda handle: handle["spilled"]) == (1, 2)
     assert states(queue) == {"trained": 1, "pending": 1, "lost": 2}
     (again,) = queue.lease("trainer", n=4)
-    assert again.key == "p1" and again.attempts == 1  # a put-back costs the ref none of its attempts
+    assert again.key == "p1" and again.attempts == 0  # a put-back costs the ref none of its attempts
     assert sorted(task.key for task in tasks.lease("rollout", n=4)) == ["p2", "p3"]
 
 

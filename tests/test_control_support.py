@@ -115,6 +115,19 @@ def connect_together(dbs: list[str], barrier, out: str) -> None:
     publish(out, {"run_ids": run_ids})
 
 
+def lease_across_a_clock_jump(db: str, owner: str, ttl: float, jump: float, out: str) -> None:
+    """Lease one ref, let the injected wall clock jump by `jump` seconds (NTP step, VM resume), lease again;
+    publish both leases' keys and the tokens the final ack refused."""
+    real_time, offset = time.time, [0.0]
+    time.time = lambda: real_time() + offset[0]  # the clock every control-plane call of this process reads
+    queue = RefQueue(connect(db))
+    (first,) = queue.lease(owner, n=1, ttl=ttl)
+    offset[0] = jump
+    second = queue.lease(owner, n=1, ttl=ttl)
+    refused = queue.ack([first.token] + [lease.token for lease in second])
+    publish(out, {"keys": [first.key] + [lease.key for lease in second], "refused": refused})
+
+
 def write_forever(db: str, ready: str) -> None:
     """Put refs in small committed batches until killed; touches `ready` once the first batch is durable."""
     conn = connect(db)

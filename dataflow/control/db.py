@@ -195,6 +195,11 @@ def _enable_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
+def database_path(conn: sqlite3.Connection) -> str:
+    """The file behind a connection ("" for an in-memory database)."""
+    return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+
+
 def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) a run database, refusing anything unsafe with one clear line."""
     path = Path(path)

@@ -3,6 +3,12 @@
 A claim stamps each row with a fresh random token and a wall-clock deadline (`time.time()`: monotonic
 clocks are not comparable across processes). Every later change is fenced on that token and on the row
 still being LEASED, so a consumer whose lease expired cannot touch a row someone else now holds.
+
+Owners are process incarnations (a restarted process gets a new owner string), so "own" means "held by
+this very process": a process never reclaims its own leases (a wall-clock jump past the ttl would
+otherwise hand its carried sample back to itself under a new token), and renews them before it claims.
+`attempts` counts errors raised while processing a row (`fail`), not leases: a lease that lapsed or was
+given back because its holder died or stopped is no fault of the row.
 Callers hold a `BEGIN IMMEDIATE` transaction around these functions.
 """
 
@@ -21,17 +27,36 @@ class LeaseState(IntEnum):
     DEAD = 4
 
 
-def reclaim_expired(conn: sqlite3.Connection, table: str, now: float, max_attempts: int) -> int:
-    """Expired leases go back to PENDING, or to DEAD once they used up max_attempts."""
+def renew_owned(conn: sqlite3.Connection, table: str, owner: str, deadline: float) -> int:
+    """Push the deadline of every lease `owner` holds (served by the (state, id) index: leased rows only)."""
+    return conn.execute(
+        f"UPDATE {table} SET lease_deadline = :deadline WHERE state = {LeaseState.LEASED:d} AND lease_owner = :owner",
+        {"deadline": deadline, "owner": owner},
+    ).rowcount
+
+
+def reclaim_expired(conn: sqlite3.Connection, table: str, now: float, except_owner: str | None = None) -> int:
+    """Expired leases of other owners go back to PENDING (their attempts unchanged: the holder died or stalled)."""
     cur = conn.execute(
         f"""UPDATE {table}
-            SET state = CASE WHEN attempts >= :max_attempts THEN {LeaseState.DEAD:d} ELSE {LeaseState.PENDING:d} END,
-                last_error = 'lease expired (owner ' || coalesce(lease_owner, '?') || ')',
-                lease_token = NULL
-            WHERE state = {LeaseState.LEASED:d} AND lease_deadline < :now""",
-        {"now": now, "max_attempts": max_attempts},
+            SET state = {LeaseState.PENDING:d}, lease_token = NULL,
+                last_error = 'lease expired (owner ' || coalesce(lease_owner, '?') || ')'
+            WHERE state = {LeaseState.LEASED:d} AND lease_deadline < :now
+              AND (:except_owner IS NULL OR lease_owner IS NOT :except_owner)""",
+        {"now": now, "except_owner": except_owner},
     )
     return cur.rowcount
+
+
+def release_owners(conn: sqlite3.Connection, table: str, owner_prefix: str, keep_owner: str, reason: str) -> int:
+    """Leases of owners named `owner_prefix...` other than `keep_owner` go back to PENDING at once: the caller
+    proved their holders dead (it holds the lock they held). Not a failure of the rows."""
+    return conn.execute(
+        f"""UPDATE {table} SET state = {LeaseState.PENDING:d}, lease_token = NULL, last_error = :reason
+            WHERE state = {LeaseState.LEASED:d} AND substr(lease_owner, 1, length(:prefix)) = :prefix
+              AND lease_owner != :keep""",
+        {"prefix": owner_prefix, "keep": keep_owner, "reason": reason},
+    ).rowcount
 
 
 def claim(
@@ -41,7 +66,7 @@ def claim(
     rows = conn.execute(
         f"""UPDATE {table}
             SET state = {LeaseState.LEASED:d}, lease_token = lower(hex(randomblob(16))), lease_owner = :owner,
-                lease_deadline = :deadline, attempts = attempts + 1
+                lease_deadline = :deadline
             WHERE id IN (SELECT id FROM {table} WHERE state = {LeaseState.PENDING:d} {extra_where} ORDER BY id LIMIT :n)
             RETURNING *""",
         {"owner": owner, "deadline": deadline, "n": n, **params},
@@ -50,16 +75,30 @@ def claim(
 
 
 def fail(conn: sqlite3.Connection, table: str, token: str, error: str, retryable: bool, max_attempts: int) -> bool:
-    """Give a leased row back (retryable, attempts left) or bury it as DEAD with its error. Fenced."""
+    """Processing the row raised: count the attempt, and give the row back (retryable, attempts left) or bury it
+    as DEAD with its error. Fenced."""
     cur = conn.execute(
         f"""UPDATE {table}
-            SET state = CASE WHEN :retryable AND attempts < :max_attempts
+            SET attempts = attempts + 1,
+                state = CASE WHEN :retryable AND attempts + 1 < :max_attempts
                         THEN {LeaseState.PENDING:d} ELSE {LeaseState.DEAD:d} END,
                 last_error = :error, lease_token = NULL
             WHERE lease_token = :token AND state = {LeaseState.LEASED:d}""",
         {"token": token, "error": error, "retryable": retryable, "max_attempts": max_attempts},
     )
     return cur.rowcount == 1
+
+
+def release(conn: sqlite3.Connection, table: str, tokens: list[str], reason: str) -> list[str]:
+    """Give held leases back untried (the holder stops); returns the tokens that were no longer held. Fenced."""
+    params = {"reason": reason, "tokens": json.dumps(list(tokens))}
+    held_where = f"state = {LeaseState.LEASED:d} AND lease_token IN (SELECT value FROM json_each(:tokens))"
+    held = {r[0] for r in conn.execute(f"SELECT lease_token FROM {table} WHERE {held_where}", params)}
+    conn.execute(
+        f"UPDATE {table} SET state = {LeaseState.PENDING:d}, lease_token = NULL, last_error = :reason WHERE {held_where}",
+        params,
+    )
+    return sorted(set(tokens) - held)
 
 
 def extend(conn: sqlite3.Connection, table: str, tokens: list[str], deadline: float) -> list[str]:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from dataflow.control.db import immediate
-from dataflow.control.queue import RefState
+from dataflow.control import queue as ref_rows
 from dataflow.errors import ConfigMismatch
 
 WAL_CHECKPOINT_EVERY_S = 30.0
@@ -112,11 +112,24 @@ class RunMeta:
     def end_of_stream(self) -> bool:
         return bool(self.get("end_of_stream", False))
 
-    def set_train_finished(self) -> None:
-        self.set("train_finished", True)
+    def set_run_finished(self) -> None:
+        """The trainer consumed a drained stream: the run is over for good. Never set by a pause (--max-steps,
+        SIGTERM, idle). Recorded under a new key, so an older version's pause mark is not read as an end."""
+        self.set("run_finished", True)
 
-    def train_finished(self) -> bool:
-        return bool(self.get("train_finished", False))
+    def run_finished(self) -> bool:
+        return bool(self.get("run_finished", False))
+
+    # Older names, still called from transport/, rollout/ and their tests until those switch over.
+    set_train_finished = set_run_finished
+    train_finished = run_finished
+
+    def with_prefix(self, prefix: str) -> dict:
+        """Every meta entry whose key starts with `prefix`, keyed by the rest of the key."""
+        rows = self.conn.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, :n) = :prefix", {"n": len(prefix), "prefix": prefix}
+        ).fetchall()
+        return {r["key"][len(prefix) :]: json.loads(r["value"]) for r in rows}
 
     def record_checkpoint(self, step: int, path: str, ref_ids: list[int]) -> int:
         """Invariant 5: in one transaction, note the durable checkpoint and move the refs its update
@@ -126,11 +139,7 @@ class RunMeta:
                 "INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (?, ?, ?, 0) RETURNING id",
                 (step, str(path), time.time()),
             ).fetchone()[0]
-            moved = self.conn.execute(
-                f"""UPDATE refs SET state = {RefState.TRAINED:d}, checkpoint_id = :cid
-                    WHERE state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))""",
-                {"cid": checkpoint_id, "ids": json.dumps(list(ref_ids))},
-            ).rowcount
+            moved = ref_rows.mark_trained_rows(self.conn, ref_ids, checkpoint_id)
             # num_refs counts what this checkpoint really made TRAINED, not what the caller listed.
             self.conn.execute("UPDATE checkpoints SET num_refs = ? WHERE id = ?", (moved, checkpoint_id))
         return checkpoint_id

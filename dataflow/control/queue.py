@@ -17,6 +17,7 @@ from enum import IntEnum
 from typing import Callable, Iterable
 
 from dataflow.control import leases
+from dataflow.control import tasks as task_rows
 from dataflow.control.db import immediate
 from dataflow.control.leases import LeaseState
 
@@ -94,14 +95,13 @@ def put_rows(conn: sqlite3.Connection, items: Iterable[RefItem], now: float) -> 
     return new
 
 
-def requeue_tasks(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> None:
-    """Send finished prompt tasks back so a rollout regenerates their lost features."""
-    ids = [t for t in task_ids if t is not None]
-    conn.execute(
-        f"""UPDATE tasks SET state = {LeaseState.PENDING:d}, attempts = 0, lease_token = NULL, done_at = NULL
-            WHERE id IN (SELECT value FROM json_each(:ids)) AND state != {LeaseState.LEASED:d}""",
-        {"ids": json.dumps(ids)},
-    )
+def mark_trained_rows(conn: sqlite3.Connection, ref_ids: Iterable[int], checkpoint_id: int) -> int:
+    """Inside the caller's transaction: ACKED refs among `ref_ids` become TRAINED by that checkpoint."""
+    return conn.execute(
+        f"""UPDATE refs SET state = {RefState.TRAINED:d}, checkpoint_id = :cid
+            WHERE state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))""",
+        {"cid": checkpoint_id, "ids": json.dumps(list(ref_ids))},
+    ).rowcount
 
 
 def _lease_of(row: sqlite3.Row) -> Lease:
@@ -134,13 +134,15 @@ class RefQueue:
 
     def lease(self, owner: str, n: int = 1, ttl: float = 60.0, partition: tuple[int, int] = (0, 1)) -> list[Lease]:
         """Claim up to n refs. Rank r of world w takes its own shard first, then anything pending, so it
-        never idles while the global pool has work (and a change of world size needs no migration)."""
+        never idles while the global pool has work (and a change of world size needs no migration).
+        `owner` names this process incarnation: its own leases are renewed first, never reclaimed."""
         rank, world = partition
         if not 0 <= rank < world:
             raise ValueError(f"partition rank {rank} is not in [0, {world})")
         now = time.time()
         with immediate(self.conn):
-            leases.reclaim_expired(self.conn, "refs", now, self.max_attempts)
+            leases.renew_owned(self.conn, "refs", owner, now + ttl)
+            leases.reclaim_expired(self.conn, "refs", now, except_owner=owner)
             rows = []
             if world > 1:
                 rows = leases.claim(
@@ -172,9 +174,26 @@ class RefQueue:
         with immediate(self.conn):
             return leases.extend(self.conn, "refs", tokens, time.time() + ttl)
 
+    def release(self, tokens: list[str], reason: str) -> list[str]:
+        """Give leases back untried (the holder stops); not a failure. Returns the tokens no longer held."""
+        with immediate(self.conn):
+            return leases.release(self.conn, "refs", tokens, reason)
+
+    def release_owners(self, owner_prefix: str, keep_owner: str, reason: str) -> int:
+        """Leases of earlier incarnations (`owner_prefix...`, not `keep_owner`) that the caller proved dead."""
+        with immediate(self.conn):
+            return leases.release_owners(self.conn, "refs", owner_prefix, keep_owner, reason)
+
     def reclaim(self) -> int:
         with immediate(self.conn):
-            return leases.reclaim_expired(self.conn, "refs", time.time(), self.max_attempts)
+            return leases.reclaim_expired(self.conn, "refs", time.time())
+
+    def lease_deadlines(self) -> dict[str, float]:
+        """Owner -> latest deadline of the leases it holds (for a restarted trainer's wait)."""
+        rows = self.conn.execute(
+            f"SELECT lease_owner, max(lease_deadline) FROM refs WHERE state = {RefState.LEASED:d} GROUP BY lease_owner"
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def mark_lost(self, token: str, error: str) -> bool:
         """The features behind a lease cannot be read: the ref is LOST and its prompt goes back to the rollout."""
@@ -185,7 +204,7 @@ class RefQueue:
                 {"token": token, "error": error},
             ).fetchone()
             if row is not None:
-                requeue_tasks(self.conn, [row[0]])
+                task_rows.requeue_rows(self.conn, [row[0]])
         return row is not None
 
     def lose_store(self, store: str, error: str) -> int:
@@ -196,7 +215,7 @@ class RefQueue:
                     WHERE store = :store AND state IN ({RefState.PENDING:d}, {RefState.LEASED:d}) RETURNING task_id""",
                 {"store": store, "error": error},
             ).fetchall()
-            requeue_tasks(self.conn, [r[0] for r in rows])
+            task_rows.requeue_rows(self.conn, [r[0] for r in rows])
         return len(rows)
 
     def put_back_acked(self, retained: Callable[[dict], bool]) -> tuple[int, int]:
@@ -219,7 +238,7 @@ class RefQueue:
                     WHERE id IN (SELECT value FROM json_each(:ids))""",
                 {"ids": json.dumps([r["id"] for r in gone])},
             )
-            requeue_tasks(self.conn, [r["task_id"] for r in gone])
+            task_rows.requeue_rows(self.conn, [r["task_id"] for r in gone])
         return len(keep), len(gone)
 
     def live_handles(self, store: str) -> list[dict]:
@@ -239,6 +258,44 @@ class RefQueue:
 
     def counts(self) -> dict[str, int]:
         return leases.counts(self.conn, "refs", RefState)
+
+    def oldest_pending_created_at(self) -> float | None:
+        return self.conn.execute(f"SELECT min(created_at) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+
+    def rate(self, column: str, *, since: float, now: float) -> float:
+        """Events per second since `since`, from a timestamp column (created_at or acked_at; both indexed)."""
+        if column not in ("created_at", "acked_at"):
+            raise ValueError(f"no rate over refs.{column}")
+        first, count = self.conn.execute(
+            f"SELECT min({column}), count(*) FROM refs WHERE {column} >= :since", {"since": since}
+        ).fetchone()
+        return count / max(now - first, 1.0) if count else 0.0
+
+    def handles_by_key(self, keys: list[str]) -> dict[str, tuple[dict, RefState]]:
+        """Key -> (handle, state) of those keys that have a row."""
+        rows = self.conn.execute(
+            "SELECT key, handle, state FROM refs WHERE key IN (SELECT value FROM json_each(:keys))",
+            {"keys": json.dumps(keys)},
+        ).fetchall()
+        return {r["key"]: (json.loads(r["handle"]), RefState(r["state"])) for r in rows}
+
+    def handles_with_state(self, store: str) -> list[tuple[dict, RefState]]:
+        """Every ref of a store, whatever its state (gc decides which files are still needed)."""
+        rows = self.conn.execute("SELECT handle, state FROM refs WHERE store = :store", {"store": store}).fetchall()
+        return [(json.loads(r["handle"]), RefState(r["state"])) for r in rows]
+
+    def consumed_items(self, *, without: str) -> list[RefItem]:
+        """ACKED or TRAINED refs whose key does not contain `without`, in id order, as puttable items."""
+        rows = self.conn.execute(
+            f"""SELECT key, handle, nbytes, store, task_id FROM refs
+                WHERE state IN ({RefState.ACKED:d}, {RefState.TRAINED:d}) AND instr(key, :without) = 0 ORDER BY id""",
+            {"without": without},
+        ).fetchall()
+        return [RefItem(key=r["key"], handle=json.loads(r["handle"]), nbytes=r["nbytes"], store=r["store"],
+                        task_id=r["task_id"]) for r in rows]
+
+    def keys_containing(self, part: str) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT key FROM refs WHERE instr(key, :part) > 0", {"part": part})}
 
     def depth(self) -> int:
         return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]

@@ -6,20 +6,10 @@ import sqlite3
 import time
 
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefQueue, RefState
+from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 
 RATE_WINDOW_S = 60.0
-
-
-def _rate(conn: sqlite3.Connection, column: str, now: float) -> float:
-    """Events per second over the last window, from a timestamp column of refs."""
-    first, count = conn.execute(
-        f"SELECT min({column}), count(*) FROM refs WHERE {column} >= :since", {"since": now - RATE_WINDOW_S}
-    ).fetchone()
-    if not count:
-        return 0.0
-    return count / max(now - first, 1.0)
 
 
 def snapshot(conn: sqlite3.Connection) -> dict:
@@ -29,13 +19,13 @@ def snapshot(conn: sqlite3.Connection) -> dict:
     try:
         ref_counts = refs.counts()
         task_counts = tasks.counts()
-        oldest = conn.execute(f"SELECT min(created_at) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
-        produced_per_s = _rate(conn, "created_at", now)
-        acked_per_s = _rate(conn, "acked_at", now)
+        oldest = refs.oldest_pending_created_at()
+        produced_per_s = refs.rate("created_at", since=now - RATE_WINDOW_S, now=now)
+        acked_per_s = refs.rate("acked_at", since=now - RATE_WINDOW_S, now=now)
         checkpoint = meta.last_checkpoint()
         processes = meta.processes()
         in_flight_bytes = refs.live_bytes()
-        run_id, end_of_stream, train_finished = meta.run_id, meta.end_of_stream(), meta.train_finished()
+        run_id, end_of_stream, train_finished = meta.run_id, meta.end_of_stream(), meta.run_finished()
     finally:
         conn.execute("COMMIT")
     remaining = task_counts["pending"] + task_counts["leased"] + ref_counts["pending"] + ref_counts["leased"]

@@ -11,11 +11,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Iterable
 
 from dataflow.control import leases
+from dataflow.control import queue as ref_rows
 from dataflow.control.db import immediate
 from dataflow.control.leases import LeaseState
-from dataflow.control.queue import RefItem, put_rows
 
 
 class TaskState(IntEnum):
@@ -23,6 +24,25 @@ class TaskState(IntEnum):
     LEASED = LeaseState.LEASED
     DONE = 2
     DEAD = LeaseState.DEAD
+
+
+@dataclass(frozen=True)
+class DeadTask:
+    id: int
+    key: str
+    attempts: int
+    last_error: str | None
+
+
+def requeue_rows(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> None:
+    """Inside the caller's transaction: send finished prompt tasks back so a rollout regenerates their
+    lost features (a task someone holds right now is left to its holder)."""
+    ids = [t for t in task_ids if t is not None]
+    conn.execute(
+        f"""UPDATE tasks SET state = {TaskState.PENDING:d}, attempts = 0, lease_token = NULL, done_at = NULL
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND state != {TaskState.LEASED:d}""",
+        {"ids": json.dumps(ids)},
+    )
 
 
 @dataclass(frozen=True)
@@ -55,11 +75,12 @@ class TaskQueue:
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
         now = time.time()
         with immediate(self.conn):
-            leases.reclaim_expired(self.conn, "tasks", now, self.max_attempts)
+            leases.renew_owned(self.conn, "tasks", owner, now + ttl)
+            leases.reclaim_expired(self.conn, "tasks", now, except_owner=owner)
             rows = leases.claim(self.conn, "tasks", owner, n, now + ttl)
         return [TaskLease(r["id"], r["key"], r["lease_token"], json.loads(r["payload"]), r["attempts"]) for r in rows]
 
-    def complete(self, token: str, refs: list[RefItem] = ()) -> bool:
+    def complete(self, token: str, refs: list[ref_rows.RefItem] = ()) -> bool:
         """Put the task's refs and mark it DONE, atomically. False (and nothing put) if the lease is not yours."""
         now = time.time()
         with immediate(self.conn):
@@ -70,10 +91,11 @@ class TaskQueue:
             ).fetchone()
             if row is None:
                 return False
-            put_rows(self.conn, [RefItem(r.key, r.handle, r.nbytes, r.store, row[0]) for r in refs], now)
+            ref_rows.put_rows(self.conn, [ref_rows.RefItem(r.key, r.handle, r.nbytes, r.store, row[0]) for r in refs], now)
         return True
 
     def set_payload(self, token: str, payload: dict) -> bool:
+        """Store a payload under a held lease; False (nothing stored) when the lease is no longer ours."""
         with immediate(self.conn):
             cur = self.conn.execute(
                 f"UPDATE tasks SET payload = :payload WHERE lease_token = :token AND state = {TaskState.LEASED:d}",
@@ -86,8 +108,31 @@ class TaskQueue:
             return leases.fail(self.conn, "tasks", token, error, retryable, self.max_attempts)
 
     def extend(self, tokens: list[str], ttl: float) -> list[str]:
+        """Push held leases' deadlines; returns the tokens no longer held (lost: drop that work)."""
         with immediate(self.conn):
             return leases.extend(self.conn, "tasks", tokens, time.time() + ttl)
+
+    def release(self, tokens: list[str], reason: str) -> list[str]:
+        """Give leases back untried (the rollout stops); not a failure. Returns the tokens no longer held."""
+        with immediate(self.conn):
+            return leases.release(self.conn, "tasks", tokens, reason)
+
+    def dead(self, limit: int = 100) -> list[DeadTask]:
+        rows = self.conn.execute(
+            f"SELECT id, key, attempts, last_error FROM tasks WHERE state = {TaskState.DEAD:d} ORDER BY id LIMIT :limit",
+            {"limit": limit},
+        ).fetchall()
+        return [DeadTask(**dict(r)) for r in rows]
+
+    def requeue_dead(self, ids: list[int] | None = None) -> int:
+        """Give dead tasks a fresh set of attempts (all of them, or those ids)."""
+        where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
+        with immediate(self.conn):
+            return self.conn.execute(
+                f"""UPDATE tasks SET state = {TaskState.PENDING:d}, attempts = 0, lease_token = NULL
+                    WHERE state = {TaskState.DEAD:d} {where}""",
+                {"ids": json.dumps(ids or [])},
+            ).rowcount
 
     def counts(self) -> dict[str, int]:
         return leases.counts(self.conn, "tasks", TaskState)

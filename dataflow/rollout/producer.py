@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataflow.control.db import connect
+from dataflow.control.db import connect, database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
 from dataflow.control.tasks import TaskLease, TaskQueue
@@ -100,7 +100,7 @@ class Producer:
         self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
-        self.db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
+        self.db_path = database_path(conn)
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"

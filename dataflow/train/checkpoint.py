@@ -3,17 +3,20 @@
     OUT/step-00000100/config.json            LlamaForCausalLMEagle3, one layer (DESIGN "Checkpoint")
     OUT/step-00000100/model.safetensors      export names, no `model.` prefix
     OUT/step-00000100/training_state.pt      model (fp32), optimiser, scheduler, RNG, step, refs covered
-    OUT/latest -> step-00000100              always the newest complete checkpoint
-    OUT/final  -> step-...                   set when training finished
+    OUT/latest -> step-00000100              always the newest recorded checkpoint
+    OUT/final  -> step-...                   set when the run finished (its stream drained)
 
-A checkpoint is written into a temp dir, fsynced and renamed, so a crash leaves either the old set or the
-new one. It counts (its refs become `trained`) only once the caller records it in the run database.
+A checkpoint is written into a temp dir (owner-only, like the database), fsynced and renamed, so a crash
+leaves either the old set or the new one. It counts (its refs become `trained`) only once the caller records
+it in the run database; only then does `publish` move `latest` and prune, so the last recorded checkpoint
+is never deleted. The training state carries the run id: another run's state is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -28,6 +31,8 @@ EXPORT_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
 EMBED_NAME = "embed_tokens.weight"
+TMP_PREFIX = ".tmp-step-"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 def export_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
@@ -116,32 +121,48 @@ def _point(link: Path, target_name: str) -> None:
     os.replace(tmp, link)
 
 
-def write_checkpoint(
-    out: Path, step: int, model: Eagle3Draft, state: dict, *, dtype: torch.dtype, include_embed: bool, keep: int
-) -> Path:
-    """Write OUT/step-N (export + training state) atomically, point `latest` at it, keep the newest `keep`."""
+def _make_private(directory: Path) -> None:
+    """Checkpoints are the run's data, like the database and the feature files: owner-only."""
+    os.chmod(directory, PRIVATE_DIR)
+    for file in directory.iterdir():
+        os.chmod(file, PRIVATE_FILE)
+
+
+def write_checkpoint(out: Path, step: int, model: Eagle3Draft, state: dict, *, dtype: torch.dtype,
+                     include_embed: bool) -> Path:
+    """Write OUT/step-N (export + training state) atomically. It is not `latest` and prunes nothing until the
+    caller has recorded it in the run database and calls `publish`."""
     final = out / f"step-{step:08d}"
-    tmp = out / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = out / f"{TMP_PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=PRIVATE_DIR)
     write_export(model, tmp, dtype=dtype, include_embed=include_embed)
     torch.save(state, tmp / STATE_FILE)
+    _make_private(tmp)
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a complete dir from a run whose record never became durable
     os.replace(tmp, final)
     _fsync_dir(out)
-    _point(out / "latest", final.name)
-    _prune(out, keep=keep)
     return final
 
 
-def _prune(out: Path, *, keep: int) -> None:
-    """Drop all but the newest `keep` step dirs (what `latest`/`final` point to is always kept)."""
-    pinned = {(out / link).resolve() for link in ("latest", "final") if (out / link).exists()}
+def publish(out: Path, recorded: Path, *, keep: int) -> None:
+    """After `recorded` is durable in the run database: point `latest` at it and keep the newest `keep`
+    step dirs (never `recorded` itself, nor what `latest`/`final` point to)."""
+    _point(out / "latest", recorded.name)
+    pinned = {recorded.resolve()} | {(out / link).resolve() for link in ("latest", "final") if (out / link).exists()}
     steps = sorted(out.glob("step-*"))
     for old in steps[: max(0, len(steps) - keep)]:
         if old.resolve() not in pinned:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_writes(out: Path) -> list[str]:
+    """Temp dirs of checkpoint writes that a kill interrupted (only this run's one trainer writes here)."""
+    partial = sorted(p for p in out.glob(f"{TMP_PREFIX}*") if p.is_dir())
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in partial]
 
 
 def mark_final(out: Path, checkpoint: Path) -> Path:
@@ -149,8 +170,35 @@ def mark_final(out: Path, checkpoint: Path) -> Path:
     return out / "final"
 
 
-def read_training_state(checkpoint: str | Path) -> dict:
+def read_training_state(checkpoint: str | Path, *, run_id: str | None = None) -> dict:
+    """The training state of a checkpoint (tensors and plain data only: weights_only); with `run_id`, refused
+    unless it is that run's."""
     path = Path(checkpoint) / STATE_FILE
     if not path.exists():
         raise InputError(f"checkpoint {checkpoint}: {STATE_FILE} missing; the run's checkpoint dir was altered")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"checkpoint {checkpoint}: {STATE_FILE} holds objects other than tensors and plain data; not loading "
+            "it (a dataflow state never does): restore the checkpoint dir or start a new run"
+        ) from None
+    if run_id is not None:
+        check_run(state, checkpoint, run_id)
+    return state
+
+
+def check_run(state: dict, checkpoint: str | Path, run_id: str) -> None:
+    """Refuse another run's checkpoint (two runs sharing an --out). States older than the stamp pass."""
+    if state.get("run_id", run_id) != run_id:
+        raise InputError(
+            f"checkpoint {checkpoint} belongs to run {state['run_id'][:12]}, not to this run ({run_id[:12]}): "
+            "two runs share this --out; give each run its own --out"
+        )
+
+
+def check_out_dir_run(out: Path, run_id: str) -> None:
+    """Before writing into `out`: its newest checkpoint must be this run's (read lazily, mmap)."""
+    latest = out / "latest" / STATE_FILE
+    if latest.exists():
+        check_run(torch.load(latest, map_location="cpu", weights_only=True, mmap=True), out / "latest", run_id)

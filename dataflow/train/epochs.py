@@ -8,30 +8,20 @@ adds nothing twice. Arena (shm) features are freed on ack and cannot be replayed
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 
-from dataflow.control.queue import RefItem, RefQueue, RefState
+from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import InputError
-
-
-def epoch_zero_refs(conn: sqlite3.Connection) -> list[RefItem]:
-    """Read-only: the trained (or acked) first-epoch refs, in id order."""
-    rows = conn.execute(
-        f"""SELECT key, handle, nbytes, store, task_id FROM refs
-            WHERE state IN ({RefState.ACKED:d}, {RefState.TRAINED:d}) AND instr(key, '#') = 0 ORDER BY id"""
-    ).fetchall()
-    return [RefItem(key=r["key"], handle=json.loads(r["handle"]), nbytes=r["nbytes"], store=r["store"],
-                    task_id=r["task_id"]) for r in rows]
 
 
 def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -> int:
     """Put epochs 1..epochs-1; returns how many refs were new (0: nothing left to replay)."""
     if epochs <= 1:
         return 0
-    existing = {r[0] for r in conn.execute("SELECT key FROM refs WHERE instr(key, '#e') > 0")}
-    base = epoch_zero_refs(conn)
+    queue = RefQueue(conn)
+    existing = queue.keys_containing("#e")
+    base = queue.consumed_items(without="#")  # the trained (or acked) first-epoch refs, in id order
     wanted = {f"{r.key}#e{e}" for r in base for e in range(1, epochs)} - existing
     if not wanted:  # all replayed already (or the rollout ran its own epochs)
         return 0
@@ -47,4 +37,4 @@ def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -
         random.Random(seed + epoch).shuffle(order)
         items += [RefItem(key=f"{r.key}#e{epoch}", handle=r.handle, nbytes=r.nbytes, store=r.store)
                   for r in order if f"{r.key}#e{epoch}" in wanted]
-    return sum(RefQueue(conn).put_many(items))
+    return sum(queue.put_many(items))

@@ -157,7 +157,8 @@ class RefSource:
             self._last_extend = time.monotonic()
 
     def give_back(self, reason: str) -> None:
-        for token in list(self.held):
-            self.queue.fail(token, reason, retryable=True)
+        """Stopping: what we hold goes back untried (not a failure of those samples)."""
+        if self.held:
+            self.queue.release(list(self.held), reason)
         self.held.clear()
         self.carry = None

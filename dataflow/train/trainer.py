@@ -9,11 +9,11 @@ that was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +22,13 @@ import torch
 from dataflow.control.meta import STALE_AFTER_S, RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
-from dataflow.errors import InputError
 from dataflow.train import checkpoint as ckpt
 from dataflow.train.build import (build_draft, build_optimizer, check_draft_matches, check_out_dir,
                                   wait_for_records)
 from dataflow.train.config import TrainConfig, TrainLimits
 from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, sum_gradients
 from dataflow.train.epochs import replay_epochs
+from dataflow.train.lock import hold_trainer_lock, refuse_unless_all_locked
 from dataflow.train.loss import draft_target_ids, loss_tokens, teacher, ttt_sums
 from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
 from dataflow.train.source import MicroBatch, RefSource, Sample, check_features, collate
@@ -50,6 +50,8 @@ class Trainer:
         self.config, self.limits, self.dist = config, limits, dist
         self.meta, self.queue, self.tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
         self.process_id = f"train-{dist.rank}"
+        # Leases are owned by this incarnation: a restart is another owner (see control/leases.py).
+        self.lease_owner = f"{self.process_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.out = check_out_dir(limits.out)
         self.status = StatusLine(live=limits.progress, speak=dist.is_main)
         self.stop_requested = False
@@ -67,7 +69,7 @@ class Trainer:
         config, limits, dist = self.config, self.limits, self.dist
         self.meta.check_config("train", config.recorded())
         self.reader = open_reader(self.queue.conn)
-        self.source = RefSource(self.queue, self.reader, owner=self.process_id,
+        self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
                                 partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
         target, vocab = wait_for_records(self.meta, self._waiting)
         self.model, head = build_draft(target, vocab, config)
@@ -82,8 +84,14 @@ class Trainer:
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
     def resume(self) -> None:
-        self._wait_out_previous_leases()
+        # We hold this rank's lock, so every earlier incarnation of this rank is dead: its leases come back now.
+        self.queue.release_owners(f"{self.process_id}@", self.lease_owner, f"trainer {self.process_id} restarted")
+        self._wait_for_other_leases()
         if self.dist.is_main:
+            ckpt.check_out_dir_run(self.out, self.meta.run_id)
+            partial = ckpt.remove_partial_writes(self.out)
+            if partial:
+                self.status.print(f"removed {len(partial)} checkpoint writes a kill interrupted ({partial[0]}, ...)")
             self._sweep()  # arenas of dead producers that no live ref needs
             requeued, lost = self.queue.put_back_acked(self.reader.retained)
             if requeued or lost:
@@ -91,7 +99,7 @@ class Trainer:
         barrier(self.dist)
         last = self.meta.last_checkpoint()
         if last is not None:
-            state = ckpt.read_training_state(last.path)
+            state = ckpt.read_training_state(last.path, run_id=self.meta.run_id)
             check_draft_matches(state, self.model, last.path)
             self.model.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -101,25 +109,21 @@ class Trainer:
             self.status.print(f"resumed from {last.path} (step {last.step})")
         self.metrics = MetricsLog(self.out, resume_step=self.progress.step) if self.dist.is_main else None
 
-    def _wait_out_previous_leases(self) -> None:
-        """Leases a killed predecessor with our id held come back once they expire; wait for that so refs
-        are leased in the same order as before the crash."""
-        previous = next((p for p in self.meta.processes() if p.id == self.process_id), None)
-        if previous is None or previous.status.startswith(("finished", "stopped")):
-            return
-        if previous.pid != os.getpid() and _pid_alive(previous) and previous.alive():
-            raise InputError(
-                f"trainer {self.process_id} is already running (pid {previous.pid} on {previous.host}); "
-                "stop it first, or wait until its heartbeat is stale"
-            )
-        # Leases taken after its last heartbeat may outlive heartbeat + ttl: wait for the queue to
-        # show none held, bounded (a consumer we do not know of may hold some legitimately).
-        give_up = previous.heartbeat_at + 3 * self.limits.lease_ttl + 10 * HEARTBEAT_EVERY_S
-        while True:
+    def _wait_for_other_leases(self) -> None:
+        """Leases another owner still holds (a rank of an earlier, larger group; an older version's trainer) come
+        back once they expire: wait for that, so refs are leased in the same order as before a crash. Bounded
+        on the monotonic clock (a consumer we do not know of may hold some legitimately, and a wall clock that
+        jumped back would stretch the deadlines); SIGTERM ends the wait."""
+        give_up = time.monotonic() + 3 * self.limits.lease_ttl + 10 * HEARTBEAT_EVERY_S
+        while not self.stop_requested and time.monotonic() < give_up:
             self.queue.reclaim()
-            if not self.queue.in_flight() or time.time() > give_up:
+            deadlines = self.queue.lease_deadlines()
+            if not deadlines:
                 return
-            self._waiting("waiting for the previous trainer's leases to expire", 0.0)
+            owner, deadline = max(deadlines.items(), key=lambda kv: kv[1])
+            self._waiting(f"waiting for leases of {', '.join(sorted(deadlines))} to expire (the last, of {owner}, "
+                          f"in {deadline - time.time():.0f}s by the wall clock; at most "
+                          f"{give_up - time.monotonic():.0f}s more)", 0.0)
             time.sleep(min(self.limits.lease_ttl / 4, 1.0))
 
     # ---- the loop ----
@@ -245,11 +249,13 @@ class Trainer:
                 "draft_config": asdict(self.model.cfg),
                 "train_config": self.config.recorded(),
                 "refs": covered,
+                "run_id": self.meta.run_id,
                 **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens")},
             }
             path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=self.target_dtype,
-                                         include_embed=self.config.export_embed_tokens, keep=self.limits.keep)
+                                         include_embed=self.config.export_embed_tokens)
             self.meta.record_checkpoint(self.progress.step, str(path), covered)
+            ckpt.publish(self.out, path, keep=self.limits.keep)  # only now: a kill before the record prunes nothing
         barrier(self.dist)
         self.progress.uncovered = []
         return path
@@ -259,15 +265,17 @@ class Trainer:
         path = Path(last.path) if last is not None and last.step == self.progress.step else None
         if path is None and self.progress.step > 0:
             path = self._checkpoint()
-        if ending in ("finished", "max-steps") and self.dist.is_main:
+        finished = ending == "finished"  # the stream drained; --max-steps, SIGTERM and idle are pauses
+        if finished and self.dist.is_main:
             if path is not None:
                 ckpt.mark_final(self.out, path)
-            self.meta.set_train_finished()
+            self.meta.set_run_finished()
             self._sweep()  # a finished run's arenas are freed (a producer still attached keeps its own)
-        status = {"finished": "finished", "max-steps": "finished (max steps)"}.get(ending, f"stopped ({ending})")
+        status = "finished" if finished else f"stopped ({ending})"
         self._heartbeat(status, force=True)
         p = self.progress
-        self.status.print(f"{status}: step {p.step}, {p.samples} samples; checkpoints in {self.out}")
+        then = "" if finished else "; the run is not finished: `dataflow train` again goes on from here"
+        self.status.print(f"{status}: step {p.step}, {p.samples} samples; checkpoints in {self.out}{then}")
 
     def _replay_epochs(self) -> bool:
         """--epochs: once drained, rank 0 puts the later epochs' refs; whether any were new."""
@@ -339,26 +347,22 @@ def wait_reason(rollout_last_seen: float | None, now: float) -> str:
     return f"waiting for rollout (last seen {now - rollout_last_seen:.0f}s ago)"
 
 
-def _pid_alive(process) -> bool:
-    import socket
-
-    if process.host != socket.gethostname():
-        return True  # cannot tell; trust the heartbeat
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(process.pid, 0)
-        return True
-    return False
-
-
 def train(db: Path, config: TrainConfig, limits: TrainLimits, *, allow_network_fs: bool = False) -> str:
     """`dataflow train`: one rank (or one torchrun rank) on the run at `db`."""
     from dataflow.control.db import connect
     from dataflow.train.dist import close_dist, init_dist
 
     dist = init_dist(limits.device)
-    conn = connect(db, allow_network_fs=allow_network_fs)
     try:
-        return Trainer(conn, config, limits, dist).run()
+        lock, refusal = hold_trainer_lock(db, dist.rank)  # before anything writes, heartbeats included
+        refuse_unless_all_locked(refusal, all_true(dist, lock is not None))
+        try:
+            conn = connect(db, allow_network_fs=allow_network_fs)
+            try:
+                return Trainer(conn, config, limits, dist).run()
+            finally:
+                conn.close()
+        finally:
+            lock.release()
     finally:
-        conn.close()
         close_dist(dist)

@@ -7,9 +7,9 @@ database shows what became of them.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
+from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue, RefState
 
 
@@ -22,17 +22,8 @@ def live_handles(conn: sqlite3.Connection, store: str) -> list[dict]:
     return RefQueue(conn).live_handles(store)
 
 
-def rows_by_key(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[dict, RefState]]:
-    rows = conn.execute(
-        "SELECT key, handle, state FROM refs WHERE key IN (SELECT value FROM json_each(:keys))",
-        {"keys": json.dumps(keys)},
-    ).fetchall()
-    return {r["key"]: (json.loads(r["handle"]), RefState(r["state"])) for r in rows}
-
-
 def handles_by_state(conn: sqlite3.Connection, store: str) -> list[tuple[dict, RefState]]:
-    rows = conn.execute("SELECT handle, state FROM refs WHERE store = :store", {"store": store}).fetchall()
-    return [(json.loads(r["handle"]), RefState(r["state"])) for r in rows]
+    return RefQueue(conn).handles_with_state(store)
 
 
 class Uncommitted:
@@ -63,7 +54,7 @@ class Uncommitted:
         idempotent put of ours can never land): free. Otherwise the commit may still come: keep."""
         if not self._handles:
             return []
-        rows = rows_by_key(conn, sorted({h["key"] for h in self._handles}))
+        rows = RefQueue(conn).handles_by_key(sorted({h["key"] for h in self._handles}))
         keep = []
         for h in self._handles:
             row = rows.get(h["key"])
@@ -77,5 +68,4 @@ class Uncommitted:
 
 def files_stores(conn: sqlite3.Connection, prefix: str) -> dict[str, str]:
     """The files stores this run has used: store id -> directory (recorded in meta by their writers)."""
-    rows = conn.execute("SELECT key, value FROM meta WHERE substr(key, 1, :n) = :prefix", {"n": len(prefix), "prefix": prefix})
-    return {r["key"][len(prefix) :]: json.loads(r["value"]) for r in rows.fetchall()}
+    return RunMeta(conn).with_prefix(prefix)

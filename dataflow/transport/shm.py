@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from dataflow.control.db import database_path
 from dataflow.control.meta import RunMeta
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
@@ -26,10 +27,6 @@ RANGE_HEADER = struct.Struct("<8sQQ")  # magic, generation, length
 RANGE_MAGIC = b"DFRANGE1"
 PRODUCER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ARENA_NAME_RE = re.compile(r"^dataflow-[0-9a-f]{12}-[A-Za-z0-9_.-]{1,64}$")  # never a path
-
-
-def database_path(conn: sqlite3.Connection) -> str:
-    return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
 
 
 def arena_name(run_id: str, producer_id: str) -> str:
