@@ -68,7 +68,7 @@ def test_a_missing_or_foreign_file_is_reported_as_lost_features(conn, tmp_path):
     a, _ = writer.write("a", sample("a"))
     b, _ = writer.write("b", sample("b"))
     with pytest.raises(FeaturesLost, match="holds sample 'b'"):
-        reader.open({**a, "path": b["path"]})
+        reader.open({**a, "name": b["name"]})
     writer.abandon(a)
     with pytest.raises(FeaturesLost, match="gone"):
         reader.open(a)
