@@ -36,6 +36,17 @@ class FeaturesLost(StoreError):
     """A handle's bytes are gone or were reused (producer died, generation changed)."""
 
 
+class Interrupted(DataflowError):
+    """Stopped by a signal at a safe point: the run is resumable. Exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; both processes stopped cleanly and the run "
+                         "is resumable")
+
+
 def sqlite_problem(db: Path | None, error: sqlite3.Error) -> str:
     """One line for an SQLite failure on the run database: what, where, what to do. A failed statement
     rolled back its transaction, so the run is as it was before it."""

@@ -7,7 +7,6 @@ watermark as the arena; total disk use can be capped with max_disk_bytes and is 
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
-from dataflow.errors import FeaturesLost, StoreError
+from dataflow.errors import FULL_DISK, FeaturesLost, StoreError
 from dataflow.transport.arena import DTYPE_NAMES, DTYPES, TensorSpec, align_up, views_of, wait_for
 from dataflow.transport.files_dir import (
     STORE_META_PREFIX,
@@ -96,14 +96,14 @@ class FilesWriter:
         partial = path.with_suffix(".partial")
         try:
             save_file({k: t.contiguous() for k, t in tensors.items()}, partial, metadata={"key": key})
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             partial.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(
-                    f"{self.directory}: the disk is full ({e.strerror}); free space there, or cap the store "
-                    "with --max-disk-bytes, then restart the rollout (the run resumes)"
-                ) from None
-            raise
+            if not is_disk_full(e):
+                raise
+            raise StoreError(
+                f"{self.directory}: the disk is full ({e}); free space there, or cap the store with "
+                "--max-disk-bytes, then restart the rollout (the run resumes)"
+            ) from None
         os.replace(partial, path)  # a reader never sees half a file
         size = path.stat().st_size
         self._disk_bytes += size
@@ -133,6 +133,13 @@ class FilesWriter:
                 f"{self.directory}: the files store holds {human(self._disk_bytes)} and --max-disk-bytes is "
                 f"{human(self.max_disk_bytes)}; raise it, free space with `dataflow gc`, or use --store shm"
             )
+
+
+def is_disk_full(error: Exception) -> bool:
+    """ENOSPC/EDQUOT, whether raised by Python or reported by safetensors' Rust writer ("os error 28")."""
+    if isinstance(error, OSError):
+        return error.errno in FULL_DISK
+    return any(f"(os error {code})" in str(error) for code in FULL_DISK)
 
 
 def file_size(key: str, tensors: dict[str, torch.Tensor]) -> int:

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from dataflow.errors import FeaturesLost, StoreError
+from dataflow.errors import FULL_DISK, FeaturesLost, StoreError
 from dataflow.transport.owner import Owner
 from dataflow.transport.refs import files_stores
 from dataflow.transport.segment import LOCK_WAIT_S
@@ -46,10 +46,17 @@ def read_owner(directory: Path) -> Owner | None:
 def stamp_owner(directory: Path, owner: Owner) -> None:
     """Record the store's owner once (a fresh directory), atomically."""
     partial = directory / f"{OWNER_FILE}.partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(owner.to_json())
-    os.replace(partial, directory / OWNER_FILE)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(owner.to_json())
+        os.replace(partial, directory / OWNER_FILE)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        if e.errno not in FULL_DISK:
+            raise
+        raise StoreError(f"{directory}: no space left to create the files store ({e.strerror}); free space there "
+                         "and rerun: the run resumes where it stopped") from None
 
 
 def recorded_stores(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Path], list[str]]:
