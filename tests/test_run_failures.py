@@ -159,3 +159,25 @@ def test_a_full_disk_under_the_files_store_is_one_line_and_hands_the_prompts_bac
     assert "the disk is full" in line and str(disk) in line, line  # at a sample's write, mid-run
     assert "resumed_rc=0" in result.stdout, result.stdout
     assert TaskQueue(connect(db)).counts() == {"pending": 0, "leased": 0, "done": 4, "dead": 0}
+
+
+def test_status_on_an_empty_file_refuses_it_and_leaves_it_empty(tmp_path):
+    db = tmp_path / "empty.sqlite"
+    db.touch()
+    for command in (["status"], ["gc"], ["dead"]):
+        result = dataflow(*command, "--db", str(db))
+        assert result.returncode == 2 and "an empty file, not a run database" in one_error_line(result.stderr)
+    assert db.stat().st_size == 0 and not Path(f"{db}-wal").exists()
+
+
+def test_invalid_utf8_in_a_dataset_is_a_file_line_error_unless_skipped(tmp_path):
+    from dataflow.errors import InputError
+    from dataflow.rollout.data import load_dataset
+
+    dataset = tmp_path / "data.jsonl"
+    good = b'{"id": "a", "text": "fine"}\n'
+    dataset.write_bytes(good + b'{"id": "b", "text": "caf\xe9 latin-1"}\n' + good.replace(b'"a"', b'"c"'))
+    with pytest.raises(InputError, match=rf"{dataset}:2: invalid UTF-8 at byte 24"):
+        load_dataset(dataset)
+    loaded = load_dataset(dataset, on_bad_row="skip")
+    assert [s.id for s in loaded.samples] == ["a", "c"] and loaded.skipped[0].startswith(f"{dataset}:2: invalid UTF-8")

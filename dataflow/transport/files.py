@@ -193,7 +193,7 @@ class FilesReader:
         if directory is None:
             raise FeaturesLost(f"files store {store!r} is not one of this run's stores")
         owner, found = owner_of(self.conn), read_owner(directory)
-        if found is not None and not owner.same_database(found):
+        if not owner.same_database(found):
             raise StoreError(foreign_store(directory, found, owner))
         self._stores[store] = directory
 

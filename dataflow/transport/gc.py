@@ -121,13 +121,14 @@ def _sweep_files(
     conn: sqlite3.Connection, store: str, directory: Path, me: Owner, dry_run: bool, report: SweepReport
 ) -> None:
     """Files of LOST refs go; files no ref names go once their writer is gone (its uncommitted writes).
-    Files of live, acked and trained refs stay: later epochs and offline runs read them. A directory
-    stamped by another database (a copy of this run) is left alone."""
+    Files of live, acked and trained refs stay: later epochs and offline runs read them. Only a directory
+    stamped with this database as its owner is touched (not a copy's, not one a crafted record names)."""
     if not directory.is_dir():
         return
     found = read_owner(directory)
-    if found is not None and not me.same_database(found):
-        report.notes.append(f"skipped files store {directory}: it belongs to {found.describe()}")
+    if not me.same_database(found):
+        whose = found.describe() if found is not None else "no recorded run"
+        report.notes.append(f"skipped files store {directory}: it belongs to {whose}, not to this database")
         return
     rows = handles_by_state(conn, store)
     needed = {sample_name(h) for h, state in rows if state != RefState.LOST}
