@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 from pathlib import Path
 
 import typer
 
-from dataflow.errors import DataflowError
+from dataflow.errors import FULL_DISK, DatabaseError, DataflowError, StoreError, disk_full, sqlite_problem
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -43,12 +44,20 @@ AllowNetworkFs = typer.Option(
 
 
 def one_line_errors(fn):
-    """Map DataflowError to one line on stderr and a non-zero exit (traceback with DATAFLOW_DEBUG=1)."""
+    """Map DataflowError to one line on stderr and a non-zero exit (traceback with DATAFLOW_DEBUG=1).
+    SQLite failures (corrupt, read-only, full disk) and a full disk under a store become one too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except sqlite3.Error as e:
+                raise DatabaseError(sqlite_problem(kwargs.get("db"), e)) from e
+            except OSError as e:
+                if e.errno not in FULL_DISK:
+                    raise
+                raise StoreError(disk_full(e)) from e
         except DataflowError as e:
             if os.environ.get("DATAFLOW_DEBUG") == "1":
                 raise
@@ -68,9 +77,13 @@ def open_run(db: Path, allow_network_fs: bool = False):
 
 
 def require_run(db: Path) -> Path:
-    """Observer commands never create a run: a missing file is a typo, not a new run."""
+    """Observer commands never create a run: a missing file is a typo, and an empty one is not a run (a
+    run's database is never empty once created), so neither becomes a new run."""
     if not db.exists():
         raise DataflowError(f"{db}: no such run database; pass the --db of a run started with `dataflow rollout`")
+    if db.is_file() and db.stat().st_size == 0:
+        raise DataflowError(f"{db}: an empty file, not a run database; pass the --db of a run started with "
+                            "`dataflow rollout`")
     return db
 
 
@@ -339,14 +352,18 @@ def eval_draft(
 def gc_command(
     db: Path = DbOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    all_orphans: bool = typer.Option(
+        False, "--all-orphans", help="Also remove other runs' arenas that no producer holds, finished or not."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
-    """Remove this run's orphaned shared-memory arenas and feature files (rollout and train do it at start)."""
+    """Remove this run's orphaned shared-memory arenas and feature files (rollout and train do it at start),
+    and other runs' arenas once those runs are finished for good (or all of them with --all-orphans)."""
     import dataclasses
     import json
 
     from dataflow.transport.gc import sweep
 
-    report = sweep(open_run(require_run(db), allow_network_fs), dry_run=dry_run)
+    report = sweep(open_run(require_run(db), allow_network_fs), dry_run=dry_run, all_orphans=all_orphans)
     typer.echo(json.dumps(dataclasses.asdict(report)) if as_json else ("dry run: " if dry_run else "") + report.summary())

@@ -1,8 +1,8 @@
 """`dataflow run`: the rollout and the trainer as two child processes on one run, with one live view.
 
 The two commands stay the primary interface; this only spawns them, routes each option to the command(s)
-that accept it, shows the run's status plus the tail of each child's log, forwards Ctrl-C, and fails if
-either child fails.
+that accept it, shows the run's status plus the tail of each child's log, forwards Ctrl-C, SIGTERM and
+SIGHUP to both (as each child's own graceful stop) and waits for them, and fails if either child fails.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from dataflow.errors import DataflowError, InputError
+from dataflow.errors import DataflowError, InputError, Interrupted
 
 ROLES = ("rollout", "train")
 # What each child treats as "stop at a safe point, stay resumable": the rollout hands its prompt leases back
 # on Ctrl-C; the trainer finishes its step, checkpoints and releases its leases on SIGTERM.
 STOP_SIGNALS = {"rollout": signal.SIGINT, "train": signal.SIGTERM}
 STOP_GRACE_S = 60.0
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT arrives as KeyboardInterrupt
 
 
 def option_arity(command) -> dict[str, bool]:
@@ -125,6 +126,27 @@ def stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+class StopRequests:
+    """While installed, SIGTERM/SIGHUP only record that a stop was asked for (the loop stops the children);
+    the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequests":
+        for signum in FORWARDED_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+
+
 def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: float = 1.0) -> None:
     from dataflow.control.db import connect
 
@@ -133,21 +155,14 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
     routed = {**routed, "rollout": [*routed["rollout"], "--wait-for-trainer"]}
     log_dir.mkdir(parents=True, exist_ok=True)
     console = Console()
-    children = [spawn(role, routed[role], log_dir) for role in ROLES]
-    try:
-        with Live(view(conn, children), console=console, auto_refresh=False) as live:
-            while any(c.proc.poll() is None for c in children):
-                failed = [c for c in children if c.proc.poll() not in (None, 0)]
-                if failed:
-                    break
-                time.sleep(refresh_s)
-                for c in children:
-                    c.poll_log()
-                live.update(view(conn, children), refresh=True)
-    except KeyboardInterrupt:
-        stop(children)
-        raise
-    stop(children)
+    with StopRequests() as requests:
+        children = [spawn(role, routed[role], log_dir) for role in ROLES]
+        try:
+            watch(conn, children, console, requests, refresh_s)
+        finally:  # Ctrl-C, a stop signal, a failed child, or both done: never leave a child behind
+            stop(children)
+    if requests.signum is not None:
+        raise Interrupted(requests.signum)
     for c in children:
         c.poll_log()
     failed = [c for c in children if c.proc.returncode not in (0, 130, -signal.SIGINT, -signal.SIGTERM)]
@@ -157,3 +172,15 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
         raise DataflowError(
             f"`dataflow {first.role}` failed (exit {first.proc.returncode}): {last}; full log in {first.log_path}"
         )
+
+
+def watch(conn, children: list[Child], console: Console, requests: StopRequests, refresh_s: float) -> None:
+    """The live view, until both children exit, one fails, or a stop signal arrives."""
+    with Live(view(conn, children), console=console, auto_refresh=False) as live:
+        while any(c.proc.poll() is None for c in children) and requests.signum is None:
+            if any(c.proc.poll() not in (None, 0) for c in children):
+                return
+            time.sleep(refresh_s)
+            for c in children:
+                c.poll_log()
+            live.update(view(conn, children), refresh=True)

@@ -59,7 +59,7 @@ def consumer(conn, queue, db: str, threads: int) -> None:
     from dataflow.transport import open_reader
 
     refs = RefQueue(connect(db))
-    reader = open_reader()
+    reader = open_reader(refs.conn)
     while (msg := conn.recv()) is not None:
         method, payload = msg
         t_open = time.monotonic_ns()

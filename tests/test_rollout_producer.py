@@ -149,3 +149,12 @@ def test_heartbeat_and_leases_stay_fresh_during_a_long_forward(tmp_path):
     [process] = meta.processes("rollout")
     assert process.id == "rollout-x" and process.status == "producing" and process.info == {"samples": 3}
     assert tasks.complete(lease.token)  # still ours
+
+
+def test_the_summary_gives_no_share_of_forward_time_when_no_forward_ran():
+    from dataflow.rollout.producer import RolloutStats
+
+    idle = RolloutStats(sqlite_s=0.6)
+    assert "% of forward" not in idle.summary() and "overhead 0.60s (tokenise" in idle.summary()
+    busy = RolloutStats(forward_s=2.0, sqlite_s=0.5)
+    assert "25.0% of forward" in busy.summary()

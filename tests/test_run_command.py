@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
+from dataflow.control.tasks import TaskQueue
 from dataflow.testing import build_tiny_target
 
 SAMPLES = 24
@@ -70,3 +72,28 @@ def test_a_failing_child_fails_the_run_with_its_log(tmp_path, target):
     assert done.returncode != 0
     assert "`dataflow rollout` failed" in done.stderr and "rollout.log" in done.stderr
     assert "missing.jsonl" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp_path, target, signum):
+    db = tmp_path / "run.sqlite"
+    parent = subprocess.Popen(run_command(db, target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(db.exists)
+    meta = RunMeta(connect(db))
+    try:
+        wait_until(lambda: {p.role for p in meta.processes()} == {"rollout", "train"})
+        parent.send_signal(signum)
+        assert parent.wait(timeout=120) == 128 + signum
+        assert "resumable" in parent.stderr.read()
+        processes = meta.processes()
+        assert {p.role for p in processes} == {"rollout", "train"}
+        for p in processes:  # both children stopped (and were waited for) before the parent exited
+            with pytest.raises(ProcessLookupError):
+                os.kill(p.pid, 0)
+        assert TaskQueue(meta.conn).counts()["leased"] == 0  # the rollout handed its prompts back
+    finally:
+        parent.kill()
+        for p in meta.processes():  # never leave a child of this run behind, even when the test fails
+            cmdline = Path(f"/proc/{p.pid}/cmdline")
+            if cmdline.exists() and str(db) in cmdline.read_text(errors="replace"):
+                os.kill(p.pid, signal.SIGKILL)

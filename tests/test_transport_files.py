@@ -2,7 +2,10 @@ import pytest
 import torch
 from test_transport_support import matches, run_db, sample  # noqa: F401
 
+from safetensors.torch import save_file
+
 from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport import open_reader, open_writer, sweep, usage
@@ -68,7 +71,7 @@ def test_a_missing_or_foreign_file_is_reported_as_lost_features(conn, tmp_path):
     a, _ = writer.write("a", sample("a"))
     b, _ = writer.write("b", sample("b"))
     with pytest.raises(FeaturesLost, match="holds sample 'b'"):
-        reader.open({**a, "path": b["path"]})
+        reader.open({**a, "name": b["name"]})
     writer.abandon(a)
     with pytest.raises(FeaturesLost, match="gone"):
         reader.open(a)
@@ -101,3 +104,33 @@ def test_gc_removes_uncommitted_and_lost_files_but_keeps_those_later_epochs_need
     [store] = usage(conn)
     assert store["kind"] == "files" and store["files"] == 1 and store["disk_bytes"] == kept["nbytes"]
     assert open_reader(conn).retained(kept)
+
+
+def test_gc_touches_no_directory_a_crafted_store_record_names(conn, tmp_path):
+    run12 = RunMeta(conn).run_id[:12]
+    victims = [tmp_path / "victim", tmp_path / "elsewhere" / f"files-{run12}-p9"]  # misnamed; named but not ours
+    for directory in victims:
+        directory.mkdir(parents=True)
+        (directory / f"{'0' * 16}.safetensors").write_bytes(b"precious")
+    RunMeta(conn).set(f"files_store.files-{run12}-evil", str(victims[0]))
+    RunMeta(conn).set(f"files_store.files-{run12}-p9", str(victims[1]))
+    report = sweep(conn)
+    assert report.removed_files == 0 and all((d / f"{'0' * 16}.safetensors").exists() for d in victims)
+    assert any("not a store of this run" in note for note in report.notes)
+    assert any(f"skipped files store {victims[1]}" in note for note in report.notes)
+
+
+def test_a_crafted_handle_reads_nothing_outside_its_store(conn, tmp_path):
+    writer, reader = files_writer(conn, tmp_path), open_reader(conn)
+    a, _ = writer.write("a", sample("a"))
+    for name in ("../../etc/passwd", "/etc/passwd", f"../{a['name']}", ".owner"):
+        with pytest.raises(FeaturesLost, match="not a sample file"):
+            reader.open({**a, "name": name})
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    save_file({"input_ids": torch.zeros(3, dtype=torch.int64)}, decoy / a["name"], metadata={"key": "a"})
+    legacy = {k: v for k, v in a.items() if k != "name"} | {"path": str(decoy / a["name"])}  # an old full path
+    assert matches("a", reader.open(legacy))  # only its file name counts: the store's own file is read
+    with pytest.raises(FeaturesLost, match="not one of this run's"):
+        reader.open({**a, "store": "files-000000000000-p0"})
+    writer.close()

@@ -1,14 +1,19 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from test_transport_support import leftover_segments, produce, run_db, sample, spawn  # noqa: F401
+from test_transport_support import leftover_segments, matches, produce, run_db, sample, spawn, tokens_for  # noqa: F401
 from typer.testing import CliRunner
 
 from dataflow.cli import app
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
-from dataflow.transport import open_writer, sweep, usage
+from dataflow.errors import StoreError
+from dataflow.transport import open_reader, open_writer, sweep, usage
+from dataflow.transport.segment import SHM_DIR
 
 
 @pytest.fixture
@@ -74,18 +79,79 @@ def test_the_gc_command_refuses_a_missing_database(tmp_path):
     assert result.exit_code != 0 and "no such run database" in result.output
 
 
-def test_gc_removes_arenas_of_runs_whose_database_is_gone_but_never_a_live_producers(conn, tmp_path):
-    gone_db = tmp_path / "gone" / "run.sqlite"
-    gone_db.parent.mkdir()
-    crashed_producer(gone_db, ["a"])
-    gone_run = RunMeta(connect(gone_db)).run_id
-    alive_db = connect(tmp_path / "alive.sqlite")
-    writer = open_writer(alive_db, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
-    for suffix in ("", "-wal", "-shm"):
-        (gone_db.parent / f"run.sqlite{suffix}").unlink(missing_ok=True)
-    (tmp_path / "alive.sqlite").unlink()  # its producer still runs: its arena stays
+def pending_views(db):
+    """Lease every pending ref of a run and read it back: its samples, intact."""
+    conn = connect(db)
+    reader, leases = open_reader(conn), RefQueue(conn).lease("check", n=100)
+    intact = {lease.key: matches(lease.key, reader.open(lease.handle), tokens_for(lease.key)) for lease in leases}
+    reader.close()
+    conn.close()
+    return intact
+
+
+def test_gc_keeps_another_runs_arena_whose_database_moved_and_removes_it_only_with_all_orphans(conn, tmp_path):
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    crashed_producer(other_dir / "run.sqlite", ["a", "b"])
+    other_run = RunMeta(connect(other_dir / "run.sqlite")).run_id
+    moved = other_dir.rename(tmp_path / "moved")  # the run directory moved (or is in another container)
+    alive = connect(tmp_path / "alive.sqlite")
+    writer = open_writer(alive, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+
     report = sweep(conn)
-    assert f"dataflow-{gone_run[:12]}-p0" in report.removed_orphans
-    assert report.removed_segments == [] and report.kept_segments == []
-    assert not leftover_segments(gone_run) and writer.path.exists()
+    assert report.removed_orphans == [] and leftover_segments(other_run)
+    assert f"dataflow-{other_run[:12]}-p0" in report.kept_orphans[0] and "--all-orphans" in report.summary()
+    assert pending_views(moved / "run.sqlite") == {"a": True, "b": True}  # the moved run still has its samples
+
+    result = CliRunner().invoke(app, ["gc", "--db", str(tmp_path / "alive.sqlite"), "--all-orphans", "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"dataflow-{other_run[:12]}-p0" in json.loads(result.output)["removed_orphans"]
+    assert not leftover_segments(other_run) and writer.path.exists()  # a live producer's arena stays
     writer.close()
+
+
+def test_gc_removes_another_runs_arena_once_that_run_is_provably_finished(conn, tmp_path):
+    other_db = tmp_path / "other.sqlite"
+    crashed_producer(other_db, ["a"])
+    other = connect(other_db)
+    assert sweep(conn).removed_orphans == []
+    RunMeta(other).set_train_finished()
+    assert sweep(conn).removed_orphans == [f"dataflow-{RunMeta(other).run_id[:12]}-p0"]
+
+
+def test_a_copied_database_neither_writes_reads_nor_sweeps_its_originals_arena(conn, run_db, tmp_path):
+    crashed_producer(run_db, ["a", "b"])
+    copy_db = tmp_path / "copy.sqlite"
+    copy = connect(copy_db)
+    conn.backup(copy)  # same run id, another database
+    assert RunMeta(copy).run_id == RunMeta(conn).run_id
+    report = sweep(copy)
+    assert report.removed_segments == [] and report.removed_orphans == [] and "copy.sqlite" not in report.kept_orphans[0]
+    with pytest.raises(StoreError, match="copy of this database"):
+        open_writer(copy, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    [lease] = RefQueue(copy).lease("copy-trainer", n=1)
+    with pytest.raises(StoreError, match="copy of this database"):
+        open_reader(copy).open(lease.handle)
+    assert pending_views(run_db) == {"a": True, "b": True}  # the original's samples are untouched
+    RunMeta(conn).set_train_finished()
+    assert len(sweep(conn).removed_segments) == 1
+
+
+def test_a_dev_shm_file_of_another_user_is_skipped_and_mentioned(conn, run_db, tmp_path):
+    """Runs as a user who cannot open the file: a user namespace where the file's owner is unmapped."""
+    foreign = SHM_DIR / f"dataflow-{'f' * 12}-someone"
+    foreign.write_bytes(b"x" * 4096)
+    try:
+        os.chown(foreign, 54321, 54321)
+        foreign.chmod(0)
+        script = (
+            "import sys; from dataflow.control.db import connect; from dataflow.transport import sweep; "
+            "print(sweep(connect(sys.argv[1])).summary())"
+        )
+        result = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script, str(run_db)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"skipped {foreign}: not readable by this user" in result.stdout
+        assert foreign.exists()
+    finally:
+        foreign.unlink()

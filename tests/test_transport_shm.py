@@ -10,8 +10,8 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport import open_reader, open_writer
-from dataflow.transport.arena import plan_layout
-from dataflow.transport.segment import check_shm_space
+from dataflow.transport.arena import align_up, plan_layout
+from dataflow.transport.segment import HEADER_BYTES, check_shm_space
 
 SAMPLE_BYTES = plan_layout(sample("x"))[1]
 
@@ -223,4 +223,17 @@ def test_names_that_could_point_outside_dev_shm_are_refused(conn):
     handle, _ = writer.write("a", sample("a"))
     with pytest.raises(FeaturesLost, match="not an arena name"):
         open_reader(conn).open({**handle, "store": "../../tmp/x"})
+    writer.close()
+
+
+def test_a_large_arena_takes_only_the_memory_its_samples_use(conn):
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 30)
+    handle, nbytes = writer.write("a", sample("a"))
+    RefQueue(conn).put(RefItem("a", handle, nbytes, handle["store"]))
+    reader = open_reader(conn)
+    assert matches("a", reader.open(handle))
+    st = writer.path.stat()
+    assert st.st_size == HEADER_BYTES + (1 << 30) and st.st_blocks * 512 <= HEADER_BYTES + align_up(nbytes, 4096)
+    reader.close()
+    RefQueue(conn).ack([lease.token for lease in RefQueue(conn).lease("t")])
     writer.close()

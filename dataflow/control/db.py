@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from dataflow.errors import DatabaseError
+from dataflow.errors import DatabaseError, sqlite_problem
 
 APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
 BUSY_TIMEOUT_MS = 30_000
@@ -216,7 +216,7 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
         # POSIX locks that this process's other connections hold on it (fcntl locks are per process).
         if "file is not a database" in str(e):
             raise DatabaseError(f"{path}: not a dataflow database (not SQLite at all); pass a new --db path") from None
-        raise DatabaseError(f"{path}: cannot open as a database ({e}); pass a new --db path") from None
+        raise DatabaseError(sqlite_problem(path, e)) from None
     if mode.lower() != "wal":
         raise DatabaseError(f"{path}: could not switch to WAL mode (got {mode}); put the database on a local disk")
     conn.execute("PRAGMA synchronous = NORMAL")

@@ -131,6 +131,11 @@ class RunMeta:
         ).fetchall()
         return {r["key"][len(prefix) :]: json.loads(r["value"]) for r in rows}
 
+    def run_finished(self) -> bool:
+        """The run is finished for good (its drained stream fully trained). Shim until the control-side
+        change lands, which makes --max-steps/SIGTERM/idle a pause that does not set it."""
+        return self.train_finished()
+
     def record_checkpoint(self, step: int, path: str, ref_ids: list[int]) -> int:
         """Invariant 5: in one transaction, note the durable checkpoint and move the refs its update
         contains from ACKED to TRAINED."""

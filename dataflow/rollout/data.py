@@ -66,12 +66,12 @@ def load_dataset(path: Path | None = None, on_bad_row: Literal["skip", "fail"] =
     samples: list[Sample] = []
     problems: list[str] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                sample = parse_row(line, default_id=f"line{lineno}")
+                sample = parse_row(decode_line(raw), default_id=f"line{lineno}")
                 if sample.id in seen:
                     raise BadRow(f"duplicate id {sample.id!r}")
             except BadRow as e:
@@ -86,6 +86,14 @@ def load_dataset(path: Path | None = None, on_bad_row: Literal["skip", "fail"] =
     if not samples:
         raise InputError(f"dataset {path}: no usable rows; each line must be a JSON object with conversations")
     return LoadedDataset(samples, problems)
+
+
+def decode_line(raw: bytes) -> str:
+    """A line as UTF-8; anything else is a bad row (silently replaced bytes would train on garbage)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRow(f"invalid UTF-8 at byte {e.start} of the line ({raw[e.start:e.start + 4]!r})") from None
 
 
 def parse_row(line: str, default_id: str) -> Sample:

@@ -3,7 +3,9 @@
 `TaskQueue.complete` puts a task's ref and closes the task in one transaction, so a rollout killed at any
 instant has either published a sample (never produced again) or will produce it after its lease expires.
 The writer blocks on the byte watermark when the trainer lags; while it waits we keep our leases alive,
-heartbeat "waiting for trainer", and stop cleanly if the trainer has finished for good.
+heartbeat "waiting for trainer", and stop cleanly if the run has finished for good. Every long phase (the
+vocab pass, regeneration, each forward) runs inside `beating_during`, which heartbeats and extends the task
+leases from a side thread; a lease found lost there (or by `set_payload`/`complete`) drops that task's work.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 
@@ -35,7 +38,7 @@ TASK_MAX_ATTEMPTS = 5  # a task is retried after crashes/interrupts of its rollo
 
 
 class TrainerFinished(Exception):
-    """The trainer recorded that it finished for good: no one will consume more features."""
+    """The run finished for good (its drained stream was fully trained): no one will consume more features."""
 
 
 @dataclass
@@ -78,13 +81,17 @@ class RolloutStats:
             f"({self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.0f} tokens/s); "
             f"forward {self.forward_s:.1f}s ({self.tokens / max(self.padded_tokens, 1):.0%} real tokens, "
             "the rest padding), "
-            f"overhead {self.overhead_s:.2f}s "
-            f"({100 * self.overhead_s / max(self.forward_s, 1e-9):.1f}% of forward: tokenise {self.tokenize_s:.2f}s, "
+            f"overhead {self.overhead_s:.2f}s ({self._overhead_share()}tokenise {self.tokenize_s:.2f}s, "
             f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
             + (f", regenerated {self.regenerated} in {self.regenerate_s:.1f}s" if self.regenerated else "")
             + (f", skipped {self.skipped_no_assistant} without assistant tokens" if self.skipped_no_assistant else "")
             + (f", {self.failed} refused by the chat template (dead tasks)" if self.failed else "")
+            + (f", dropped {self.lost_leases} whose task lease another rollout took over" if self.lost_leases else "")
         )
+
+    def _overhead_share(self) -> str:
+        """The overhead as a share of forward time, when a forward ran long enough to compare against."""
+        return f"{100 * self.overhead_s / self.forward_s:.1f}% of forward: " if self.forward_s >= 1e-3 else ""
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -123,7 +130,7 @@ class Producer:
         except TrainerFinished:
             self.give_back("trainer finished")
             self.heartbeat("stopped: trainer finished", force=True)
-            self.view.message("the trainer has finished for good (train_finished is set); rollout stops")
+            self.view.message("the trainer has finished for good (the run is finished); rollout stops")
         except BaseException:  # Ctrl-C or a crash: hand our tasks back now instead of at lease expiry
             self.give_back("rollout interrupted")
             self.heartbeat("interrupted", force=True)
@@ -136,7 +143,7 @@ class Producer:
             while self.step():
                 pass
             return True
-        if self.meta.train_finished():
+        if self.meta.run_finished():
             raise TrainerFinished
         self.heartbeat("stream complete; waiting for the trainer to finish")
         time.sleep(IDLE_SLEEP_S)
@@ -144,7 +151,7 @@ class Producer:
 
     def step(self) -> bool:
         """One lease group. False when every task of the run is done."""
-        if self.meta.train_finished():
+        if self.meta.run_finished():
             raise TrainerFinished
         n, ttl = self.config.tasks_per_lease, self.config.lease_ttl
         leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, n, ttl)
@@ -155,17 +162,22 @@ class Producer:
             time.sleep(IDLE_SLEEP_S)
             return True
         self.held = {lease.token: lease for lease in leases}
+        self._last_extend = time.monotonic()
         samples = {lease.token: Sample.from_payload(lease.payload) for lease in leases}
         if self.config.regenerate:
             self.regenerate(samples)
-        tokenized = self.timed("tokenize_s", self.tokenize, samples)
+        tokenized = self.timed("tokenize_s", self.tokenize, {t: s for t, s in samples.items() if t in self.held})
         for batch in token_budget_batches(tokenized, self.config.token_budget):
-            info, held = self.stats.as_dict(), list(self.held)
-            with beating_during(self.db_path, self.process_id, "producing", info, held, self.config.lease_ttl):
+            batch = [sample for sample in batch if sample.id in self.held]  # leases lost meanwhile: dropped
+            if not batch:
+                continue
+            with self.beating("producing") as lost:
                 features = self.timed("forward_s", self.engine.features, batch)
+            self.drop(lost)
             self.stats.padded_tokens += len(batch) * len(batch[0].input_ids)
             for sample, tensors in zip(batch, features):
-                self.publish(sample.id, tensors)
+                if sample.id in self.held:
+                    self.publish(sample.id, tensors)
             self.keep_leases()
         return True
 
@@ -205,18 +217,18 @@ class Producer:
             self.stats.write_s += time.monotonic() - start - self._waited
         ref = RefItem(lease.key, handle, nbytes, handle["store"])
         if not self.timed("sqlite_s", self.tasks.complete, token, [ref]):
-            self.stats.lost_leases += 1  # our lease expired and another rollout took the task over
+            self.drop([token])  # our lease expired and another rollout took the task over
             self.writer.abandon(handle)
         else:
             self.stats.samples += 1
             self.stats.tokens += len(tensors["input_ids"])
-        del self.held[token]
+            del self.held[token]
         self.heartbeat(self.status)
 
     def on_wait(self, waited: float) -> None:
         """Called by the writer while the byte watermark is full."""
         self._waited = waited
-        if self.meta.train_finished():
+        if self.meta.run_finished():
             raise TrainerFinished
         trainers = self.meta.processes("train")
         if trainers and not any(p.alive() for p in trainers):
@@ -232,27 +244,45 @@ class Producer:
         self.heartbeat(self.status)
 
     def regenerate(self, samples: dict[str, Sample]) -> None:
-        """Replace the assistant replies with the target's own (kept in the task payload for restarts)."""
+        """Replace the assistant replies with the target's own (kept in the task payload for restarts).
+        A task whose lease was lost meanwhile is dropped: its new payload would land nowhere."""
         todo = [t for t in samples if not self.held[t].payload.get("regenerated") and samples[t].text is None]
         if not todo:
             return
         self.status = "regenerating replies"
-        self.heartbeat(self.status, force=True)
         start = time.monotonic()
-        new = regenerate_replies(
-            self.engine, [samples[t] for t in todo], max_new_tokens=self.config.max_new_tokens,
-            temperature=self.config.temperature, seed=self.config.seed,
-        )
+        with self.beating(self.status) as lost:
+            new = regenerate_replies(
+                self.engine, [samples[t] for t in todo], max_new_tokens=self.config.max_new_tokens,
+                temperature=self.config.temperature, seed=self.config.seed,
+            )
         self.stats.regenerate_s += time.monotonic() - start
+        self.drop(lost)
         for token, sample in zip(todo, new):
+            if token not in self.held:
+                continue
+            payload = {**self.held[token].payload, **sample.to_payload(), "regenerated": True}
+            if not self.timed("sqlite_s", self.tasks.set_payload, token, payload):
+                self.drop([token])
+                continue
             samples[token] = sample
-            self.tasks.set_payload(token, {**self.held[token].payload, **sample.to_payload(), "regenerated": True})
             self.stats.regenerated += 1
+
+    def beating(self, status: str):
+        """Heartbeat and keep every held lease alive during a long phase; yields the tokens found lost."""
+        info = self.stats.as_dict()
+        return beating_during(self.db_path, self.process_id, status, info, list(self.held), self.config.lease_ttl)
 
     def keep_leases(self) -> None:
         if self.held and time.monotonic() - self._last_extend > self.config.lease_ttl / 4:
-            self.timed("sqlite_s", self.tasks.extend, list(self.held), self.config.lease_ttl)
+            self.drop(self.timed("sqlite_s", self.tasks.extend, list(self.held), self.config.lease_ttl))
             self._last_extend = time.monotonic()
+
+    def drop(self, tokens: Iterable[str]) -> None:
+        """Tasks whose lease lapsed and went to another rollout: forget them (that rollout produces them)."""
+        for token in tokens:
+            if self.held.pop(token, None) is not None:
+                self.stats.lost_leases += 1
 
     def give_back(self, reason: str) -> None:
         for token in list(self.held):
@@ -275,28 +305,30 @@ class Producer:
 
 
 @contextmanager
-def beating_during(db_path: str, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0):
+def beating_during(
+    db_path: str, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0
+) -> Iterator[set[str]]:
     """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread with its own connection while
-    the caller is in a long forward: torch releases the GIL, and a slow CPU forward must neither make a
-    live rollout look dead nor let its leases expire."""
-    stop = threading.Event()
+    the caller is in a long phase (vocab pass, regeneration, forward): torch releases the GIL, and a slow
+    CPU phase must neither make a live rollout look dead nor let its leases expire. Yields the set of
+    tokens an extension found no longer ours (filled in as the phase runs); the caller drops their work."""
+    stop, lost = threading.Event(), set()
+    every = min(HEARTBEAT_EVERY_S, ttl / 4) if tokens else HEARTBEAT_EVERY_S
 
     def beat() -> None:
         conn = connect(db_path)
-        last_extend = time.monotonic()
         try:
-            while not stop.wait(HEARTBEAT_EVERY_S):
+            while not stop.wait(every):
                 RunMeta(conn).heartbeat(process_id, "rollout", status, info)
-                if tokens and time.monotonic() - last_extend > ttl / 4:
-                    TaskQueue(conn).extend(list(tokens), ttl)
-                    last_extend = time.monotonic()
+                if tokens:
+                    lost.update(TaskQueue(conn).extend([t for t in tokens if t not in lost], ttl))
         finally:
             conn.close()
 
-    thread = threading.Thread(target=beat, name="forward-heartbeat", daemon=True)
+    thread = threading.Thread(target=beat, name="phase-heartbeat", daemon=True)
     thread.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
         thread.join()
@@ -336,13 +368,18 @@ def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     """Join the run (config, target, vocab, tasks), then produce until done; the writer is closed after."""
     from dataflow.transport import open_writer, sweep
 
-    summary = prepare_run(conn, config, engine, view)
+    meta = RunMeta(conn)
+    producer_id = config.producer_id or choose_producer_id(meta)
+    process_id = f"rollout-{producer_id}"
+    meta.heartbeat(process_id, "rollout", "starting")  # claims the id for later starters
+    db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
+    with beating_during(db_path, process_id, "preparing the run (dataset, vocab pass)", {}):
+        summary = prepare_run(conn, config, engine, view)
     if summary["bad_rows_skipped"]:
         view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")
-    meta = RunMeta(conn)
-    sweep(conn)  # arenas of dead producers that nobody needs any more
-    producer_id = config.producer_id or choose_producer_id(meta)
-    meta.heartbeat(f"rollout-{producer_id}", "rollout", "starting")  # claims the id for later starters
+    report = sweep(conn)  # arenas of dead producers that nobody needs any more
+    for note in report.notes:
+        view.message(note)
     writer = open_writer(
         conn, config.store, producer_id, config.max_inflight_bytes, config.store_dir,
         max_sample_bytes=max_sample_bytes(config, engine),

@@ -290,6 +290,9 @@ class Trainer:
         report = sweep(self.queue.conn)
         if report.removed_segments or report.removed_files:
             self.status.print(f"cleaned up: {report.summary()}")
+        else:
+            for note in report.notes:  # e.g. another user's file in /dev/shm, skipped
+                self.status.print(note)
 
     def _stream_open(self) -> bool:
         return not self.meta.end_of_stream()

@@ -75,8 +75,8 @@ def open_writer(
     return writer
 
 
-def open_reader(conn: sqlite3.Connection | None = None, *, shm_dir: Path = SHM_DIR) -> Reader:
-    """The consumer's reader. conn is accepted for symmetry with open_writer; reading needs no database."""
+def open_reader(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR) -> Reader:
+    """The consumer's reader. The run database says which stores are the run's own (and where)."""
     from dataflow.transport.reader import Reader
 
-    return Reader(shm_dir)
+    return Reader(conn, shm_dir)

@@ -17,15 +17,27 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
-from dataflow.errors import FeaturesLost, StoreError
+from dataflow.errors import FULL_DISK, FeaturesLost, StoreError
 from dataflow.transport.arena import DTYPE_NAMES, DTYPES, TensorSpec, align_up, views_of, wait_for
-from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer
+from dataflow.transport.files_dir import (
+    STORE_META_PREFIX,
+    SUFFIX,
+    disk_usage,
+    lock_writer,
+    read_owner,
+    recorded_stores,
+    sample_path,
+    stamp_owner,
+)
+from dataflow.transport.owner import Owner, owner_of
 from dataflow.transport.refs import Uncommitted
 from dataflow.transport.segment import human
+from dataflow.transport.shm import foreign_store
 
 class FilesWriter:
     kind = "files"
@@ -44,6 +56,11 @@ class FilesWriter:
         self.directory = (store_dir / store).resolve()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = lock_writer(self.directory, store)
+        try:
+            self._check_owner(owner_of(conn))
+        except BaseException:
+            self.close()
+            raise
         RunMeta(conn).set(STORE_META_PREFIX + store, str(self.directory))
         self._uncommitted = Uncommitted()
         self._disk_bytes = disk_usage(self.directory)[0]
@@ -51,6 +68,14 @@ class FilesWriter:
     @property
     def used_bytes(self) -> int:
         return self._inflight_bytes()
+
+    def _check_owner(self, owner: Owner) -> None:
+        """A fresh directory becomes ours; one stamped by another database (a copy, another run) is refused."""
+        found = read_owner(self.directory)
+        if found is None:  # fresh (or made before stores were stamped)
+            stamp_owner(self.directory, owner)
+        elif not owner.same_database(found):
+            raise StoreError(foreign_store(self.directory, found, owner))
 
     def check_fits(self, nbytes: int, what: str = "a sample") -> None:
         if nbytes > self.capacity:
@@ -69,17 +94,26 @@ class FilesWriter:
         gen = secrets.randbits(62)
         path = self.directory / f"{gen:016x}{SUFFIX}"
         partial = path.with_suffix(".partial")
-        save_file({k: t.contiguous() for k, t in tensors.items()}, partial, metadata={"key": key})
+        try:
+            save_file({k: t.contiguous() for k, t in tensors.items()}, partial, metadata={"key": key})
+        except (OSError, SafetensorError) as e:
+            partial.unlink(missing_ok=True)
+            if not is_disk_full(e):
+                raise
+            raise StoreError(
+                f"{self.directory}: the disk is full ({e}); free space there, or cap the store with "
+                "--max-disk-bytes, then restart the rollout (the run resumes)"
+            ) from None
         os.replace(partial, path)  # a reader never sees half a file
         size = path.stat().st_size
         self._disk_bytes += size
-        handle = {"kind": self.kind, "store": self.store, "key": key, "gen": gen, "path": str(path), "nbytes": size}
+        handle = {"kind": self.kind, "store": self.store, "key": key, "gen": gen, "name": path.name, "nbytes": size}
         self._uncommitted.add(handle)
         return handle, size
 
     def abandon(self, handle: dict) -> None:
         if self._uncommitted.discard(handle):
-            Path(handle["path"]).unlink(missing_ok=True)
+            sample_path(self.directory, handle).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -101,6 +135,13 @@ class FilesWriter:
             )
 
 
+def is_disk_full(error: Exception) -> bool:
+    """ENOSPC/EDQUOT, whether raised by Python or reported by safetensors' Rust writer ("os error 28")."""
+    if isinstance(error, OSError):
+        return error.errno in FULL_DISK
+    return any(f"(os error {code})" in str(error) for code in FULL_DISK)
+
+
 def file_size(key: str, tensors: dict[str, torch.Tensor]) -> int:
     """The size safetensors will write (its JSON header is compact and padded to 8 bytes), at most 8 over."""
     header, offset = {"__metadata__": {"key": key}}, 0
@@ -112,8 +153,15 @@ def file_size(key: str, tensors: dict[str, torch.Tensor]) -> int:
 
 
 class FilesReader:
+    """Opens sample files of the run's own files stores only (see files_dir): the run database says which
+    directories those are, and a handle may name nothing but a sample file inside one."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self._stores: dict[str, Path] = {}  # checked: named as ours, stamped with our owner
+
     def open(self, handle: dict) -> dict[str, torch.Tensor]:
-        path = Path(handle["path"])
+        path = self._path(handle)
         try:
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: views are writable
@@ -129,7 +177,25 @@ class FilesReader:
         return views_of(buf, base, specs)
 
     def retained(self, handle: dict) -> bool:
-        return Path(handle["path"]).is_file()
+        try:
+            return self._path(handle).is_file()
+        except FeaturesLost:
+            return False
+
+    def _path(self, handle: dict) -> Path:
+        store = handle.get("store")
+        if store not in self._stores:  # a store the rollout opened since we last looked
+            self._add_store(store)
+        return sample_path(self._stores[store], handle)
+
+    def _add_store(self, store) -> None:
+        directory = recorded_stores(self.conn, RunMeta(self.conn).run_id)[0].get(store)
+        if directory is None:
+            raise FeaturesLost(f"files store {store!r} is not one of this run's stores")
+        owner, found = owner_of(self.conn), read_owner(directory)
+        if not owner.same_database(found):
+            raise StoreError(foreign_store(directory, found, owner))
+        self._stores[store] = directory
 
 
 def _parse_header(buf: memoryview) -> tuple[int, list[TensorSpec], str | None]:

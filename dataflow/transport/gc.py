@@ -2,7 +2,8 @@
 
 A segment's producer is alive exactly when it holds the segment's writer lock (flock, dropped by the
 kernel when the process dies, kill -9 included), which is sharper than a heartbeat on this host.
-rollout and train call `sweep` at start; `dataflow gc --db run.sqlite` runs it by hand.
+rollout and train call `sweep` at start; `dataflow gc --db run.sqlite` runs it by hand. Files in /dev/shm
+this user cannot open (another user's) are skipped and noted.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Callable
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue, RefState
-from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer
-from dataflow.transport.refs import files_stores, handles_by_state, live_handles
+from dataflow.transport.files_dir import SUFFIX, disk_usage, lock_writer, read_owner, recorded_stores, sample_name
+from dataflow.transport.owner import Owner, owner_of, provably_finished
+from dataflow.transport.refs import handles_by_state, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, human, read_header, try_lock
 
 
@@ -25,67 +27,89 @@ from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, human, read_header
 class SweepReport:
     removed_segments: list[str] = field(default_factory=list)
     kept_segments: list[str] = field(default_factory=list)  # "name (why)"
-    removed_orphans: list[str] = field(default_factory=list)  # arenas of runs whose database is gone
+    removed_orphans: list[str] = field(default_factory=list)  # other runs' arenas: finished, or --all-orphans
+    kept_orphans: list[str] = field(default_factory=list)  # other runs' arenas nobody writes: "name (whose)"
     removed_files: int = 0
     freed_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # what was skipped, one line each
 
     def summary(self) -> str:
-        return (
+        line = (
             f"removed {len(self.removed_segments)} arenas and {self.removed_files} files of this run and "
-            f"{len(self.removed_orphans)} arenas of deleted runs ({human(self.freed_bytes)}); "
+            f"{len(self.removed_orphans)} arenas of other runs ({human(self.freed_bytes)}); "
             f"kept {len(self.kept_segments)} arenas"
         )
+        if self.kept_orphans:
+            line += (
+                f"; left {len(self.kept_orphans)} arenas of other unfinished or unknown runs alone "
+                "(`dataflow gc --all-orphans` removes those no producer holds)"
+            )
+        return "\n".join([line, *self.notes])
 
 
 def run_prefix(run_id: str) -> str:
     return f"dataflow-{run_id[:12]}-"
 
 
-def sweep(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR, dry_run: bool = False) -> SweepReport:
-    """This run's unneeded arenas and files, and the arenas of any run whose database no longer exists
-    (e.g. a test's or a deleted run's) once nobody writes them."""
+def sweep(
+    conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR, dry_run: bool = False, all_orphans: bool = False
+) -> SweepReport:
+    """This run's unneeded arenas and files; another run's arenas only once that run is provably finished
+    (its own database says so) or with all_orphans. Arenas are told apart by the owner stamped in their
+    header (run id and database file), never by path, so a moved run or a copied database is not mistaken
+    for a run that is gone."""
     report = SweepReport()
     meta = RunMeta(conn)
-    own, finished = run_prefix(meta.run_id), meta.train_finished()
+    me, finished = owner_of(conn), meta.run_finished()
     for path in sorted(shm_dir.glob("dataflow-*")):
-        if path.name.startswith(own):
-            keep = functools.partial(_own_keep, conn, path.name, finished)
-            _sweep_segment(path, keep, dry_run, report, own=True)
-        else:
-            _sweep_segment(path, _orphan_keep, dry_run, report, own=False)
-    for store, directory in files_stores(conn, STORE_META_PREFIX).items():
-        _sweep_files(conn, store, Path(directory), dry_run, report)
+        mine = path.name.startswith(run_prefix(me.run_id))
+        decide = functools.partial(_keep_reason, conn, path.name, me, finished, all_orphans)
+        try:
+            _sweep_segment(path, decide, dry_run, report, mine=mine)
+        except PermissionError:
+            report.notes.append(f"skipped {path}: not readable by this user (another user's run?)")
+    stores, notes = recorded_stores(conn, me.run_id)
+    report.notes += notes
+    for store, directory in stores.items():
+        _sweep_files(conn, store, directory, me, dry_run, report)
     return report
 
 
-def _own_keep(conn: sqlite3.Connection, name: str, finished: bool, arena: bool, nonce: int, owner_db: str) -> str | None:
-    live = arena and any(h.get("nonce") == nonce for h in live_handles(conn, name))
-    return "holds samples the trainer has not consumed" if live and not finished else None
-
-
-def _orphan_keep(arena: bool, nonce: int, owner_db: str) -> str | None:
-    if arena and owner_db and not Path(owner_db).exists():
-        return None
-    return ""  # another run's business: keep, and do not list it
+def _keep_reason(
+    conn: sqlite3.Connection, name: str, me: Owner, finished: bool, all_orphans: bool,
+    arena: bool, nonce: int, owner: Owner | None,
+) -> tuple[str | None, bool]:
+    """(why to keep an arena nobody writes, or None to remove it; whether it is this run's own)."""
+    if arena and me.same_database(owner):
+        live = any(h.get("nonce") == nonce for h in live_handles(conn, name))
+        return ("holds samples the trainer has not consumed" if live and not finished else None), True
+    if not arena:  # half-created (its producer died before any sample could be written), or not dataflow's
+        ours = name.startswith(run_prefix(me.run_id))
+        return (None if ours else ""), ours
+    if all_orphans or provably_finished(owner):
+        return None, False
+    whose = owner.describe() if owner is not None else "an unknown run"
+    return f"{whose}, not finished", False
 
 
 def _sweep_segment(
-    path: Path, keep: Callable[[bool, int, str], str | None], dry_run: bool, report: SweepReport, *, own: bool
+    path: Path, decide: Callable[[bool, int, Owner | None], tuple[str | None, bool]], dry_run: bool,
+    report: SweepReport, *, mine: bool,
 ) -> None:
-    """Remove `path` unless a producer holds it or keep(is arena, nonce, owner db) gives a reason
-    ("" keeps it unlisted: another run's arena)."""
+    """Remove `path` unless a producer holds it or decide(is arena, nonce, owner) gives a reason to keep it
+    ("": keep unlisted, not a dataflow arena of ours)."""
     fd = try_lock(path)
     if fd is None:
-        if own:
+        if mine:
             report.kept_segments.append(f"{path.name} (its producer is running)")
         return
     try:
-        reason = keep(*read_header(fd))
+        reason, own = decide(*read_header(fd))
         if reason is not None:
             if reason:
-                report.kept_segments.append(f"{path.name} ({reason})")
+                (report.kept_segments if own else report.kept_orphans).append(f"{path.name} ({reason})")
             return
-        report.freed_bytes += os.fstat(fd).st_size
+        report.freed_bytes += os.fstat(fd).st_blocks * 512  # the pages it holds (reserved lazily)
         (report.removed_segments if own else report.removed_orphans).append(path.name)
         if not dry_run:
             path.unlink(missing_ok=True)  # under the lock: a producer starting now waits, then re-creates
@@ -93,18 +117,26 @@ def _sweep_segment(
         os.close(fd)
 
 
-def _sweep_files(conn: sqlite3.Connection, store: str, directory: Path, dry_run: bool, report: SweepReport) -> None:
+def _sweep_files(
+    conn: sqlite3.Connection, store: str, directory: Path, me: Owner, dry_run: bool, report: SweepReport
+) -> None:
     """Files of LOST refs go; files no ref names go once their writer is gone (its uncommitted writes).
-    Files of live, acked and trained refs stay: later epochs and offline runs read them."""
+    Files of live, acked and trained refs stay: later epochs and offline runs read them. Only a directory
+    stamped with this database as its owner is touched (not a copy's, not one a crafted record names)."""
     if not directory.is_dir():
         return
+    found = read_owner(directory)
+    if not me.same_database(found):
+        whose = found.describe() if found is not None else "no recorded run"
+        report.notes.append(f"skipped files store {directory}: it belongs to {whose}, not to this database")
+        return
     rows = handles_by_state(conn, store)
-    needed = {h["path"] for h, state in rows if state != RefState.LOST}
-    named = {h["path"] for h, _ in rows}
+    needed = {sample_name(h) for h, state in rows if state != RefState.LOST}
+    named = {sample_name(h) for h, _ in rows}
     writer_fd = lock_writer(directory, None)
     try:
         for path in list(directory.glob(f"*{SUFFIX}")) + list(directory.glob("*.partial")):
-            if str(path) in needed or (str(path) not in named and writer_fd is None):
+            if path.name in needed or (path.name not in named and writer_fd is None):
                 continue
             report.freed_bytes += path.stat().st_size
             report.removed_files += 1
@@ -124,10 +156,10 @@ def usage(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR) -> list[dict]:
         except FileNotFoundError:
             continue
         out.append({"kind": "shm", "store": path.name, "capacity": capacity, "live_bytes": queue.live_bytes(path.name)})
-    for store, directory in files_stores(conn, STORE_META_PREFIX).items():
-        disk_bytes, files = disk_usage(Path(directory))
+    for store, directory in recorded_stores(conn, RunMeta(conn).run_id)[0].items():
+        disk_bytes, files = disk_usage(directory)
         out.append(
-            {"kind": "files", "store": store, "dir": directory, "disk_bytes": disk_bytes, "files": files,
+            {"kind": "files", "store": store, "dir": str(directory), "disk_bytes": disk_bytes, "files": files,
              "live_bytes": queue.live_bytes(store)}
         )
     return out

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import torch
 
 from dataflow.errors import FeaturesLost
 from dataflow.transport.files import FilesReader
+from dataflow.transport.owner import owner_of
 from dataflow.transport.segment import SHM_DIR
 from dataflow.transport.shm import ShmReader
 
 
 class Reader:
     """Opens any handle of the run as zero-copy views; arenas are mapped once, on first use, and stay
-    mapped for the reader's life."""
+    mapped for the reader's life. Only the run's own stores are read (a copied database is refused)."""
 
-    def __init__(self, shm_dir: Path = SHM_DIR):
-        self._shm = ShmReader(shm_dir)
-        self._files = FilesReader()
+    def __init__(self, conn: sqlite3.Connection, shm_dir: Path = SHM_DIR):
+        self._shm = ShmReader(shm_dir, owner_of(conn))
+        self._files = FilesReader(conn)
 
     def open(self, handle: dict) -> dict[str, torch.Tensor]:
         return self._store(handle).open(handle)

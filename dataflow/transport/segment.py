@@ -4,8 +4,13 @@ We open /dev/shm/<name> directly rather than through `multiprocessing.shared_mem
 its resource_tracker unlinks a segment when any process that merely attached to it exits, which would
 pull the arena from under the producer. Plain files have no tracker; only gc and the producer unlink.
 
-Layout: a 4 KiB segment header (magic, capacity, nonce, next generation), then the data area. The nonce
-is drawn when the segment is created, so handles into an earlier segment of the same name are refused.
+Layout: a 4 KiB segment header (magic, capacity, nonce, next generation, then the owner: run id and
+database file, see owner.py), then the data area. The nonce is drawn when the segment is created, so
+handles into an earlier segment of the same name are refused.
+
+The file is sized at creation but its pages are reserved range by range as samples are written
+(`reserve`), so a tiny run with the default 1 GiB watermark takes only the memory its samples use, and a
+full /dev/shm is still a clear error at the write, not a SIGBUS on first touch.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import time
 from pathlib import Path
 
 from dataflow.errors import FeaturesLost, StoreError
+from dataflow.transport.owner import Owner
 
 SHM_DIR = Path("/dev/shm")
 HEADER_BYTES = 4096  # keeps the data area page aligned
 SEGMENT_HEADER = struct.Struct("<8sQQQ")  # magic, capacity, nonce, next generation
 SEGMENT_MAGIC = b"DFARENA1"
-OWNER_AT = 64  # u16 length + UTF-8 path of the run database, so gc can tell a run that no longer exists
+OWNER_AT = 64  # u16 length + the owner's JSON (owner.py): whose run and database this arena serves
 OWNER_MAX = HEADER_BYTES - OWNER_AT - 2
 LOCK_WAIT_S = 2.0  # gc holds a segment's lock for a moment while it decides; wait that out
 
@@ -56,9 +62,8 @@ def _too_small(nbytes: int, free: int, directory: Path) -> str:
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    # MAP_POPULATE: take every page fault now, once, instead of on the hot path of each write/read
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    # No MAP_POPULATE: on tmpfs it would allocate every page of the arena, which is reserved lazily.
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 class Segment:
@@ -76,6 +81,7 @@ class Segment:
             self.buf.release()
             self.mm.close()
             raise FeaturesLost(f"{path}: not a dataflow arena (bad header); remove it with `dataflow gc`")
+        self.owner = _owner_at(bytes(self.buf[:HEADER_BYTES]))
         self.inode = os.fstat(fd).st_ino
 
     @classmethod
@@ -91,16 +97,19 @@ class Segment:
             raise
 
     @classmethod
-    def create(cls, path: Path, capacity: int, owner_db: str = "") -> "Segment":
-        """A fresh segment with a new nonce, stamped with its run's database path; the caller holds no
-        lock yet (see lock())."""
+    def create(cls, path: Path, capacity: int, owner: Owner) -> "Segment":
+        """A fresh segment with a new nonce, stamped with its owner (magic last: a segment half-created by a
+        killed producer is no arena); the caller holds no lock yet (see lock())."""
         check_shm_space(HEADER_BYTES + capacity, path.parent)
+        stamp = owner.to_json().encode()
+        if len(stamp) > OWNER_MAX:
+            raise StoreError(f"{path}: the run database path is too long to record ({owner.db_path[:60]}...)")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            _reserve(fd, HEADER_BYTES + capacity, path)
-            owner = owner_db.encode()[:OWNER_MAX]
-            os.pwrite(fd, struct.pack("<H", len(owner)) + owner, OWNER_AT)
+            os.ftruncate(fd, HEADER_BYTES + capacity)  # sized, not reserved: see reserve()
+            _reserve(fd, 0, HEADER_BYTES, path)
+            os.pwrite(fd, struct.pack("<H", len(stamp)) + stamp, OWNER_AT)
             os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, capacity, secrets.randbits(63), 1), 0)
             return cls(path, fd)
         except BaseException:
@@ -114,6 +123,10 @@ class Segment:
             return os.stat(self.path).st_ino == self.inode
         except FileNotFoundError:
             return False
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate the tmpfs pages of a range before writing it (cheap once they are allocated)."""
+        _reserve(self.fd, offset, length, self.path)
 
     def next_generation(self) -> int:
         """Generations are unique per segment and survive a producer restart (they live in the header)."""
@@ -151,30 +164,33 @@ class Segment:
         return True
 
 
-def _reserve(fd: int, size: int, path: Path) -> None:
-    """Allocate the tmpfs pages now: a full /dev/shm is a clear error here, not a SIGBUS on first touch."""
+def _reserve(fd: int, offset: int, length: int, path: Path) -> None:
+    """Allocate tmpfs pages now: a full /dev/shm is a clear error here, not a SIGBUS on first touch."""
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, offset, length)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
             st = os.statvfs(path.parent)
-            raise StoreError(_too_small(size, st.f_bavail * st.f_frsize, path.parent)) from None
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            os.ftruncate(fd, size)  # a filesystem without fallocate: sized, not reserved
-        else:
+            raise StoreError(_too_small(length, st.f_bavail * st.f_frsize, path.parent)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: not reserved
             raise
 
 
-def read_header(fd: int) -> tuple[bool, int, str]:
-    """(is a dataflow arena, nonce, owner database path) from an open segment file."""
+def _owner_at(raw: bytes) -> Owner | None:
+    (n,) = struct.unpack_from("<H", raw, OWNER_AT)
+    return Owner.from_json(raw[OWNER_AT + 2 : OWNER_AT + 2 + min(n, OWNER_MAX)].decode(errors="replace"))
+
+
+def read_header(fd: int) -> tuple[bool, int, Owner | None]:
+    """(is a dataflow arena, nonce, owner) from an open segment file."""
     raw = os.pread(fd, HEADER_BYTES, 0).ljust(HEADER_BYTES, b"\0")
     magic, _, nonce, _ = SEGMENT_HEADER.unpack_from(raw, 0)
-    (n,) = struct.unpack_from("<H", raw, OWNER_AT)
-    return magic == SEGMENT_MAGIC, nonce, raw[OWNER_AT + 2 : OWNER_AT + 2 + n].decode(errors="replace")
+    return magic == SEGMENT_MAGIC, nonce, _owner_at(raw)
 
 
 def try_lock(path: Path) -> int | None:
-    """For gc: an fd holding the writer lock of `path` (nobody writes it), or None (a producer does)."""
+    """For gc: an fd holding the writer lock of `path` (nobody writes it), or None (a producer does).
+    PermissionError: the file is not ours to open (another user's)."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:

@@ -20,6 +20,7 @@ from dataflow.control.db import database_path
 from dataflow.control.meta import RunMeta
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
+from dataflow.transport.owner import Owner, owner_of
 from dataflow.transport.refs import Uncommitted, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, Segment, human
 
@@ -44,6 +45,7 @@ class ShmWriter:
         self.conn, self.store = conn, name
         self.capacity = align_up(capacity)
         self.path = shm_dir / name
+        self.owner = owner_of(conn)
         self._uncommitted = Uncommitted()
         self._segment = self._open_segment()
         self._alloc = RangeAllocator(self.capacity, base=HEADER_BYTES)
@@ -69,6 +71,7 @@ class ShmWriter:
         offset = self._alloc.allocate(length)
         if offset is None:
             offset = self._wait_for_space(length, on_wait)
+        self._segment.reserve(offset, length)
         gen = self._segment.next_generation()
         buf = self._segment.buf
         # The header goes first: from here on any older handle to these bytes is refused.
@@ -100,7 +103,7 @@ class ShmWriter:
         if self._segment is None:
             return
         self._uncommitted.clear()
-        unneeded = RunMeta(self.conn).train_finished() or not self._used_ranges()
+        unneeded = RunMeta(self.conn).run_finished() or not self._used_ranges()
         if unneeded and self._segment.still_named():
             self.path.unlink(missing_ok=True)
         self._segment.close()
@@ -135,6 +138,9 @@ class ShmWriter:
             if not segment.still_named():  # gc removed it while we were locking
                 segment.close()
                 continue
+            if not self.owner.same_database(segment.owner):
+                segment.close()
+                raise StoreError(foreign_store(self.path, segment.owner, self.owner))
             if segment.capacity == self.capacity:
                 return segment
             self._drop_resized(segment)
@@ -147,7 +153,7 @@ class ShmWriter:
             except FeaturesLost:  # vanished, or a half-created segment of a producer killed in create
                 self.path.unlink(missing_ok=True)
         try:
-            return Segment.create(self.path, self.capacity, database_path(self.conn))
+            return Segment.create(self.path, self.capacity, self.owner)
         except FileExistsError:
             return Segment.attach(self.path)
 
@@ -165,11 +171,22 @@ class ShmWriter:
         segment.close()
 
 
-class ShmReader:
-    """The consumer side: each arena is mapped once and stays mapped for the reader's life."""
+def foreign_store(where: Path, found: Owner | None, ours: Owner) -> str:
+    whose = found.describe() if found is not None else "no recorded run (an older dataflow's)"
+    copy = " (a copy of this database?)" if found is not None and found.run_id == ours.run_id else ""
+    return (
+        f"{where}: this feature store belongs to {whose}{copy}, not to {ours.describe()}; two databases "
+        "cannot share a store: start this run with a fresh --db, or remove the store with "
+        "`dataflow gc --all-orphans` if its run is abandoned"
+    )
 
-    def __init__(self, shm_dir: Path = SHM_DIR):
-        self.shm_dir = shm_dir
+
+class ShmReader:
+    """The consumer side: each arena is mapped once and stays mapped for the reader's life. With an owner,
+    an arena of another database (a copied run) is refused instead of trained from."""
+
+    def __init__(self, shm_dir: Path = SHM_DIR, owner: Owner | None = None):
+        self.shm_dir, self.owner = shm_dir, owner
         self._segments: dict[str, Segment] = {}
 
     def open(self, handle: dict) -> dict[str, torch.Tensor]:
@@ -193,6 +210,9 @@ class ShmReader:
         segment = self._segments.get(name)
         if segment is None or (segment.nonce != handle["nonce"] and not segment.still_named()):
             fresh = Segment.attach(self.shm_dir / name)
+            if self.owner is not None and not self.owner.same_database(fresh.owner):
+                fresh.close()
+                raise StoreError(foreign_store(fresh.path, fresh.owner, self.owner))
             if segment is not None:
                 segment.close()
             self._segments[name] = segment = fresh

@@ -1,0 +1,80 @@
+"""Whose feature store is this: the run id and the database file, stamped into every arena and files store.
+
+Names carry only the first 12 hex digits of the run id, and a copied database carries the same run id as
+its original, so neither a name nor the run id alone tells two databases apart. The database file's
+(device, inode) does: it survives a rename or a moved run directory and differs for a copy. Paths are
+kept only for messages and for proving that another run has finished (its file is still where it was).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Owner:
+    run_id: str
+    db_file: str  # "device:inode" of the run database
+    db_path: str  # where it was when the store was made; not part of the identity
+
+    def same_database(self, other: Owner | None) -> bool:
+        return other is not None and (self.run_id, self.db_file) == (other.run_id, other.db_file)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Owner | None:
+        """None for anything that is not an owner record (e.g. a store made by an older dataflow)."""
+        try:
+            fields = json.loads(text)
+            return cls(run_id=str(fields["run_id"]), db_file=str(fields["db_file"]), db_path=str(fields["db_path"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        return f"run {self.run_id[:12]} of {self.db_path}"
+
+
+def database_path(conn: sqlite3.Connection) -> str:
+    return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def owner_of(conn: sqlite3.Connection) -> Owner:
+    from dataflow.control.meta import RunMeta
+
+    path = database_path(conn)
+    return Owner(run_id=RunMeta(conn).run_id, db_file=file_identity(path), db_path=path)
+
+
+def provably_finished(owner: Owner | None) -> bool:
+    """Whether another run is finished for good, judged by its own database: still at its recorded path,
+    the same file (inode) and run id, and marked finished. Anything less is no proof."""
+    from dataflow.control.db import connect
+    from dataflow.control.meta import RunMeta
+    from dataflow.errors import DataflowError
+
+    if owner is None or not owner.db_path:
+        return False
+    try:
+        if file_identity(owner.db_path) != owner.db_file:
+            return False
+        conn = connect(Path(owner.db_path))
+    except (OSError, DataflowError):
+        return False
+    try:
+        meta = RunMeta(conn)
+        return meta.run_id == owner.run_id and meta.run_finished()
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()

@@ -1,0 +1,81 @@
+"""The producer keeps its task leases through every long phase, and drops the work of a lease it lost."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.control.tasks import TaskQueue
+from dataflow.rollout.config import RolloutConfig
+from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
+from dataflow.rollout.producer import run_rollout
+from dataflow.rollout.ui import RolloutView
+from dataflow.testing import build_tiny_target
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
+
+
+def regenerating_rollout(db, target, producer_id, store_dir):
+    # A lease group's regeneration (2 replies x 40 tokens) takes longer than the 1 s lease on this tiny CPU
+    # target, so only extensions made during the regeneration keep the other rollout from taking it over.
+    args = ["--db", str(db), "--target-model", str(target), "--num-samples", str(N), "--threads", "1",
+            "--no-progress", "--max-length", "192", "--lease-ttl", "1", "--tasks-per-lease", "2",
+            "--regenerate", "--max-new-tokens", "40", "--store", "files", "--store-dir", str(store_dir),
+            "--producer-id", producer_id]
+    return subprocess.Popen([sys.executable, "-m", "dataflow", "rollout", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_regenerating_rollouts_with_a_short_lease_regenerate_each_prompt_once(tmp_path, tiny_target):
+    db = tmp_path / "run.sqlite"
+    connect(db).close()
+    procs = [regenerating_rollout(db, tiny_target, p, tmp_path / "features") for p in ("a", "b")]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    conn = connect(db)
+    stats = [p.info for p in RunMeta(conn).processes("rollout")]
+    assert sum(s["regenerated"] for s in stats) == N, (stats, outputs)  # not one reply written twice
+    assert sum(s["lost_leases"] for s in stats) == 0 and sum(s["samples"] for s in stats) == N
+    assert TaskQueue(conn).counts() == {"pending": 0, "leased": 0, "done": N, "dead": 0}
+    payloads = [r[0] for r in conn.execute("SELECT payload FROM tasks")]
+    assert all('"regenerated": true' in p for p in payloads)
+
+
+class StolenDuringGeneration(HFEngine):
+    """Another (fast) rollout takes over one task and finishes it while this one is generating: the task's
+    lease had expired meanwhile."""
+
+    def __init__(self, config, db, victim_key):
+        super().__init__(config)
+        self.db, self.victim_key, self.stolen = db, victim_key, False
+
+    def generate(self, conversations, **kw):
+        if not self.stolen:
+            thief = connect(self.db)
+            thief.execute("UPDATE tasks SET lease_deadline = 0 WHERE key = ?", (self.victim_key,))
+            [lease] = TaskQueue(thief).lease("thief", n=1, ttl=600)
+            assert lease.key == self.victim_key and TaskQueue(thief).complete(lease.token)
+            thief.close()
+            self.stolen = True
+        return super().generate(conversations, **kw)
+
+
+def test_a_task_whose_lease_was_taken_over_mid_regeneration_is_dropped_not_published(tmp_path, tiny_target):
+    db = tmp_path / "run.sqlite"
+    conn = connect(db)
+    engine = StolenDuringGeneration(HFEngineConfig(model_dir=tiny_target, threads=1), db, victim_key="qa-001")
+    config = RolloutConfig(num_samples=2, regenerate=True, max_new_tokens=8, tasks_per_lease=2, max_length=192,
+                           store="files", store_dir=tmp_path / "features", lease_ttl=60)
+    stats = run_rollout(conn, config, engine, RolloutView(enabled=False))
+    assert stats.lost_leases == 1 and stats.regenerated == 1 and stats.samples == 1
+    victim = conn.execute("SELECT lease_owner, payload FROM tasks WHERE key = 'qa-001'").fetchone()
+    assert victim["lease_owner"] == "thief" and '"regenerated"' not in victim["payload"]  # our reply was not stored
+    assert conn.execute("SELECT count(*) FROM refs WHERE key = 'qa-001'").fetchone()[0] == 0
+    assert TaskQueue(conn).counts() == {"pending": 0, "leased": 0, "done": 2, "dead": 0}
