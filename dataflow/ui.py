@@ -42,7 +42,7 @@ def status_view(snap: dict) -> Group:
     run.add_row("lag", "none pending" if oldest is None else f"oldest pending {oldest:.1f}s")
     run.add_row("eta", "-" if snap["eta_s"] is None else f"{snap['eta_s']:.0f}s")
     run.add_row("dead-letter", str(snap["dead"]) + ("  (see `dataflow dead`)" if snap["dead"] else ""))
-    marks = [m for m in ("end_of_stream", "train_finished") if snap[m]]
+    marks = [m for m in ("end_of_stream", "run_finished") if snap[m]]
     run.add_row("marks", ", ".join(marks) or "-")
     ckpt = snap["last_checkpoint"]
     run.add_row("checkpoint", "-" if ckpt is None else f"step {ckpt['step']} ({ckpt['age_s']:.0f}s ago) {ckpt['path']}")

@@ -110,14 +110,14 @@ def test_heartbeats_register_processes_with_their_role_status_and_info(conn):
     assert [p.id for p in meta.processes(role="train")] == ["train-0"]
 
 
-def test_end_of_stream_and_train_finished_are_durable_marks(tmp_path):
+def test_end_of_stream_and_run_finished_are_durable_marks(tmp_path):
     path = tmp_path / "run.sqlite"
     meta = RunMeta(connect(path))
-    assert not meta.end_of_stream() and not meta.train_finished()
+    assert not meta.end_of_stream() and not meta.run_finished()
     meta.set_end_of_stream()
-    meta.set_train_finished()
+    meta.set_run_finished()
     again = RunMeta(connect(path))
-    assert again.end_of_stream() and again.train_finished()
+    assert again.end_of_stream() and again.run_finished()
 
 
 def test_metadata_values_round_trip_as_json(conn):

@@ -31,7 +31,7 @@ def db(tmp_path):
     yield path
     if path.exists():  # remove this run's arenas from /dev/shm
         conn = connect(path)
-        RunMeta(conn).set_train_finished()
+        RunMeta(conn).set_run_finished()
         sweep(conn)
 
 
@@ -109,7 +109,7 @@ def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_fin
     meta.heartbeat("train-0", "train", "running")
     conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 600 WHERE id = 'train-0'")  # a dead trainer
     wait_until(lambda: "is it running?" in rollout_status(conn, "w").status, proc, "the stale-trainer status")
-    meta.set_train_finished()
+    meta.set_run_finished()
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "trainer has finished" in output and "the trainer looks dead" in output
     assert TaskQueue(conn).counts()["leased"] == 0 and not meta.end_of_stream()

@@ -54,5 +54,5 @@ def test_rollout_runs_the_real_smollm2_end_to_end_on_a_few_samples(tmp_path):
         nll = torch.nn.functional.cross_entropy(out.logits[0, :-1][mask], torch.tensor(tokenized.input_ids[1:])[mask])
         assert nll < 4.0
     finally:
-        meta.set_train_finished()
+        meta.set_run_finished()
         sweep(conn)

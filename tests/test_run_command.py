@@ -53,7 +53,7 @@ def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, 
     meta = RunMeta(queue.conn)
     statuses = {p.role: p.status for p in meta.processes()}
     assert statuses["train"].startswith(("stopped", "finished")), statuses
-    assert not meta.train_finished()
+    assert not meta.run_finished()
     for p in meta.processes():  # no orphaned child keeps running
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
@@ -62,7 +62,7 @@ def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, 
     assert second.returncode == 0, second.stderr[-2000:]
     counts = queue.counts()
     assert counts["trained"] == SAMPLES and counts["dead"] == 0
-    assert meta.train_finished()
+    assert meta.run_finished()
 
 
 def test_a_failing_child_fails_the_run_with_its_log(tmp_path, target):

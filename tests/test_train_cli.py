@@ -51,7 +51,7 @@ def test_train_waits_with_a_message_until_the_rollout_records_the_vocab(tmp_path
         time.sleep(0.05)
     seeded(tmp_path, target, samples)
     assert trainer.wait(timeout=120) == 0, trainer.stdout.read()
-    assert meta.train_finished() and (tmp_path / "out" / "final" / "config.json").exists()
+    assert meta.run_finished() and (tmp_path / "out" / "final" / "config.json").exists()
 
 
 def test_train_gives_up_after_exit_when_idle_with_no_rollout_alive(tmp_path, target, samples):
@@ -60,7 +60,7 @@ def test_train_gives_up_after_exit_when_idle_with_no_rollout_alive(tmp_path, tar
     assert result.exit_code == 0, result.output
     assert "stopped (idle)" in result.output
     meta = RunMeta(connect(db))
-    assert not meta.train_finished() and meta.last_checkpoint().step == 2  # what it trained is durable
+    assert not meta.run_finished() and meta.last_checkpoint().step == 2  # what it trained is durable
 
 
 def test_an_unwritable_output_dir_is_one_clear_error(tmp_path, target, samples):

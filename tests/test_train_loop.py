@@ -61,7 +61,7 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
     meta = RunMeta(connect(db))
-    assert meta.train_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
+    assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
 
 
 def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, target, samples):
@@ -127,7 +127,7 @@ def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, ta
         time.sleep(0.005)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not meta.train_finished() and queue.counts()["acked"] > 0
+    assert not meta.run_finished() and queue.counts()["acked"] > 0
 
     restarted = run_cli(train_args(db, tmp_path / "out-killed", **extra))
     assert restarted.wait(timeout=300) == 0
@@ -145,7 +145,7 @@ def test_two_ranks_over_gloo_train_every_ref_once(tmp_path, target, samples):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     meta = RunMeta(connect(db))
-    assert meta.train_finished()
+    assert meta.run_finished()
     assert RefQueue(meta.conn).counts()["trained"] == 2 * len(samples)
     assert {p.id for p in meta.processes(role="train")} == {"train-0", "train-1"}
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
@@ -182,5 +182,5 @@ def test_sigterm_stops_gracefully_with_a_durable_checkpoint_and_no_held_leases(t
     assert trainer.wait(timeout=120) == 0
     assert "stopped (SIGTERM)" in trainer.stdout.read()
     counts = queue.counts()
-    assert counts["trained"] > 0 and counts["acked"] == counts["leased"] == 0 and not meta.train_finished()
+    assert counts["trained"] > 0 and counts["acked"] == counts["leased"] == 0 and not meta.run_finished()
     assert meta.last_checkpoint().num_refs == counts["trained"]

@@ -205,7 +205,7 @@ def test_a_producer_stopping_after_training_finished_removes_its_arena_despite_u
     queue = RefQueue(conn)
     writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
     put(queue, *writer.write("a", sample("a")))
-    RunMeta(conn).set_train_finished()
+    RunMeta(conn).set_run_finished()
     writer.close()
     assert not leftover_segments(RunMeta(conn).run_id)
 

@@ -120,21 +120,12 @@ class RunMeta:
     def run_finished(self) -> bool:
         return bool(self.get("run_finished", False))
 
-    # Older names, still called from transport/, rollout/ and their tests until those switch over.
-    set_train_finished = set_run_finished
-    train_finished = run_finished
-
     def with_prefix(self, prefix: str) -> dict:
         """Every meta entry whose key starts with `prefix`, keyed by the rest of the key."""
         rows = self.conn.execute(
             "SELECT key, value FROM meta WHERE substr(key, 1, :n) = :prefix", {"n": len(prefix), "prefix": prefix}
         ).fetchall()
         return {r["key"][len(prefix) :]: json.loads(r["value"]) for r in rows}
-
-    def run_finished(self) -> bool:
-        """The run is finished for good (its drained stream fully trained). Shim until the control-side
-        change lands, which makes --max-steps/SIGTERM/idle a pause that does not set it."""
-        return self.train_finished()
 
     def record_checkpoint(self, step: int, path: str, ref_ids: list[int]) -> int:
         """Invariant 5: in one transaction, note the durable checkpoint and move the refs its update

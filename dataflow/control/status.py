@@ -25,7 +25,7 @@ def snapshot(conn: sqlite3.Connection) -> dict:
         checkpoint = meta.last_checkpoint()
         processes = meta.processes()
         in_flight_bytes = refs.live_bytes()
-        run_id, end_of_stream, train_finished = meta.run_id, meta.end_of_stream(), meta.run_finished()
+        run_id, end_of_stream, run_finished = meta.run_id, meta.end_of_stream(), meta.run_finished()
     finally:
         conn.execute("COMMIT")
     remaining = task_counts["pending"] + task_counts["leased"] + ref_counts["pending"] + ref_counts["leased"]
@@ -40,7 +40,7 @@ def snapshot(conn: sqlite3.Connection) -> dict:
         "eta_s": round(remaining / acked_per_s, 1) if acked_per_s > 0 else None,
         "dead": ref_counts["dead"] + task_counts["dead"],
         "end_of_stream": end_of_stream,
-        "train_finished": train_finished,
+        "run_finished": run_finished,
         "last_checkpoint": None
         if checkpoint is None
         else {"step": checkpoint.step, "path": checkpoint.path, "age_s": round(now - checkpoint.created_at, 1)},
