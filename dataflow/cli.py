@@ -245,14 +245,16 @@ def train(
         None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."
     ),
     lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate."),
-    warmup_steps: int = typer.Option(50, "--warmup-steps"),
-    decay_steps: int = typer.Option(0, "--decay-steps", help="Cosine decay length (0: --max-steps, else constant)."),
+    warmup: float = typer.Option(0.03, "--warmup", help="Warmup as a fraction of the known total (samples or steps)."),
+    warmup_steps: int = typer.Option(50, "--warmup-steps", help="Warmup steps when the stream is open-ended."),
+    decay: str = typer.Option("cosine", "--decay", help="cosine, linear or none: lr decay over the known total."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="The decay's floor, as a fraction of --lr."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     grad_clip: float = typer.Option(0.5, "--grad-clip"),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget of a micro-batch, padding included."),
     ttt_length: int = typer.Option(7, "--ttt-length", help="Unrolled training-time-test steps."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (autocast, fp32 master weights)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast), bf16 (fp32 master weights) or fp32."),
     seed: int = typer.Option(0, "--seed"),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
@@ -266,6 +268,7 @@ def train(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     log_every: int = typer.Option(10, "--log-every"),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the loss (eager on failure)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
@@ -278,13 +281,15 @@ def train(
 
     try:
         overrides = json.loads(draft_config.read_text()) if draft_config else {}
-        config = TrainConfig(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, weight_decay=weight_decay,
+        config = TrainConfig(lr=lr, warmup=warmup, warmup_steps=warmup_steps, decay=decay, min_lr_ratio=min_lr_ratio,
+                             weight_decay=weight_decay,
                              grad_clip=grad_clip, grad_accum=grad_accum, batch_tokens=batch_tokens,
                              ttt_length=ttt_length, dtype=dtype, seed=seed, draft_overrides=overrides,
                              export_embed_tokens=export_embed_tokens)
         limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, epochs=epochs,
                              save_every=save_every, keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl,
-                             fill_wait=fill_wait, device=device, log_every=log_every, progress=progress)
+                             fill_wait=fill_wait, device=device, log_every=log_every, compile=compile,
+                             progress=progress)
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
     if threads:

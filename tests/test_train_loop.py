@@ -160,11 +160,13 @@ def test_waiting_says_how_long_ago_the_rollout_was_last_seen():
 
 def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, target, samples):
     # Lengths 24,32,20,28 | 32,24,16,30: a 64-token budget packs each step as two micro-batches, a
-    # 128-token budget as one; the steps hold the same samples, so the updates must agree.
+    # 128-token budget as one; the steps hold the same samples, so the updates must agree (in fp32: bf16
+    # rounds the two layouts' matmuls differently).
     outs = {}
     for budget, accum in ((64, 2), (128, 1)):
         db = new_run(tmp_path, target, samples, name=f"b{budget}")
-        config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=budget, grad_accum=accum)
+        config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=budget, grad_accum=accum,
+                             dtype="fp32")
         train(db, config, TrainLimits(out=tmp_path / f"out-{budget}", progress=False))
         outs[budget] = final_weights(tmp_path / f"out-{budget}")
         assert RunMeta(connect(db)).last_checkpoint().step == 2

@@ -130,7 +130,8 @@ def test_loss_equals_a_direct_recomputation():
     lm_head = torch.randn(V, H)
     loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
     logits = model(ids, aux, steps)
-    sums = ttt_sums(logits, teacher(target_hidden, lm_head, loss_mask, **vocab_of(model)), model.d2t)
+    hiddens = model.hidden_states(ids, aux, steps)
+    sums = ttt_sums(model, hiddens, teacher(target_hidden, lm_head, loss_mask, **vocab_of(model)))
     draft_ids = sorted(int(i) for i in torch.nonzero(model.t2d))  # target id of draft id d
     expected, n_tokens = 0.0, 0
     for i in range(T - 1):  # normaliser: teacher positions whose next token is an assistant token
@@ -158,9 +159,10 @@ def test_right_padding_does_not_change_a_samples_loss():
     T = 9
     ids, aux, th = torch.randint(0, V, (1, T)), torch.randn(1, T, 3 * H), torch.randn(1, T, H)
     lm_head, mask = torch.randn(V, H), torch.ones(1, T, dtype=torch.bool)
-    alone = ttt_sums(model(ids, aux, 3), teacher(th, lm_head, mask, **vocab_of(model)), model.d2t)
+    alone = ttt_sums(model, model.hidden_states(ids, aux, 3), teacher(th, lm_head, mask, **vocab_of(model)))
     pad = lambda x: F.pad(x, (0, 0, 0, 4)) if x.dim() == 3 else F.pad(x, (0, 4))
-    padded = ttt_sums(model(pad(ids), pad(aux), 3), teacher(pad(th), lm_head, pad(mask), **vocab_of(model)), model.d2t)
+    padded = ttt_sums(model, model.hidden_states(pad(ids), pad(aux), 3),
+                      teacher(pad(th), lm_head, pad(mask), **vocab_of(model)))
     for a, b in zip(alone.loss_sum, padded.loss_sum):
         torch.testing.assert_close(a, b)
     assert [int(c) for c in alone.count] == [int(c) for c in padded.count]

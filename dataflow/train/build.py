@@ -1,8 +1,7 @@
-"""Builders for the trainer: wait for the run's records, then the draft, optimiser and schedule."""
+"""Builders for the trainer: wait for the run's records, then the draft and the schedule's total."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,8 +10,10 @@ from typing import Callable
 import torch
 
 from dataflow.control.meta import RunMeta
+from dataflow.control.queue import RefQueue
+from dataflow.control.tasks import TaskQueue
 from dataflow.errors import ConfigMismatch, InputError
-from dataflow.train.config import TrainConfig
+from dataflow.train.config import TrainConfig, TrainLimits
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
 from dataflow.train.target import TargetHead, load_target_head
 from dataflow.train.vocab import VocabMap, vocab_from_meta
@@ -62,25 +63,15 @@ def build_draft(target: dict, vocab_record: dict, config: TrainConfig) -> tuple[
     return model, head
 
 
-def lr_factor(step: int, *, warmup: int, decay: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine down to min_ratio over `decay` steps (constant when decay is 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay <= 0:
-        return 1.0
-    progress = min((step - warmup) / decay, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: Eagle3Draft, config: TrainConfig, max_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    decay = config.decay_steps or max(max_steps - config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, warmup=config.warmup_steps, decay=decay, min_ratio=config.min_lr_ratio),
-    )
-    return params, optimizer, scheduler
+def schedule_total(meta: RunMeta, tasks: TaskQueue, queue: RefQueue, limits: TrainLimits) -> tuple[int, str]:
+    """The learning-rate schedule's total and its unit (schedule.py): --max-steps, else the samples the run
+    will bring (its prompt tasks, or its refs once the stream has ended) times --epochs; 0 when open-ended."""
+    if limits.max_steps:
+        return limits.max_steps, "steps"
+    known = sum(tasks.counts().values())
+    if not known and meta.end_of_stream():
+        known = sum(queue.counts().values())
+    return known * limits.epochs, "samples"
 
 
 def check_out_dir(out: Path) -> Path:

@@ -6,17 +6,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DTYPES = ("fp32", "bf16")
+from dataflow.train.schedule import DECAYS
+
+DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     lr: float = 1e-4
     """Peak AdamW learning rate."""
+    warmup: float = 0.03
+    """Linear warmup over this fraction of the known total (see schedule.py)."""
     warmup_steps: int = 50
-    """Linear warmup from 0 to lr."""
-    decay_steps: int = 0
-    """Cosine decay to min_lr_ratio * lr over this many steps after warmup (0: --max-steps, else constant)."""
+    """Linear warmup length in steps when the stream is open-ended (no known total)."""
+    decay: str = "cosine"
+    """cosine, linear or none: from lr down to min_lr_ratio * lr at the end of the known total."""
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 0.5
@@ -27,8 +31,9 @@ class TrainConfig:
     """Token budget of one micro-batch, padding included (a longer sample goes alone)."""
     ttt_length: int = 7
     """Unrolled training-time-test steps."""
-    dtype: str = "fp32"
-    """fp32, or bf16 autocast over fp32 master weights."""
+    dtype: str = "auto"
+    """Compute dtype of the forward/backward: bf16 (bf16 weights and activations over fp32 master weights and
+    AdamW state), fp32, or auto (bf16 where the device has fast bf16 matmuls, else fp32)."""
     seed: int = 0
     draft_overrides: dict = field(default_factory=dict)
     """--draft-config JSON: DraftConfig fields that differ from the target's shape."""
@@ -41,8 +46,10 @@ class TrainConfig:
         for name in ("grad_accum", "batch_tokens", "ttt_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.decay_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("--warmup-steps/--decay-steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--warmup-steps must be >= 0, --warmup in [0, 1) and --min-lr-ratio in [0, 1]")
+        if self.decay not in DECAYS:
+            raise ValueError(f"--decay {self.decay!r}: pick one of {', '.join(DECAYS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: pick one of {', '.join(DTYPES)}")
 
@@ -71,6 +78,8 @@ class TrainLimits:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     log_every: int = 10
+    compile: bool = True
+    """torch.compile the loss's softmax/gradient pass (falls back to eager, with a warning, if that fails)."""
     progress: bool = True
     """Rich progress display on stderr."""
 

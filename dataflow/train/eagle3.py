@@ -208,13 +208,18 @@ class Eagle3Draft(nn.Module):
 
         Step k's logits at position t predict token t+k+2 (its teacher is the target at position t+k+1).
         """
+        return [self.logits(hidden) for hidden in self.hidden_states(input_ids, aux_hidden, ttt_length)]
+
+    def hidden_states(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, ttt_length: int) -> list[torch.Tensor]:
+        """The midlayer's output per TTT step, each (B, T, H), before `norm` and `lm_head` (the trainer runs
+        those on the positions that carry loss only)."""
         B, T = input_ids.shape
         cos, sin = rotary_tables(self.cfg, torch.arange(T + ttt_length, device=input_ids.device))
-        hidden = self.fc(aux_hidden)  # (B, T, H)
+        hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))  # (B, T, H)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        logits = []
+        hiddens = []
         for k in range(ttt_length):
             tokens = F.pad(input_ids[:, k + 1 :], (0, k + 1))  # token t+k+1 at position t; 0 past the end
             hidden = self.midlayer(self.embed_tokens(tokens), hidden, cos[k : k + T], sin[k : k + T], cache)
-            logits.append(self.logits(hidden))
-        return logits
+            hiddens.append(hidden)
+        return hiddens

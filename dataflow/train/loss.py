@@ -5,6 +5,10 @@ token and the target's top-1 token is in the draft vocabulary (so the last posit
 unknown, never is: right padding then changes nothing).
 Step k's draft logits at position t are matched with teacher position t+k+1.
 
+Only what is trained is computed: the teacher's logits at positions that predict an assistant token, the
+draft's logits at positions whose teacher is trained on. The draft's lm_head, softmax and loss gradient are
+fused per chunk of rows (`linear_soft_ce`), so no (rows, draft vocab) tensor outlives its chunk.
+
 Sums, not means, leave this module: the trainer divides by one token count per optimiser step
 (the loss-mask tokens of every micro-batch on every rank), so gradient accumulation and data
 parallelism give the same update as one big batch.
@@ -12,18 +16,30 @@ parallelism give the same update as one big batch.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 STEP_DECAY = 0.8  # EAGLE3: weight of TTT step k is 0.8**k
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 1024 rows at an 8192-token draft vocab (32 MB in fp32)
 
 
 @dataclass(frozen=True)
 class Teacher:
-    probs: torch.Tensor  # (B, T, Vd) float32: softmax of the target's logits over the draft vocab
-    top: torch.Tensor  # (B, T) int64: the target's top-1 token id (full vocab)
-    valid: torch.Tensor  # (B, T) bool: trained on (see module docstring)
+    """The target at the teacher positions that are trained on, ordered by position in the row, so that the
+    ones step k uses (positions >= k+1) are a suffix: no copy of `probs` per step."""
+
+    rows: torch.Tensor  # (n,) int64: flat index b*T + i of each trained teacher position
+    positions: torch.Tensor  # (n,) int64: i, ascending
+    probs: torch.Tensor  # (n, Vd) float32: softmax of the target's logits over the draft vocab
+    top: torch.Tensor  # (n,) int64: the target's top-1 token id (full vocab)
+
+    def step_start(self, ttt_length: int) -> list[int]:
+        """First row each TTT step uses (teacher position >= k+1)."""
+        firsts = torch.arange(1, ttt_length + 1, device=self.positions.device)
+        return torch.searchsorted(self.positions, firsts).tolist()  # host sync: slice bounds
 
 
 def predicts_assistant(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -36,16 +52,108 @@ def draft_target_ids(d2t: torch.Tensor) -> torch.Tensor:
     return d2t + torch.arange(d2t.numel(), device=d2t.device)
 
 
+def chunk_rows(width: int) -> int:
+    return max(1, CHUNK_ELEMENTS // width)
+
+
 def teacher(target_hidden: torch.Tensor, lm_head: torch.Tensor, loss_mask: torch.Tensor, *,
             t2d: torch.Tensor, draft_ids: torch.Tensor) -> Teacher:
-    """target_hidden (B, T, H), frozen lm_head (V, H), loss_mask (B, T) bool, t2d (V,) bool,
-    draft_ids (Vd,) = draft_target_ids(d2t) (an index, not a mask: no host sync on GPU)."""
+    """target_hidden (B, T, H), frozen lm_head (V, H) in the compute dtype, loss_mask (B, T) bool,
+    t2d (V,) bool, draft_ids (Vd,) = draft_target_ids(d2t). Full-vocab logits exist one chunk at a time,
+    in lm_head's dtype; the softmax over the draft vocab is taken in fp32."""
+    B, T, H = target_hidden.shape
     with torch.no_grad():
-        full = target_hidden.to(lm_head.dtype) @ lm_head.T  # (B, T, V)
-        top = full.argmax(dim=-1)  # (B, T)
-        probs = full.index_select(-1, draft_ids).float().softmax(dim=-1)  # (B, T, Vd)
-        valid = predicts_assistant(loss_mask) & t2d[top]
-    return Teacher(probs=probs, top=top, valid=valid)
+        # (T, B) order: ascending position i, then batch row
+        wanted = predicts_assistant(loss_mask).t().reshape(-1).nonzero().squeeze(1)  # host sync: row count
+        rows = (wanted % B) * T + wanted // B
+        flat = target_hidden.reshape(B * T, H)
+        kept_rows, probs, tops = [], [], []
+        for chunk in rows.split(chunk_rows(lm_head.shape[0])):
+            full = flat.index_select(0, chunk).to(lm_head.dtype) @ lm_head.T  # (c, V)
+            top = full.argmax(dim=-1)  # (c,)
+            keep = t2d[top].nonzero().squeeze(1)  # host sync: kept count
+            kept = full.index_select(0, keep).index_select(1, draft_ids)  # (c', Vd)
+            probs.append(torch.softmax(kept, dim=-1, dtype=torch.float32))
+            kept_rows.append(chunk[keep])
+            tops.append(top[keep])
+        rows = torch.cat(kept_rows) if kept_rows else rows
+        probs = torch.cat(probs) if probs else torch.zeros(0, draft_ids.numel(), device=rows.device)
+        top = torch.cat(tops) if tops else rows
+    return Teacher(rows=rows, positions=rows % T, probs=probs, top=top)
+
+
+def soft_ce_core(logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (c, Vd), probs (c, Vd) -> (summed soft CE, argmax (c,), d CE / d logits in logits' dtype).
+
+    CE = logsumexp(logits) - <probs, logits> per row (probs sum to 1). A pure function, so that
+    torch.compile can fuse it into two passes over the logits."""
+    logits32 = logits.float()
+    peak = logits32.amax(dim=-1, keepdim=True)
+    exp = (logits32 - peak).exp()
+    total = exp.sum(dim=-1, keepdim=True)
+    ce = (total.log() + peak).squeeze(-1) - (probs * logits32).sum(dim=-1)
+    grad = (exp / total - probs).to(logits.dtype)
+    return ce.sum(), logits32.argmax(dim=-1), grad
+
+
+CeCore = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class CompiledOrEager:
+    """`fn` through torch.compile when asked; a compile (or compiled-run) failure warns once and falls back."""
+
+    def __init__(self, fn: Callable, *, compile: bool):
+        self.fn = fn
+        self.compiled = torch.compile(fn) if compile else None
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # inductor needs a C++ compiler and more; eager is always there
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); "
+                      "training the loss eagerly", file=sys.stderr, flush=True)
+                self.compiled = None
+        return self.fn(*args)
+
+
+class LinearSoftCE(torch.autograd.Function):
+    """sum_rows softCE(x @ weight.T, probs), with the gradients computed chunk by chunk in the forward
+    (the logits are never kept); backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, probs, core):
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        loss, guesses = x.new_zeros((), dtype=torch.float32), []
+        step = chunk_rows(weight.shape[0])
+        for start in range(0, x.shape[0], step):
+            xc = x[start : start + step]
+            ce, guess, grad = core(xc @ weight.T, probs[start : start + step])  # grad: (c, Vd)
+            loss += ce
+            guesses.append(guess)
+            if grad_x is not None:
+                torch.mm(grad, weight, out=grad_x[start : start + step])
+            if grad_w is not None:
+                grad_w += (grad.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
+        guess = torch.cat(guesses) if guesses else torch.zeros(0, dtype=torch.int64, device=x.device)
+        ctx.mark_non_differentiable(guess)
+        return loss, guess
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_guess):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss.to(grad_x.dtype if grad_x is not None else grad_w.dtype)
+        return (grad_x * scale if grad_x is not None else None,
+                grad_w * scale if grad_w is not None else None, None, None)
+
+
+def linear_soft_ce(x: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
+                   core: CeCore = soft_ce_core) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n, H), weight (Vd, H), probs (n, Vd) -> (summed soft CE with its graph, draft argmax (n,))."""
+    return LinearSoftCE.apply(x, weight, probs, core)
 
 
 @dataclass
@@ -54,26 +162,23 @@ class StepSums:
 
     loss_sum: list[torch.Tensor]  # soft CE summed over valid positions, per step
     correct: list[torch.Tensor]  # draft top-1 == target top-1, counted over valid positions
-    count: list[torch.Tensor]  # valid positions
+    count: list[int]  # valid positions
 
     def weighted_loss(self) -> torch.Tensor:
         return sum(STEP_DECAY**k * s for k, s in enumerate(self.loss_sum))
 
 
-def ttt_sums(logits: list[torch.Tensor], t: Teacher, d2t: torch.Tensor) -> StepSums:
-    """logits: per step (B, T, Vd) from Eagle3Draft.forward."""
+def ttt_sums(model, hiddens: list[torch.Tensor], t: Teacher, core: CeCore = soft_ce_core) -> StepSums:
+    """hiddens: per step (B, T, H) from Eagle3Draft.hidden_states; the draft head runs on trained rows only."""
     sums = StepSums(loss_sum=[], correct=[], count=[])
-    T = t.top.shape[1]
-    draft_to_target = draft_target_ids(d2t)  # (Vd,)
-    for k, step_logits in enumerate(logits):
-        n = T - k - 1  # positions with a teacher at t+k+1
-        logp = step_logits[:, :n].float().log_softmax(dim=-1)  # (B, n, Vd)
-        probs, top, valid = t.probs[:, k + 1 :], t.top[:, k + 1 :], t.valid[:, k + 1 :]
-        ce = -(probs * logp).sum(dim=-1)  # (B, n)
-        sums.loss_sum.append((ce * valid).sum())
-        guess = draft_to_target[logp.argmax(dim=-1)]  # (B, n) target ids
-        sums.correct.append(((guess == top) & valid).sum().detach())
-        sums.count.append(valid.sum())
+    draft_to_target = draft_target_ids(model.d2t)  # (Vd,)
+    for k, (hidden, start) in enumerate(zip(hiddens, t.step_start(len(hiddens)))):
+        rows = t.rows[start:] - (k + 1)  # draft position t = teacher position - k - 1, same batch row
+        x = model.norm(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))  # (n_k, H)
+        loss, guess = linear_soft_ce(x, model.lm_head.weight, t.probs[start:], core)
+        sums.loss_sum.append(loss)
+        sums.correct.append((draft_to_target[guess] == t.top[start:]).sum())
+        sums.count.append(len(rows))
     return sums
 
 

@@ -23,15 +23,15 @@ from dataflow.control.meta import STALE_AFTER_S, RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.train import checkpoint as ckpt
-from dataflow.train.build import (build_draft, build_optimizer, check_draft_matches, check_out_dir,
-                                  wait_for_records)
+from dataflow.train.build import build_draft, check_draft_matches, check_out_dir, schedule_total, wait_for_records
 from dataflow.train.config import TrainConfig, TrainLimits
 from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, sum_gradients
 from dataflow.train.epochs import replay_epochs
 from dataflow.train.lock import hold_trainer_lock, refuse_unless_all_locked
-from dataflow.train.loss import draft_target_ids, loss_tokens, teacher, ttt_sums
+from dataflow.train.loss import loss_tokens
 from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
 from dataflow.train.source import MicroBatch, RefSource, Sample, check_features, collate
+from dataflow.train.step import TrainStep, keep_freed_memory
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = (0.05, 1.0)  # back-off bounds while the queue is empty
@@ -72,14 +72,14 @@ class Trainer:
         self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
                                 partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
         target, vocab = wait_for_records(self.meta, self._waiting)
-        self.model, head = build_draft(target, vocab, config)
-        self.model.to(dist.device)
-        self.lm_head = head.lm_head.to(dist.device, torch.float32)  # frozen teacher head
-        self.draft_ids = draft_target_ids(self.model.d2t)
+        model, head = build_draft(target, vocab, config)
+        if dist.device.type == "cpu":
+            keep_freed_memory()
+        self.step = TrainStep(model, head.lm_head, config, device=dist.device, compile=limits.compile)
+        self.model = self.step.master  # fp32: checkpointed and exported
         # The target's dtype: features are collated in it and the export is written in it.
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
         self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
-        self.params, self.optimizer, self.scheduler = build_optimizer(self.model, config, limits.max_steps)
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
@@ -101,9 +101,7 @@ class Trainer:
         if last is not None:
             state = ckpt.read_training_state(last.path, run_id=self.meta.run_id)
             check_draft_matches(state, self.model, last.path)
-            self.model.load_state_dict(state["model"], strict=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.step.load_state_dict(state["model"], state)
             torch.set_rng_state(state["rng"])
             self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
             self.status.print(f"resumed from {last.path} (step {last.step})")
@@ -182,11 +180,11 @@ class Trainer:
         if n_samples == 0:  # every sample was lost: no update (AdamW would still move on momentum)
             return
         sums = self._accumulate(batches, max(n_tokens, 1.0))
-        sum_gradients(self.dist, self.params)
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        sum_gradients(self.dist, self.step.params)
+        if self.progress.step == 0:  # fixed once; a resumed run reads it from the checkpoint
+            total = schedule_total(self.meta, self.tasks, self.queue, self.limits)
+            self.step.schedule.total, self.step.schedule.unit = total
+        self.step.update(step=self.progress.step, samples=self.progress.samples)
         acked = self.source.ack(samples)
         if len(acked) < len(samples):  # only when a step outlived --lease-ttl; those refs may train twice
             self.status.print(f"warning: {len(samples) - len(acked)} leases lapsed before the ack; raise --lease-ttl")
@@ -207,7 +205,7 @@ class Trainer:
         """Copy a micro-batch out of the store; samples whose bytes changed under us are dropped (LOST)."""
         cfg = self.model.cfg
         for s in samples:
-            check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.lm_head.shape[1])
+            check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.step.lm_head.shape[1])
         batch = collate(samples, self.dist.device, self.target_dtype)
         kept = self.source.confirm(samples)
         if len(kept) < len(samples):
@@ -219,18 +217,12 @@ class Trainer:
         """Forward/backward every micro-batch; returns [weighted loss sum, loss_sum_k.., correct_k.., count_k..]."""
         k = self.config.ttt_length
         totals = [0.0] * (1 + 3 * k)
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
         for b in batches:
-            t = teacher(b.target_hidden.float(), self.lm_head, b.loss_mask,
-                        t2d=self.model.t2d, draft_ids=self.draft_ids)
-            with autocast:
-                logits = self.model(b.input_ids, b.aux_hidden.float(), k)
-            sums = ttt_sums(logits, t, self.model.d2t)
-            weighted = sums.weighted_loss()
-            (weighted / n_tokens).backward()
+            weighted, sums = self.step.accumulate(b, n_tokens)
             self.source.keep_alive()  # a long step must not let our leases lapse before the ack
-            values = [weighted] + sums.loss_sum + sums.correct + sums.count
-            for i, v in enumerate(torch.stack([v.detach().float() for v in values]).tolist()):  # one device sync
+            values = [weighted] + [v.detach() for v in sums.loss_sum] + sums.correct
+            values = torch.stack([v.float() for v in values]).tolist() + sums.count  # one device sync
+            for i, v in enumerate(values):
                 totals[i] += v
         return totals
 
@@ -243,8 +235,7 @@ class Trainer:
         if self.dist.is_main:
             state = {
                 "model": {n: t for n, t in self.model.state_dict().items() if n != ckpt.EMBED_NAME},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                **self.step.state_dict(),
                 "rng": torch.get_rng_state(),
                 "draft_config": asdict(self.model.cfg),
                 "train_config": self.config.recorded(),
@@ -331,7 +322,7 @@ class Trainer:
     def _log(self, window: Window) -> Window:
         if self.progress.step % self.limits.log_every:
             return window
-        row = window.summary(self.progress.step, self.scheduler.get_last_lr()[0])
+        row = window.summary(self.progress.step, self.step.last_lr)
         self._last_row = row
         if self.metrics is not None:
             self.metrics.write(row)

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 
-from dataflow.control.db import database_path
 from dataflow.control.meta import RunMeta
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
