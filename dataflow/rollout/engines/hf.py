@@ -115,16 +115,21 @@ class HFEngine:
             for b, (sample, n) in enumerate(zip(batch, lengths))
         ]
 
-    @torch.inference_mode()
     def generate(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[str]:
-        """The target's reply to each conversation (ending with a user turn): batched, left-padded."""
+        """The target's reply to each conversation (ending with a user turn)."""
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    @torch.inference_mode()
+    def complete(self, texts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
+        """The target's continuation of each rendered text up to its end-of-turn: batched, left-padded."""
         tok = self.tokenizer
         if tok.pad_token is None:  # left padding needs a pad token; the attention mask hides it
             tok.pad_token = tok.eos_token
-        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         tok.padding_side, side = "left", tok.padding_side
         try:
-            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.config.device)
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.config.device)
         finally:
             tok.padding_side = side
         sampled = temperature > 0
