@@ -159,7 +159,7 @@ def rollout(
     temperature: float = typer.Option(0.0, help="0 = greedy regeneration, > 0 samples."),
     aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA, fp32 on CPU)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
     tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),

@@ -4,29 +4,23 @@ import json
 
 import pytest
 
-from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample, load_dataset, split_held_out
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
-from dataflow.rollout.producer import run_rollout
 from dataflow.rollout.regenerate import normalised, user_header
 from dataflow.rollout.template import tokenize_sample
-from dataflow.rollout.ui import RolloutView
+from dataflow.rollout.testing import rollout_in_process, tiny_engine
 from dataflow.rollout.vocab import target_ids_of
-from dataflow.testing import build_tiny_target
 from dataflow.ui import collect
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return HFEngine(HFEngineConfig(model_dir=build_tiny_target(tmp_path_factory.mktemp("tiny") / "t"), threads=1))
+    return tiny_engine(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def rollout(tmp_path, engine, **options):
-    conn = connect(tmp_path / "run.sqlite")
-    config = RolloutConfig(store="files", store_dir=tmp_path / "features", **{"num_samples": 6, **options})
-    stats = run_rollout(conn, config, engine, RolloutView(enabled=False))
+    conn, _, stats = rollout_in_process(tmp_path, engine, **{"num_samples": 6, **options})
     return conn, stats
 
 

@@ -8,27 +8,20 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue, TaskState
 from dataflow.errors import ConfigMismatch
-from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import load_dataset
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
-from dataflow.rollout.producer import run_rollout
 from dataflow.rollout.template import tokenize_sample
-from dataflow.testing import build_tiny_target
-from dataflow.rollout.ui import RolloutView
+from dataflow.rollout.testing import rollout_in_process, tiny_engine
 from dataflow.rollout.vocab import target_ids_of
 from dataflow.transport import open_reader
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return HFEngine(HFEngineConfig(model_dir=build_tiny_target(tmp_path_factory.mktemp("tiny") / "t"), threads=1))
+    return tiny_engine(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def rollout(tmp_path, engine, **options):
-    conn = connect(tmp_path / "run.sqlite")
-    config = RolloutConfig(store="files", store_dir=tmp_path / "features", **{"num_samples": 12, **options})
-    stats = run_rollout(conn, config, engine, RolloutView(enabled=False))
-    return conn, config, stats
+    return rollout_in_process(tmp_path, engine, **options)
 
 
 def test_features_read_back_through_the_store_equal_the_forward(tmp_path, engine):
@@ -123,7 +116,7 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
         "{{ raise_exception('roles must alternate') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    strict_engine = HFEngine(HFEngineConfig(model_dir=engine.config.model_dir, threads=1, chat_template=strict))
+    strict_engine = tiny_engine(engine.config.model_dir, chat_template=strict)
     conn, _, stats = rollout(tmp_path, strict_engine, dataset=dataset, held_out=0)
     assert stats.failed == 1 and stats.samples == 1
     row = conn.execute("SELECT state, last_error FROM tasks WHERE key = 'twice'").fetchone()
