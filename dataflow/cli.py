@@ -180,7 +180,12 @@ def rollout(
     target_model: str = typer.Option(None, help="HF model dir (safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct."),
     dataset: Path = typer.Option(None, help="jsonl of conversations (native, ShareGPT or text rows); default: bundled."),
     on_bad_row: str = typer.Option("fail", help="skip|fail: what to do with malformed dataset rows."),
-    num_samples: int = typer.Option(None, help="Use only the first N dataset rows."),
+    num_samples: int = typer.Option(None, help="Use only the first N dataset rows (held-out rows excluded)."),
+    held_out: int = typer.Option(16, help="The dataset's last N conversation rows: never trained on, eval's prompts."),
+    self_prompts: int = typer.Option(0, help="Prompts the target writes itself (Magpie), added to the dataset's."),
+    prompt_temperature: float = typer.Option(1.0, help="Sampling temperature of the self-written prompts."),
+    samples_per_prompt: int = typer.Option(1, help="Sampled replies per prompt (needs --regenerate, --temperature > 0)."),
+    vocab_warmup: int = typer.Option(256, help="With --regenerate: samples regenerated first to count the vocabulary."),
     epochs: int = typer.Option(1, help="Passes over the dataset (one target forward per sample per epoch)."),
     seed: int = typer.Option(0, help="Seeds each epoch's shuffle and sampled regeneration."),
     max_length: int = typer.Option(2048, help="Tokens per sample; longer ones are truncated with their mask."),
@@ -192,7 +197,7 @@ def rollout(
     temperature: float = typer.Option(0.0, help="0 = greedy regeneration, > 0 samples."),
     aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA, fp32 on CPU)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
     tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),
@@ -219,6 +224,8 @@ def rollout(
         layers = tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None
         config = RolloutConfig(
             dataset=dataset, on_bad_row=on_bad_row, num_samples=num_samples, epochs=epochs, seed=seed,
+            held_out=held_out, self_prompts=self_prompts, prompt_temperature=prompt_temperature,
+            samples_per_prompt=samples_per_prompt, vocab_warmup=vocab_warmup,
             max_length=max_length, train_only_last_turn=train_only_last_turn, draft_vocab_size=draft_vocab_size,
             regenerate=regenerate, max_new_tokens=max_new_tokens, temperature=temperature,
             token_budget=token_budget, tasks_per_lease=tasks_per_lease, lease_ttl=lease_ttl, store=store,
@@ -317,7 +324,8 @@ def eval_draft(
     draft: Path = typer.Option(..., "--draft", help="Checkpoint dir to evaluate, e.g. OUT/final."),
     target_model: str = typer.Option(None, "--target-model", help="HF dir or .gguf; default SmolLM2-135M-Instruct."),
     data: Path = typer.Option(None, "--data", help="jsonl conversations; default the bundled dataset."),
-    num_prompts: int = typer.Option(8, help="Held-out prompts, taken from the end of the dataset."),
+    num_prompts: int = typer.Option(8, help="Prompts from the held-out rows (the dataset's last ones)."),
+    held_out: int = typer.Option(16, "--held-out", help="The rollout's --held-out (rows no rollout trains on)."),
     num_draft_tokens: int = typer.Option(7, "--num-draft-tokens", "-k", help="Guesses per verification step."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
     aux_layers: str = typer.Option(None, help="Comma-separated HF hidden_states indices (default 2,N//2,N-3)."),
@@ -331,11 +339,16 @@ def eval_draft(
 
     from dataflow.eval.report import EvalConfig, evaluate
 
-    config = EvalConfig(
-        draft=draft, target_model=target_model, data=data, num_prompts=num_prompts,
-        num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
-        aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
-    )
+    from dataflow.errors import InputError
+
+    try:
+        config = EvalConfig(
+            draft=draft, target_model=target_model, data=data, num_prompts=num_prompts, held_out=held_out,
+            num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
+            aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
+        )
+    except ValueError as e:
+        raise InputError(f"dataflow eval: {e}") from None
     console = Console(stderr=True)
     result = evaluate(config, on_prompt=lambda i, n: console.log(f"prompt {i + 1}/{n}"))
     if as_json:

@@ -19,7 +19,15 @@ def collect(conn) -> dict:
     from dataflow.control.status import snapshot
     from dataflow.transport.gc import usage
 
-    return {**snapshot(conn), "stores": usage(conn)}
+    snap = snapshot(conn)
+    return {**snap, "stores": usage(conn), "vocab_coverage": vocab_coverage(snap["processes"])}
+
+
+def vocab_coverage(processes: list[dict]) -> float | None:
+    """Share of the trained tokens the rollouts published that lie inside the draft vocabulary."""
+    infos = [p["info"] for p in processes if p["role"] == "rollout" and p["info"].get("trained_tokens")]
+    trained = sum(i["trained_tokens"] for i in infos)
+    return round(sum(i["trained_in_vocab"] for i in infos) / trained, 5) if trained else None
 
 
 def store_line(store: dict) -> str:
@@ -44,6 +52,8 @@ def status_view(snap: dict) -> Group:
     run.add_row("dead-letter", str(snap["dead"]) + ("  (see `dataflow dead`)" if snap["dead"] else ""))
     marks = [m for m in ("end_of_stream", "run_finished") if snap[m]]
     run.add_row("marks", ", ".join(marks) or "-")
+    if snap.get("vocab_coverage") is not None:
+        run.add_row("draft vocab", f"covers {snap['vocab_coverage']:.1%} of the trained tokens produced")
     ckpt = snap["last_checkpoint"]
     run.add_row("checkpoint", "-" if ckpt is None else f"step {ckpt['step']} ({ckpt['age_s']:.0f}s ago) {ckpt['path']}")
     procs = Table(title="processes")

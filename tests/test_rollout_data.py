@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dataflow.errors import InputError
-from dataflow.rollout.data import default_dataset_path, load_dataset
+from dataflow.rollout.data import default_dataset_path, load_dataset, split_held_out
 
 
 def write_jsonl(path, lines):
@@ -67,3 +67,23 @@ def test_the_bundled_dataset_has_hundreds_of_varied_real_conversations():
     assert all(any(m["role"] == "assistant" and m["content"].strip() for m in s.messages) for s in samples)
     categories = {s.id.split("-")[0] for s in samples}
     assert {"qa", "code", "math", "writing", "chat"} <= categories
+
+
+def test_the_last_conversation_rows_are_held_out_and_text_rows_are_never_held_out(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "conversations": [{"role": "user", "content": "A"}]},
+        {"id": "b", "conversations": [{"role": "user", "content": "B"}]},
+        {"id": "c", "conversations": [{"role": "user", "content": "C"}]},
+        {"id": "t", "text": "pre-formatted"},
+    ])
+    samples = load_dataset(path).samples
+    train, held_out = split_held_out(samples, 2)
+    assert [s.id for s in train] == ["a", "t"] and [s.id for s in held_out] == ["b", "c"]
+    assert split_held_out(samples, 0) == (samples, [])
+    with pytest.raises(InputError, match="--held-out 3: .* only 3 conversation rows"):
+        split_held_out(samples, 3)
+
+
+def test_ids_with_the_reserved_key_separators_are_bad_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x@1", "text": "t"}, {"id": "y#e1", "text": "t"}, {"id": "ok", "text": "t"}])
+    assert len(load_dataset(path, on_bad_row="skip").skipped) == 2

@@ -10,7 +10,7 @@ from dataflow.testing import build_tiny_target
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     model_dir = build_tiny_target(tmp_path_factory.mktemp("tiny") / "target", num_layers=6)
-    return HFEngine(HFEngineConfig(model_dir=model_dir, threads=1))
+    return HFEngine(HFEngineConfig(model_dir=model_dir, threads=1, dtype="float32"))
 
 
 def sample(key, n, seed):
@@ -46,6 +46,40 @@ def test_the_target_record_describes_what_the_trainer_needs(engine):
     assert record["hidden_size"] == 64 and record["num_hidden_layers"] == 6
     assert record["vocab_size"] == len(engine.tokenizer) and record["dtype"] == "float32"
     assert (engine.config.model_dir / "config.json").exists()
+
+
+def test_auto_dtype_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
+    import dataflow.rollout.engines.hf as hf
+
+    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hf, "cpu_has_fast_bf16", lambda: fast)
+        assert HFEngineConfig(model_dir=".").torch_dtype == expected
+        assert HFEngineConfig(model_dir=".", device="cuda").torch_dtype == torch.bfloat16
+        assert HFEngineConfig(model_dir=".", dtype="float32").torch_dtype == torch.float32
+
+
+def test_bf16_features_travel_through_both_stores_as_bf16(tmp_path, engine):
+    from dataflow.control.db import connect
+    from dataflow.transport import open_reader, open_writer
+
+    bf16 = HFEngine(HFEngineConfig(model_dir=engine.config.model_dir, threads=1, dtype="bfloat16"))
+    [features] = bf16.features([sample("a", 9, 0)])
+    [exact] = engine.features([sample("a", 9, 0)])
+    assert features["aux_hidden"].dtype == features["target_hidden"].dtype == torch.bfloat16
+    torch.testing.assert_close(features["target_hidden"].float(), exact["target_hidden"], atol=0.1, rtol=0.05)
+    for store in ("files", "shm"):
+        conn = connect(tmp_path / f"{store}.sqlite")
+        shm = tmp_path / "shm"  # a private directory: nothing is left in /dev/shm
+        shm.mkdir(exist_ok=True)
+        writer = open_writer(conn, store, "r0", 1 << 20, tmp_path / "features", max_sample_bytes=1 << 16, shm_dir=shm)
+        handle, _ = writer.write("a", features)
+        reader = open_reader(conn, shm_dir=shm)
+        read = reader.open(handle)
+        assert all(torch.equal(read[name], features[name]) for name in features)
+        assert read["aux_hidden"].dtype == torch.bfloat16
+        reader.release(handle)
+        reader.close()
+        writer.close()
 
 
 def test_aux_layers_out_of_range_are_refused(engine):

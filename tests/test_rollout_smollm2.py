@@ -46,8 +46,12 @@ def test_rollout_runs_the_real_smollm2_end_to_end_on_a_few_samples(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(target["model"])
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([tokenized.input_ids]), output_hidden_states=True)
-        torch.testing.assert_close(features["aux_hidden"][:, 576:1152], out.hidden_states[15][0], atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(features["target_hidden"], out.hidden_states[-1][0], atol=1e-3, rtol=1e-3)
+        # the default dtype: bf16 where the CPU has native bf16 matmuls (then within bf16's error of fp32)
+        assert str(features["target_hidden"].dtype) == f"torch.{target['dtype']}"
+        for got, exact in ((features["aux_hidden"][:, 576:1152], out.hidden_states[15][0]),
+                           (features["target_hidden"], out.hidden_states[-1][0])):
+            tolerance = 1e-3 if got.dtype == torch.float32 else 0.05
+            assert (got.float() - exact).norm() / exact.norm() < tolerance
         # de-quantised weights that work: the reference reply is far likelier than under a uniform guess
         # (mean NLL ln(49152) = 10.8 nats)
         mask = torch.tensor(tokenized.loss_mask[1:])

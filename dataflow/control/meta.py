@@ -61,6 +61,12 @@ class RunMeta:
                 (key, json.dumps(value)),
             )
 
+    def set_once(self, key: str, value):
+        """Record `value` unless `key` has one already; returns the recorded value (the first writer wins)."""
+        with immediate(self.conn):
+            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+        return self.get(key)
+
     def check_config(self, section: str, config: dict) -> None:
         """Record `config` the first time a section is seen; afterwards refuse any differing key."""
         key = f"config.{section}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import InputError
+from dataflow.rollout.data import DEFAULT_HELD_OUT
 from dataflow.eval.speculative import SpecStats, Target, greedy, speculative
 from dataflow.train.checkpoint import draft_from_export
 from dataflow.train.eagle3 import Eagle3Draft
@@ -23,7 +24,9 @@ class EvalConfig:
     data: Path | None = None
     """jsonl of conversations; None = the bundled dataset."""
     num_prompts: int = 8
-    """Prompts taken from the END of the dataset (the demo trains on the first rows)."""
+    """Prompts taken from the dataset's held-out rows (its last ones), which no rollout trains on."""
+    held_out: int = DEFAULT_HELD_OUT
+    """The rollout's --held-out: how many conversation rows at the dataset's end are held out."""
     num_draft_tokens: int = 7
     max_new_tokens: int = 64
     aux_layers: tuple[int, ...] | None = None
@@ -35,6 +38,11 @@ class EvalConfig:
         for name in ("num_prompts", "num_draft_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts > self.held_out:
+            raise ValueError(
+                f"num_prompts {self.num_prompts} > held_out {self.held_out}: the extra prompts would be rows a "
+                "rollout trains on; pass --num-prompts at most --held-out (and the rollout the same --held-out)"
+            )
 
 
 def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
@@ -43,12 +51,13 @@ def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
     return Eagle3Draft(draft.cfg, embed_tokens=draft.embed_tokens.weight, d2t=draft.d2t, t2d=draft.t2d).eval()
 
 
-def held_out_prompts(tokenizer, data: Path | None, n: int) -> list[list[int]]:
-    from dataflow.rollout.data import load_dataset
+def held_out_prompts(tokenizer, data: Path | None, n: int, held_out: int = DEFAULT_HELD_OUT) -> list[list[int]]:
+    """The first user turn of the last `n` held-out rows (`split_held_out`), rendered for generation."""
+    from dataflow.rollout.data import load_dataset, split_held_out
 
-    samples = [s for s in load_dataset(data, on_bad_row="skip").samples if s.messages]
+    _, rows = split_held_out(load_dataset(data, on_bad_row="skip").samples, held_out)
     prompts = []
-    for sample in samples[-n:]:
+    for sample in rows[-n:]:
         first_user = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
         messages = list(sample.messages[: first_user + 1])
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -89,7 +98,7 @@ def evaluate(config: EvalConfig, on_prompt=lambda i, n: None) -> dict:
         raise InputError(f"--draft {config.draft}: vocab {draft.cfg.vocab_size} does not match the target's")
     floor = untrained_like(draft, config.seed)
     eos = eos_ids(model, tokenizer)
-    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts)
+    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts, config.held_out)
     trained, untrained = SpecStats(), SpecStats()
     greedy_tokens, greedy_seconds, mismatches = 0, 0.0, 0
     for i, prompt in enumerate(prompts):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dataflow.rollout.data import DEFAULT_HELD_OUT
+
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
@@ -15,7 +17,15 @@ class RolloutConfig:
     on_bad_row: Literal["skip", "fail"] = "fail"
     """What to do with malformed dataset rows."""
     num_samples: int | None = None
-    """Use only the first N rows of the dataset."""
+    """Use only the first N rows of the dataset (after the held-out rows are set aside)."""
+    held_out: int = DEFAULT_HELD_OUT
+    """The dataset's last N conversation rows are never trained on: `dataflow eval` prompts with them."""
+    self_prompts: int = 0
+    """Prompts the target writes itself from its bare user header (Magpie), added to the dataset's rows."""
+    prompt_temperature: float = 1.0
+    """Sampling temperature of the self-written prompts."""
+    samples_per_prompt: int = 1
+    """Sampled replies per prompt (each its own sample); > 1 needs --regenerate and --temperature > 0."""
     epochs: int = 1
     """Passes over the dataset (one target forward per sample per epoch)."""
     seed: int = 0
@@ -28,6 +38,9 @@ class RolloutConfig:
     """Draft vocabulary size; None = min(32000, target vocab)."""
     regenerate: bool = False
     """Let the target write the assistant replies first (kept across restarts)."""
+    vocab_warmup: int = 256
+    """With regenerate: the first N samples are regenerated before any feature is published, and the draft
+    vocabulary is counted from those replies (the target's own), not the dataset's."""
     max_new_tokens: int = 256
     """Reply length limit for --regenerate."""
     temperature: float = 0.0
@@ -52,7 +65,8 @@ class RolloutConfig:
     A restarted rollout with the same id re-attaches its arena."""
 
     def __post_init__(self):
-        positive = ("epochs", "max_length", "max_new_tokens", "token_budget", "tasks_per_lease", "max_inflight_bytes")
+        positive = ("epochs", "max_length", "max_new_tokens", "token_budget", "tasks_per_lease", "max_inflight_bytes",
+                    "samples_per_prompt", "vocab_warmup")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -62,6 +76,14 @@ class RolloutConfig:
             raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.held_out < 0 or self.self_prompts < 0:
+            raise ValueError(f"held_out and self_prompts must be >= 0, got {self.held_out}, {self.self_prompts}")
+        if self.prompt_temperature <= 0:
+            raise ValueError(f"prompt_temperature must be > 0, got {self.prompt_temperature}")
+        if self.self_prompts and not self.regenerate:
+            raise ValueError("self_prompts needs regenerate (the target writes the replies to its own prompts)")
+        if self.samples_per_prompt > 1 and not (self.regenerate and self.temperature > 0):
+            raise ValueError("samples_per_prompt > 1 needs regenerate and temperature > 0 (else the copies are equal)")
         if self.lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
         if self.on_bad_row not in ("skip", "fail"):

@@ -4,7 +4,8 @@
     {"id": "a2", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
     {"id": "a3", "text": "pre-formatted text, trained on every token"}
 
-A row without "id" gets "line<N>". Bad rows are reported with file and line number; `on_bad_row="skip"`
+A row without "id" gets "line<N>". The last `held_out` conversation rows are the eval's prompts
+(`split_held_out`): rollouts never train on them, `dataflow eval` prompts only with them. Bad rows are reported with file and line number; `on_bad_row="skip"`
 drops them (and counts them), `"fail"` raises one InputError that also says how many would be skipped.
 """
 
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 from dataflow.errors import InputError
+
+DEFAULT_HELD_OUT = 16
+"""Conversation rows at the end of a dataset kept for `dataflow eval` (rollout --held-out, eval --held-out)."""
 
 ROLE_ALIASES = {
     "system": "system",
@@ -96,6 +100,18 @@ def decode_line(raw: bytes) -> str:
         raise BadRow(f"invalid UTF-8 at byte {e.start} of the line ({raw[e.start:e.start + 4]!r})") from None
 
 
+def split_held_out(samples: list[Sample], held_out: int) -> tuple[list[Sample], list[Sample]]:
+    """(rows to train on, the eval's rows): the last `held_out` conversation rows are held out."""
+    conversations = [i for i, s in enumerate(samples) if s.messages]
+    if held_out and held_out >= len(conversations):
+        raise InputError(
+            f"--held-out {held_out}: the dataset has only {len(conversations)} conversation rows, which leaves "
+            "none to train on; pass a smaller --held-out"
+        )
+    kept_out = set(conversations[len(conversations) - held_out :]) if held_out else set()
+    return [s for i, s in enumerate(samples) if i not in kept_out], [samples[i] for i in sorted(kept_out)]
+
+
 def parse_row(line: str, default_id: str) -> Sample:
     try:
         row = json.loads(line)
@@ -104,8 +120,8 @@ def parse_row(line: str, default_id: str) -> Sample:
     if not isinstance(row, dict):
         raise BadRow("not a JSON object")
     sample_id = str(row.get("id", default_id))
-    if "#" in sample_id:  # '#' separates the epoch suffix in ref keys
-        raise BadRow(f"id {sample_id!r} contains '#'")
+    if "#" in sample_id or "@" in sample_id:  # '#' separates the epoch suffix in ref keys, '@' a copy's
+        raise BadRow(f"id {sample_id!r} contains '#' or '@' (reserved in sample keys)")
     if isinstance(row.get("text"), str):
         if not row["text"].strip():
             raise BadRow("empty text")

@@ -1,24 +1,41 @@
-"""Joining a run as a rollout: check the config, record the target and the draft vocabulary, add tasks.
+"""Joining a run as a rollout: check the config, record the target, choose the prompts, fix the draft
+vocabulary, add the prompt tasks.
 
-Every step is idempotent, so any number of rollout processes may start (or restart) on one DB.
+The prompts: the dataset's rows minus the held-out ones (the eval's) and minus repeated prompts, plus
+prompts the target writes itself (--self-prompts), each --samples-per-prompt times, epoch after epoch.
+The vocabulary: with --regenerate, the first --vocab-warmup samples are regenerated here, before any
+feature is published, and the target's own replies are counted (their tasks carry the replies, so the
+producer does not write them again); without it, the dataset's replies are counted.
+
+Every step is idempotent, so any number of rollout processes may start (or restart) on one DB: the first
+recorded vocabulary wins, a task key is added once, and a restart finds its prompts already in the tasks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
+from collections import Counter
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
 from dataflow.rollout.config import RolloutConfig
-from dataflow.rollout.data import Sample, default_dataset_path, load_dataset
+from dataflow.rollout.data import Sample, default_dataset_path, load_dataset, split_held_out
 from dataflow.rollout.engines.hf import HFEngine
+from dataflow.rollout.regenerate import (
+    first_user_turn,
+    regenerate_replies,
+    self_written_prompts,
+    without_duplicate_prompts,
+)
 from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
 from dataflow.rollout.vocab import count_tokens, draft_vocab
 
 DEFAULT_DRAFT_VOCAB = 32000
+PROMPT_MAX_NEW_TOKENS = 96  # a self-written prompt is a question or an instruction, not an essay
 
 
 def task_key(sample_id: str, epoch: int) -> str:
@@ -37,6 +54,10 @@ def run_identity(config: RolloutConfig, engine: HFEngine, draft_vocab_size: int)
         "draft_vocab_size": draft_vocab_size,
         "dataset": str((config.dataset or default_dataset_path()).resolve()),
         "num_samples": config.num_samples,
+        "held_out": config.held_out,
+        "self_prompts": config.self_prompts,
+        "samples_per_prompt": config.samples_per_prompt,
+        "vocab_warmup": config.vocab_warmup,
         "epochs": config.epochs,
         "seed": config.seed,
         "train_only_last_turn": config.train_only_last_turn,
@@ -55,15 +76,44 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
             f"pass at most {engine.vocab_size}"
         )
     dataset = load_dataset(config.dataset, config.on_bad_row)
-    samples = dataset.samples[: config.num_samples]
+    rows, held_out = split_held_out(dataset.samples, config.held_out)
     meta.check_config("rollout", run_identity(config, engine, draft_vocab_size))
     meta.set("target", {**engine.describe(), "max_length": config.max_length})
+    summary = {"bad_rows_skipped": len(dataset.skipped), "held_out": len(held_out)}
+    if meta.get("vocab") is not None and sum(tasks.counts().values()):
+        return {**summary, "tasks_added": 0}  # a restart: the run's prompts are its tasks already
+    prompts, duplicates = training_prompts(engine, rows, held_out, config, view)
+    order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
+    warm = {}
     if meta.get("vocab") is None:
-        meta.set("vocab", vocab_pass(engine, samples, config, draft_vocab_size, view))
-    added = tasks.add_many(
-        [(task_key(s.id, epoch), {**s.to_payload(), "epoch": epoch}) for epoch, s in epoch_order(samples, config)]
-    )
-    return {"samples": len(samples), "bad_rows_skipped": len(dataset.skipped), "tasks_added": added}
+        warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
+    added = tasks.add_many([(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)])
+    return {**summary, "prompts": len(prompts), "duplicates_dropped": duplicates, "tasks_added": added}
+
+
+def training_prompts(
+    engine: HFEngine, rows: list[Sample], held_out: list[Sample], config: RolloutConfig, view: RolloutView
+) -> tuple[list[Sample], int]:
+    """The dataset's rows (first --num-samples) without repeats or eval prompts, plus self-written prompts;
+    and how many rows were dropped as repeats."""
+    eval_prompts = [p for p in map(first_user_turn, held_out) if p is not None]
+    seeds, duplicates = without_duplicate_prompts(rows[: config.num_samples], avoid=eval_prompts)
+    if not config.self_prompts:
+        return seeds, duplicates
+    with view.stage("self-written prompts", config.self_prompts) as advance:
+        own = self_written_prompts(
+            engine, config.self_prompts, avoid=eval_prompts + [p for p in map(first_user_turn, seeds) if p],
+            temperature=config.prompt_temperature, max_new_tokens=PROMPT_MAX_NEW_TOKENS, seed=config.seed,
+            batch_size=config.tasks_per_lease, on_batch=advance,
+        )
+    if len(own) < config.self_prompts:
+        view.message(f"the target wrote only {len(own)} distinct prompts of {config.self_prompts} asked for")
+    return seeds + own, duplicates
+
+
+def with_copies(samples: list[Sample], copies: int) -> list[Sample]:
+    """Each sample `copies` times; copy k > 0 is keyed "<id>@<k>" (its own task, its own sampled replies)."""
+    return [s if k == 0 else dataclasses.replace(s, id=f"{s.id}@{k}") for s in samples for k in range(copies)]
 
 
 def epoch_order(samples: list[Sample], config: RolloutConfig) -> list[tuple[int, Sample]]:
@@ -76,12 +126,55 @@ def epoch_order(samples: list[Sample], config: RolloutConfig) -> list[tuple[int,
     return order
 
 
-def vocab_pass(engine: HFEngine, samples: list[Sample], config: RolloutConfig, size: int, view: RolloutView) -> dict:
-    """Tokenise-only pass: the most frequent loss-masked tokens become the draft vocabulary."""
-    with view.vocab_pass(len(samples)) as advance:
-        tokenized = (renderable(engine, s, config) for s in samples)
-        counts = count_tokens(tokenized, on_sample=advance)
-    return draft_vocab(counts, engine.vocab_size, size)
+def task_payload(sample: Sample, epoch: int, regenerated: Sample | None) -> dict:
+    """A task's payload; a warm-up sample carries the replies the target already wrote for it."""
+    if regenerated is None:
+        return {**sample.to_payload(), "epoch": epoch}
+    return {**regenerated.to_payload(), "epoch": epoch, "regenerated": True}
+
+
+def record_vocab(
+    meta: RunMeta, engine: HFEngine, order: list[tuple[int, Sample]], rows: list[Sample],
+    config: RolloutConfig, size: int, view: RolloutView,
+) -> dict[int, Sample]:
+    """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
+    regenerated for it, by position in `order`."""
+    if config.regenerate:
+        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view)
+        counted = [warm.get(i, s) for i, (_, s) in enumerate(order[: config.vocab_warmup])]
+    else:
+        warm, counted = {}, [s for epoch, s in order if epoch == 0]
+    with view.stage("draft vocabulary", len(counted)) as advance:
+        counts = count_tokens((renderable(engine, s, config) for s in counted), on_sample=advance)
+    seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
+    vocab = draft_vocab(counts, engine.vocab_size, size, fallback=seen)
+    source = "regenerated replies" if config.regenerate else "dataset replies"
+    recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
+    if recorded.get("coverage") is not None:
+        view.message(
+            f"draft vocabulary: {size} ids from {recorded['counted_samples']} samples' {recorded['source']}; "
+            f"covers {recorded['coverage']:.1%} of their {recorded['counted_tokens']} trained tokens "
+            f"({recorded['distinct_counted']} distinct)"
+        )
+    return warm
+
+
+def regenerate_warmup(
+    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView
+) -> dict[int, Sample]:
+    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease."""
+    todo = [i for i, (_, s) in enumerate(warmup) if s.text is None]
+    out: dict[int, Sample] = {}
+    with view.stage("vocabulary warm-up (regenerating)", len(todo)) as advance:
+        for start in range(0, len(todo), config.tasks_per_lease):
+            batch = todo[start : start + config.tasks_per_lease]
+            replies = regenerate_replies(
+                engine, [warmup[i][1] for i in batch], max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, seed=config.seed,
+            )
+            out.update(zip(batch, replies))
+            advance(len(out))
+    return out
 
 
 def renderable(engine: HFEngine, sample: Sample, config: RolloutConfig) -> TokenizedSample | None:

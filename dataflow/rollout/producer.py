@@ -29,8 +29,10 @@ from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample
 from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
 from dataflow.rollout.prepare import prepare_run
+from dataflow.rollout.regenerate import regenerate_replies
 from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
+from dataflow.rollout.vocab import covered, target_ids_of
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
@@ -50,6 +52,8 @@ class RolloutStats:
     failed: int = 0  # samples the chat template refused (their tasks are dead, with the error)
     lost_leases: int = 0
     regenerated: int = 0
+    trained_tokens: int = 0  # loss-masked tokens published
+    trained_in_vocab: int = 0  # ... of which the draft vocabulary holds
     forward_s: float = 0.0
     regenerate_s: float = 0.0
     tokenize_s: float = 0.0
@@ -71,6 +75,11 @@ class RolloutStats:
         return self.tokens / max(self.elapsed_s, 1e-9)
 
     @property
+    def vocab_coverage(self) -> float | None:
+        """Share of the published trained tokens inside the draft vocabulary (the rest carry no loss)."""
+        return self.trained_in_vocab / self.trained_tokens if self.trained_tokens else None
+
+    @property
     def overhead_s(self) -> float:
         """The runtime's own time: tokenise, store write (not waiting), SQLite."""
         return self.tokenize_s + self.write_s + self.sqlite_s
@@ -84,6 +93,7 @@ class RolloutStats:
             f"overhead {self.overhead_s:.2f}s ({self._overhead_share()}tokenise {self.tokenize_s:.2f}s, "
             f"store {self.write_s:.2f}s, sqlite {self.sqlite_s:.2f}s), waited for trainer {self.wait_s:.1f}s"
             + (f", regenerated {self.regenerated} in {self.regenerate_s:.1f}s" if self.regenerated else "")
+            + (f", draft vocab covers {self.vocab_coverage:.1%} of trained tokens" if self.trained_tokens else "")
             + (f", skipped {self.skipped_no_assistant} without assistant tokens" if self.skipped_no_assistant else "")
             + (f", {self.failed} refused by the chat template (dead tasks)" if self.failed else "")
             + (f", dropped {self.lost_leases} whose task lease another rollout took over" if self.lost_leases else "")
@@ -96,7 +106,8 @@ class RolloutStats:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("started")
-        rates = {"elapsed_s": self.elapsed_s, "samples_per_s": self.samples_per_s, "tokens_per_s": self.tokens_per_s}
+        rates = {"elapsed_s": self.elapsed_s, "samples_per_s": self.samples_per_s, "tokens_per_s": self.tokens_per_s,
+                 "vocab_coverage": self.vocab_coverage}
         return {**d, **rates}
 
 
@@ -109,6 +120,7 @@ class Producer:
         self.process_id = f"rollout-{producer_id}"
         self.db_path = database_path(conn)
         self.stats = RolloutStats()
+        self.vocab_ids = frozenset(target_ids_of(self.meta.get("vocab")))
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
         self._last_heartbeat = 0.0
@@ -222,6 +234,9 @@ class Producer:
         else:
             self.stats.samples += 1
             self.stats.tokens += len(tensors["input_ids"])
+            in_vocab, trained = covered(tensors["input_ids"].tolist(), tensors["loss_mask"].tolist(), self.vocab_ids)
+            self.stats.trained_in_vocab += in_vocab
+            self.stats.trained_tokens += trained
             del self.held[token]
         self.heartbeat(self.status)
 
@@ -388,24 +403,3 @@ def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         return Producer(conn, config, engine, writer, view, producer_id).run()
     finally:
         writer.close()
-
-
-def regenerate_replies(
-    engine: HFEngine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int
-) -> list[Sample]:
-    """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
-    turn by turn, batched across conversations."""
-    torch.manual_seed(seed)
-    conversations = [list(s.messages) for s in samples]
-    todo = [
-        [i for i, m in enumerate(c) if m["role"] == "assistant"] + ([len(c)] if c[-1]["role"] == "user" else [])
-        for c in conversations
-    ]
-    while any(todo):
-        round_ = [(c, positions.pop(0)) for c, positions in enumerate(todo) if positions]
-        replies = engine.generate(
-            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens, temperature=temperature
-        )
-        for (c, pos), reply in zip(round_, replies):
-            conversations[c][pos : pos + 1] = [{"role": "assistant", "content": reply}]
-    return [dataclasses.replace(s, messages=tuple(c)) for s, c in zip(samples, conversations)]

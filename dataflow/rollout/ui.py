@@ -1,4 +1,5 @@
-"""Rich progress for a rollout: the vocab pass, then samples, tokens/s and time waiting for the trainer."""
+"""Rich progress for a rollout: the preparation stages (prompts, vocabulary), then samples, tokens/s and
+time waiting for the trainer."""
 
 from __future__ import annotations
 
@@ -37,9 +38,17 @@ class RolloutView:
         self.console.print(text)
 
     @contextmanager
-    def vocab_pass(self, total: int) -> Iterator[Callable[[], None]]:
-        task = self.progress.add_task("draft vocab", total=total, rate="tokenise only", status="")
-        yield lambda: self.progress.advance(task)
+    def stage(self, description: str, total: int) -> Iterator[Callable[[int | None], None]]:
+        """A bar for one preparation stage; the callback advances it by one, or sets how many are done."""
+        task = self.progress.add_task(description, total=total, rate="", status="")
+
+        def advance(completed: int | None = None) -> None:
+            if completed is None:
+                self.progress.advance(task)
+            else:
+                self.progress.update(task, completed=completed)
+
+        yield advance
 
     def start(self, total: int, done: int) -> None:
         self.task = self.progress.add_task("rollout", total=total, completed=done, rate="", status="starting")

@@ -1,7 +1,11 @@
-"""The draft vocabulary: the `draft_vocab_size` most frequent loss-masked target tokens.
+"""The draft vocabulary: the `draft_vocab_size` tokens the target is most likely to be asked to predict.
 
-Recorded in the run as {"draft_vocab_size", "d2t"} with d2t[i] = target_id - draft_id for draft id i,
-draft ids sorted by target id (the EAGLE3 checkpoint layout); t2d is derived from d2t by the reader.
+Ranked by (1) how often a token is a trained (loss-masked) token of the replies counted, which with
+--regenerate are the target's own; (2) for slots the replies do not fill, how often it occurs anywhere in
+the run's conversations (prompts and the dataset's replies: words the target reads and echoes); (3) only
+then the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
+draft_id for draft id i, draft ids sorted by target id (the EAGLE3 checkpoint layout), plus how well it
+covers the counted replies; t2d is derived from d2t by the reader.
 """
 
 from __future__ import annotations
@@ -25,19 +29,37 @@ def count_tokens(samples: Iterable[TokenizedSample | None], on_sample: Callable[
     return masked or everything
 
 
-def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int) -> dict:
-    """The top tokens by frequency (ties: lower id first), topped up with the lowest unseen ids."""
+def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int, fallback: Counter | None = None) -> dict:
+    """The top tokens by `counts`, then by `fallback` (ties: lower id first), topped up with the lowest
+    ids seen in neither; with the share of the counted tokens it covers."""
     if not 0 < draft_vocab_size <= vocab_size:
         raise ValueError(f"draft_vocab_size must be in 1..{vocab_size}, got {draft_vocab_size}")
-    ranked = sorted((t for t in counts if 0 <= t < vocab_size), key=lambda t: (-counts[t], t))
+    fallback = fallback or Counter()
+    ranked = sorted(
+        (t for t in counts.keys() | fallback.keys() if 0 <= t < vocab_size),
+        key=lambda t: (-counts[t], -fallback[t], t),
+    )
     chosen = set(ranked[:draft_vocab_size])
     filler = (t for t in range(vocab_size) if t not in chosen)
     while len(chosen) < draft_vocab_size:
         chosen.add(next(filler))
     target_ids = sorted(chosen)
-    return {"draft_vocab_size": draft_vocab_size, "d2t": [t - d for d, t in enumerate(target_ids)]}
+    total = sum(counts.values())
+    return {
+        "draft_vocab_size": draft_vocab_size,
+        "d2t": [t - d for d, t in enumerate(target_ids)],
+        "counted_tokens": total,
+        "distinct_counted": len(counts),
+        "coverage": round(sum(counts[t] for t in chosen) / total, 5) if total else None,
+    }
 
 
 def target_ids_of(vocab: dict) -> list[int]:
     """Inverse view of d2t: the target id of each draft id."""
     return [d + offset for d, offset in enumerate(vocab["d2t"])]
+
+
+def covered(input_ids: Iterable[int], loss_mask: Iterable[bool], vocab_ids: frozenset[int]) -> tuple[int, int]:
+    """(trained tokens inside the draft vocabulary, trained tokens) of one sample."""
+    trained = [t for t, m in zip(input_ids, loss_mask) if m]
+    return sum(t in vocab_ids for t in trained), len(trained)
