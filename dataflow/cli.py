@@ -196,6 +196,8 @@ def rollout(
     max_new_tokens: int = typer.Option(256, help="Reply length limit with --regenerate."),
     temperature: float = typer.Option(0.0, help="0 = greedy regeneration, > 0 samples."),
     aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
+    engine: str = typer.Option("hf", help="Target engine: hf (transformers) or vllm (needs the vllm extra)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the engine's own log (vLLM's is hidden otherwise)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
     dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
@@ -215,7 +217,8 @@ def rollout(
     """Run the target model over the dataset and stream EAGLE3 features into the run."""
     from dataflow.errors import InputError
     from dataflow.rollout.config import RolloutConfig
-    from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
+    from dataflow.rollout.engines import open_engine
+    from dataflow.rollout.engines.hf import HFEngineConfig
     from dataflow.rollout.producer import run_rollout
     from dataflow.rollout.ui import RolloutView
     from dataflow.target import resolve_target
@@ -239,8 +242,10 @@ def rollout(
     except ValueError as e:
         raise InputError(f"rollout options: {e}") from None
     conn = open_run(db, allow_network_fs)
+    # A vLLM request holds a sample (max_length + the one token it generates) or a regeneration prompt + reply.
+    target = open_engine(engine, engine_config, max_model_len=max_length + max_new_tokens, verbose=verbose)
     with RolloutView(enabled=progress) as view:
-        stats = run_rollout(conn, config, HFEngine(engine_config), view)
+        stats = run_rollout(conn, config, target, view)
     typer.echo(f"rollout: {stats.summary()}")
 
 
@@ -330,17 +335,20 @@ def eval_draft(
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
     aux_layers: str = typer.Option(None, help="Comma-separated HF hidden_states indices (default 2,N//2,N-3)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
+    engine: str = typer.Option("hf", help="hf: our chain decoding with the HF target; vllm: vLLM serves target + draft."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show vLLM's own log (hidden otherwise)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Speculative decoding with the HF target: acceptance length τ (trained vs untrained), speed, exactness."""
+    """Speculative decoding on held-out prompts: acceptance length τ, per-position acceptance, speed, exactness."""
     import json
 
     from rich.console import Console
 
+    from dataflow.errors import InputError
     from dataflow.eval.report import EvalConfig, evaluate
 
-    from dataflow.errors import InputError
-
+    if engine not in ("hf", "vllm"):
+        raise InputError(f"--engine {engine!r}: unknown engine; pass hf or vllm")
     try:
         config = EvalConfig(
             draft=draft, target_model=target_model, data=data, num_prompts=num_prompts, held_out=held_out,
@@ -350,13 +358,20 @@ def eval_draft(
     except ValueError as e:
         raise InputError(f"dataflow eval: {e}") from None
     console = Console(stderr=True)
-    result = evaluate(config, on_prompt=lambda i, n: console.log(f"prompt {i + 1}/{n}"))
+    if engine == "vllm":
+        from dataflow.eval.vllm import evaluate_vllm
+
+        result = evaluate_vllm(config, verbose=verbose, on_phase=console.log)
+    else:
+        result = evaluate(config, on_prompt=lambda i, n: console.log(f"prompt {i + 1}/{n}"))
     if as_json:
         typer.echo(json.dumps(result))
         return
     console = Console()
-    console.print(f"draft {result['draft']}: τ = {result['tau']:.2f} (untrained {result['tau_untrained']:.2f}), "
-                  f"K = {result['num_draft_tokens']}, {result['prompts']} prompts, {result['verify_steps']} steps")
+    untrained = f" (untrained {result['tau_untrained']:.2f})" if "tau_untrained" in result else ""
+    steps = result.get("verify_steps", result.get("num_drafts"))
+    console.print(f"{engine} draft {result['draft']}: τ = {result['tau']:.2f}{untrained}, "
+                  f"K = {result['num_draft_tokens']}, {result['prompts']} prompts, {steps} steps")
     console.print("accepted per position: " + " ".join(f"{a:.2f}" for a in result["accept_rate_per_position"]))
     console.print(f"tokens/s: greedy {result['tokens_per_s_greedy']}, speculative {result['tokens_per_s_speculative']}")
     verdict = "[green]identical to greedy decoding[/]" if result["exact_match"] else "[red]DIFFERS from greedy decoding[/]"
