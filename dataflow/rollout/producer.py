@@ -94,13 +94,19 @@ class RolloutStats:
 
 
 class Producer:
-    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView, producer_id: str):
+    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView, producer_id: str,
+                 *, control: tuple | None = None):
+        """control: (meta, tasks) to use instead of ones on conn (Ray mode: proxies of the ledger actor,
+        which the forward's heartbeat thread may share)."""
         self.config, self.engine, self.writer, self.view = config, engine, writer, view
-        self.meta = RunMeta(conn)
-        self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
+        if control is None:
+            self.meta, self.tasks = RunMeta(conn), TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
+            self.beat_with = conn.execute("PRAGMA database_list").fetchone()["file"]
+        else:
+            self.meta, self.tasks = control
+            self.beat_with = control
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
-        self.db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
@@ -161,7 +167,7 @@ class Producer:
         tokenized = self.timed("tokenize_s", self.tokenize, samples)
         for batch in token_budget_batches(tokenized, self.config.token_budget):
             info, held = self.stats.as_dict(), list(self.held)
-            with beating_during(self.db_path, self.process_id, "producing", info, held, self.config.lease_ttl):
+            with beating_during(self.beat_with, self.process_id, "producing", info, held, self.config.lease_ttl):
                 features = self.timed("forward_s", self.engine.features, batch)
             self.stats.padded_tokens += len(batch) * len(batch[0].input_ids)
             for sample, tensors in zip(batch, features):
@@ -275,23 +281,34 @@ class Producer:
 
 
 @contextmanager
-def beating_during(db_path: str, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0):
-    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread with its own connection while
+def thread_control(source: str | tuple):
+    """(meta, tasks) for a helper thread: on a connection of its own to the database at `source`, or
+    `source` itself when it is such a pair already (Ray mode: ledger proxies, safe to share)."""
+    if not isinstance(source, str):
+        yield source
+        return
+    conn = connect(source)
+    try:
+        yield RunMeta(conn), TaskQueue(conn)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def beating_during(source: str | tuple, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0):
+    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread (see thread_control) while
     the caller is in a long forward: torch releases the GIL, and a slow CPU forward must neither make a
     live rollout look dead nor let its leases expire."""
     stop = threading.Event()
 
     def beat() -> None:
-        conn = connect(db_path)
         last_extend = time.monotonic()
-        try:
+        with thread_control(source) as (meta, tasks):
             while not stop.wait(HEARTBEAT_EVERY_S):
-                RunMeta(conn).heartbeat(process_id, "rollout", status, info)
+                meta.heartbeat(process_id, "rollout", status, info)
                 if tokens and time.monotonic() - last_extend > ttl / 4:
-                    TaskQueue(conn).extend(list(tokens), ttl)
+                    tasks.extend(list(tokens), ttl)
                     last_extend = time.monotonic()
-        finally:
-            conn.close()
 
     thread = threading.Thread(target=beat, name="forward-heartbeat", daemon=True)
     thread.start()

@@ -19,6 +19,7 @@ class Reader:
     def __init__(self, shm_dir: Path = SHM_DIR):
         self._shm = ShmReader(shm_dir)
         self._files = FilesReader()
+        self._ray = None  # RayReader, made on the first Ray handle (only Ray mode imports ray)
 
     def open(self, handle: dict) -> dict[str, torch.Tensor]:
         return self._store(handle).open(handle)
@@ -39,10 +40,16 @@ class Reader:
     def close(self) -> None:
         self._shm.close()
 
-    def _store(self, handle: dict) -> ShmReader | FilesReader:
+    def _store(self, handle: dict):
         kind = handle.get("kind")
         if kind == "shm":
             return self._shm
         if kind == "files":
             return self._files
+        if kind == "ray":
+            if self._ray is None:
+                from dataflow.transport.ray_store import RayReader
+
+                self._ray = RayReader()
+            return self._ray
         raise FeaturesLost(f"handle of sample {handle.get('key')!r} names unknown store kind {kind!r}")
