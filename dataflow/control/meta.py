@@ -84,7 +84,11 @@ class RunMeta:
                     "use the original value or start a new run with another --db"
                 )
 
-    def heartbeat(self, process_id: str, role: str, status: str = "running", info: dict | None = None) -> None:
+    def heartbeat(
+        self, process_id: str, role: str, status: str = "running", info: dict | None = None,
+        *, pid: int | None = None, host: str | None = None,
+    ) -> None:
+        """pid/host default to the calling process's; a ledger that writes for remote processes passes theirs."""
         now = time.time()
         with immediate(self.conn):
             self.conn.execute(
@@ -97,8 +101,8 @@ class RunMeta:
                 {
                     "id": process_id,
                     "role": role,
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
+                    "pid": os.getpid() if pid is None else pid,
+                    "host": socket.gethostname() if host is None else host,
                     "now": now,
                     "status": status,
                     "info": json.dumps(info or {}),

@@ -66,9 +66,10 @@ def run_identity(config: RolloutConfig, engine: HFEngine, draft_vocab_size: int)
     }
 
 
-def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView) -> dict:
-    """Check/record the run's rollout config, target and vocab; add the prompt tasks. Returns counts."""
-    meta, tasks = RunMeta(conn), TaskQueue(conn)
+def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView, *, control: tuple | None = None) -> dict:
+    """Check/record the run's rollout config, target and vocab; add the prompt tasks. Returns counts.
+    control: (meta, tasks) to use instead of ones on conn (Ray mode: proxies of the ledger actor)."""
+    meta, tasks = control or (RunMeta(conn), TaskQueue(conn))
     draft_vocab_size = config.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, engine.vocab_size)
     if draft_vocab_size > engine.vocab_size:
         raise InputError(

@@ -112,13 +112,19 @@ class RolloutStats:
 
 
 class Producer:
-    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView, producer_id: str):
+    def __init__(self, conn, config: RolloutConfig, engine: HFEngine, writer, view: RolloutView, producer_id: str,
+                 *, control: tuple | None = None):
+        """control: (meta, tasks) to use instead of ones on conn (Ray mode: proxies of the ledger actor,
+        which the forward's heartbeat thread may share)."""
         self.config, self.engine, self.writer, self.view = config, engine, writer, view
-        self.meta = RunMeta(conn)
-        self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
+        if control is None:
+            self.meta, self.tasks = RunMeta(conn), TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
+            self.beat_with = database_path(conn)
+        else:
+            self.meta, self.tasks = control
+            self.beat_with = control
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
-        self.db_path = database_path(conn)
         self.stats = RolloutStats()
         self.vocab_ids = frozenset(target_ids_of(self.meta.get("vocab")))
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
@@ -286,7 +292,7 @@ class Producer:
     def beating(self, status: str):
         """Heartbeat and keep every held lease alive during a long phase; yields the tokens found lost."""
         info = self.stats.as_dict()
-        return beating_during(self.db_path, self.process_id, status, info, list(self.held), self.config.lease_ttl)
+        return beating_during(self.beat_with, self.process_id, status, info, list(self.held), self.config.lease_ttl)
 
     def keep_leases(self) -> None:
         if self.held and time.monotonic() - self._last_extend > self.config.lease_ttl / 4:
@@ -320,25 +326,36 @@ class Producer:
 
 
 @contextmanager
+def thread_control(source: str | tuple):
+    """(meta, tasks) for a helper thread: on a connection of its own to the database at `source`, or
+    `source` itself when it is such a pair already (Ray mode: ledger proxies, safe to share)."""
+    if not isinstance(source, str):
+        yield source
+        return
+    conn = connect(source)
+    try:
+        yield RunMeta(conn), TaskQueue(conn)
+    finally:
+        conn.close()
+
+
+@contextmanager
 def beating_during(
-    db_path: str, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0
+    source: str | tuple, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0
 ) -> Iterator[set[str]]:
-    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread with its own connection while
-    the caller is in a long phase (vocab pass, regeneration, forward): torch releases the GIL, and a slow
-    CPU phase must neither make a live rollout look dead nor let its leases expire. Yields the set of
-    tokens an extension found no longer ours (filled in as the phase runs); the caller drops their work."""
+    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread (see thread_control) while the
+    caller is in a long phase (vocab pass, regeneration, forward): torch releases the GIL, and a slow CPU
+    phase must neither make a live rollout look dead nor let its leases expire. Yields the set of tokens an
+    extension found no longer ours (filled in as the phase runs); the caller drops their work."""
     stop, lost = threading.Event(), set()
     every = min(HEARTBEAT_EVERY_S, ttl / 4) if tokens else HEARTBEAT_EVERY_S
 
     def beat() -> None:
-        conn = connect(db_path)
-        try:
+        with thread_control(source) as (meta, tasks):
             while not stop.wait(every):
-                RunMeta(conn).heartbeat(process_id, "rollout", status, info)
+                meta.heartbeat(process_id, "rollout", status, info)
                 if tokens:
-                    lost.update(TaskQueue(conn).extend([t for t in tokens if t not in lost], ttl))
-        finally:
-            conn.close()
+                    lost.update(tasks.extend([t for t in tokens if t not in lost], ttl))
 
     thread = threading.Thread(target=beat, name="phase-heartbeat", daemon=True)
     thread.start()
@@ -387,8 +404,7 @@ def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     producer_id = config.producer_id or choose_producer_id(meta)
     process_id = f"rollout-{producer_id}"
     meta.heartbeat(process_id, "rollout", "starting")  # claims the id for later starters
-    db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
-    with beating_during(db_path, process_id, "preparing the run (dataset, vocab pass)", {}):
+    with beating_during(database_path(conn), process_id, "preparing the run (dataset, vocab pass)", {}):
         summary = prepare_run(conn, config, engine, view)
     if summary["bad_rows_skipped"]:
         view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")

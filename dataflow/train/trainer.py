@@ -46,9 +46,11 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, conn: sqlite3.Connection, config: TrainConfig, limits: TrainLimits, dist: Dist):
+    def __init__(self, conn: sqlite3.Connection | None, config: TrainConfig, limits: TrainLimits, dist: Dist,
+                 *, control: tuple | None = None):
+        """control: (meta, queue, tasks) to use instead of ones on conn (Ray mode: ledger actor proxies)."""
         self.config, self.limits, self.dist = config, limits, dist
-        self.meta, self.queue, self.tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
+        self.meta, self.queue, self.tasks = control or (RunMeta(conn), RefQueue(conn), TaskQueue(conn))
         self.process_id = f"train-{dist.rank}"
         # Leases are owned by this incarnation: a restart is another owner (see control/leases.py).
         self.lease_owner = f"{self.process_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"

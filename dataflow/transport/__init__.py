@@ -75,8 +75,9 @@ def open_writer(
     return writer
 
 
-def open_reader(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR) -> Reader:
-    """The consumer's reader. The run database says which stores are the run's own (and where)."""
+def open_reader(conn: sqlite3.Connection | None, *, shm_dir: Path = SHM_DIR) -> Reader:
+    """The consumer's reader. The run database says which stores are the run's own (and where); without
+    one (Ray mode, off the ledger's node) only Ray-store handles are readable."""
     from dataflow.transport.reader import Reader
 
     return Reader(conn, shm_dir)
