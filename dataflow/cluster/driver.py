@@ -10,7 +10,6 @@ prompts are regenerated). The ledger dying stops the run with one line; the SQLi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
