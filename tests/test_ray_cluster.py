@@ -97,7 +97,7 @@ def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resum
     assert first.wait(timeout=120) == 130, first.stderr.read()[-3000:]
     statuses = {p.id: p.status for p in meta.processes()}
     assert statuses["train-0"].startswith("stopped") and statuses["train-1"].startswith("stopped"), statuses
-    assert not meta.train_finished()
+    assert not meta.run_finished()
 
     done = subprocess.run(run_command(db, target, cluster.address), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resum
     nodes = nodes_of(meta)
     assert set(nodes) == {"rollout-r0", "rollout-r1", "train-0", "train-1"}
     assert len(set(nodes.values())) == 4, nodes  # each on a node of its own; the gloo group spans two
-    assert meta.train_finished()
+    assert meta.run_finished()
 
 
 @pytest.mark.slow
