@@ -80,8 +80,11 @@ def run_on_ray(db: Path, cluster: ClusterConfig, rollout: tuple, train: tuple, *
     rollout, train = cluster_settings(rollout, train)
     db = db.resolve()
     conn = connect(db, allow_network_fs=allow_network_fs)  # the run is created here, on this node
-    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False,
-             **({"include_dashboard": False} if cluster.address == "local" else {}))
+    try:
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False,
+                 **({"include_dashboard": False} if cluster.address == "local" else {}))
+    except ConnectionError as e:
+        raise DataflowError(f"--ray {cluster.address}: {e} Start a cluster (`ray start --head`) or pass --ray local") from None
     run = Supervisor(db, conn, cluster, rollout, train, threads)
     try:
         run.start(allow_network_fs)
