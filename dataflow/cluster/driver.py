@@ -205,6 +205,8 @@ class Supervisor:
         self._count_restart("train", reason)
         for actor in self.group.actors:
             ray.kill(actor, no_restart=True)
+        # Gone before the next group puts back what they acked: a late checkpoint record would race it.
+        ray.wait(self.group.runs, num_returns=len(self.group.runs), timeout=LEDGER_TIMEOUT_S)
         remove_placement_group(self.group.pg)
         self._mark_stopped([f"train-{r}" for r in range(len(self.group.actors))], reason)
         self.group = self._start_trainers()
