@@ -77,7 +77,7 @@ def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_
     refs, reader = Remote(ledger, "refs"), open_reader()
     one_sample = plan_layout(sample(0))[1]
     producer = rollout(ledger, "rollout-a", capacity=one_sample * 3 // 2)  # room for one sample, not two
-    first = ray.get(producer.write.remote("a", sample(0)))
+    first = ray.get(producer.write.remote("a", sample(0)), timeout=60)
     commit(refs, first)
     views = reader.open(first)
     for name, tensor in sample(0).items():
@@ -85,12 +85,12 @@ def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_
 
     # The first is still PENDING: a second write must wait for it rather than drop it.
     with pytest.raises(WaitedTooLong):
-        ray.get(producer.write.remote("b", sample(1), give_up_after_s=1.0))
+        ray.get(producer.write.remote("b", sample(1), give_up_after_s=1.0), timeout=60)
     assert torch.equal(reader.open(first)["target_hidden"], sample(0)["target_hidden"])
 
     [lease] = refs.lease("trainer", n=1)
     assert refs.ack([lease.token]) == []  # acked: the writer may free it now
-    second = ray.get(producer.write.remote("b", sample(1), give_up_after_s=10.0))
+    second = ray.get(producer.write.remote("b", sample(1), give_up_after_s=10.0), timeout=60)
     assert torch.equal(reader.open(second)["aux_hidden"], sample(1)["aux_hidden"])
     with pytest.raises(FeaturesLost, match="no longer holds it"):
         reader.open(first)
@@ -99,7 +99,7 @@ def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_
 def test_the_samples_of_a_rollout_that_died_are_lost_at_once(ledger):
     reader = open_reader()
     producer = rollout(ledger, "rollout-b", capacity=1 << 20)
-    handle = ray.get(producer.write.remote("c", sample(2)))
+    handle = ray.get(producer.write.remote("c", sample(2)), timeout=60)
     assert torch.equal(reader.open(handle)["input_ids"], sample(2)["input_ids"])
     ray.kill(producer)
     with pytest.raises(FeaturesLost, match="rollout-b holding its features is gone"):
