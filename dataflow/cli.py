@@ -182,6 +182,8 @@ def run(
     group = typer.main.get_command(app)
     routed = route_options(["--db", str(db), *ctx.args], {role: group.commands[role] for role in ROLES})
     if ray_address is None:
+        if (rollouts, trainers) != (1, 1) or cpus_per_rollout != 1 or cpus_per_trainer != 1 or gpus_per_rollout or gpus_per_trainer:
+            raise DataflowError("dataflow run: --rollouts, --trainers and --cpus/gpus-per-* need --ray ADDRESS|auto|local")
         run_pair(db, routed, log_dir=db.parent / f"{db.stem}.logs")
         return
     from dataflow.cluster.driver import ClusterConfig, run_on_ray

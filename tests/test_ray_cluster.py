@@ -16,6 +16,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from dataflow.control.db import connect  # noqa: E402
 from dataflow.control.meta import RunMeta  # noqa: E402
 from dataflow.control.queue import RefQueue  # noqa: E402
+from dataflow.control.tasks import TaskQueue  # noqa: E402
 from dataflow.testing import build_tiny_target  # noqa: E402
 
 SAMPLES = 32
@@ -97,6 +98,9 @@ def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resum
     assert first.wait(timeout=120) == 130, first.stderr.read()[-3000:]
     statuses = {p.id: p.status for p in meta.processes()}
     assert statuses["train-0"].startswith("stopped") and statuses["train-1"].startswith("stopped"), statuses
+    assert statuses["rollout-r0"] == statuses["rollout-r1"] == "interrupted", statuses
+    # Handed back at once, not left to expire: nothing is leased once the run has stopped.
+    assert queue.counts()["leased"] == 0 and TaskQueue(conn).counts()["leased"] == 0
     assert not meta.run_finished()
 
     done = subprocess.run(run_command(db, target, cluster.address), capture_output=True, text=True, timeout=240)

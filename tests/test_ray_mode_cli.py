@@ -45,13 +45,15 @@ print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
         (["--gpus-per-trainer", "-1"], "--cpus/gpus-per-* must be >= 0"),
         (["--store", "files", "--store-dir", "x"], "features go through Ray's object store"),
         (["--train-epochs", "3"], "pass --epochs 3 to the rollouts instead"),
+        (["--trainers", "2"], "need --ray ADDRESS|auto|local"),
     ],
 )
 def test_bad_ray_options_fail_with_one_line_before_ray_starts(tmp_path, target, options, message):
     import ray
 
     db = tmp_path / "run.sqlite"
-    result = CliRunner().invoke(app, ["run", "--db", str(db), "--ray", "local", "--target-model", str(target), *options])
+    ray_address = [] if "need --ray" in message else ["--ray", "local"]
+    result = CliRunner().invoke(app, ["run", "--db", str(db), *ray_address, "--target-model", str(target), *options])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output

@@ -48,6 +48,7 @@ class RolloutActor:
             try:
                 return Producer(None, config, engine, self.writer, view, producer_id, control=(meta, tasks)).run().summary()
             finally:
+                self._run_thread = None  # the thread goes back to Ray's pool: no interrupt may reach it there
                 self.writer.close()
 
     @ray.method(concurrency_group="serve")

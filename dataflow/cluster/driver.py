@@ -79,8 +79,11 @@ def run_on_ray(db: Path, cluster: ClusterConfig, rollout: tuple, train: tuple, *
     rollout, train = cluster_settings(rollout, train)
     db = db.resolve()
     conn = connect(db, allow_network_fs=allow_network_fs)  # the run is created here, on this node
-    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False,
-             **({"include_dashboard": False} if cluster.address == "local" else {}))
+    try:
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False,
+                 **({"include_dashboard": False} if cluster.address == "local" else {}))
+    except ConnectionError as e:
+        raise DataflowError(f"--ray {cluster.address}: {e} Start a cluster (`ray start --head`) or pass --ray local") from None
     run = Supervisor(db, conn, cluster, rollout, train, threads)
     try:
         run.start(allow_network_fs)
@@ -201,6 +204,8 @@ class Supervisor:
         self._count_restart("train", reason)
         for actor in self.group.actors:
             ray.kill(actor, no_restart=True)
+        # Gone before the next group puts back what they acked: a late checkpoint record would race it.
+        ray.wait(self.group.runs, num_returns=len(self.group.runs), timeout=LEDGER_TIMEOUT_S)
         remove_placement_group(self.group.pg)
         self._mark_stopped([f"train-{r}" for r in range(len(self.group.actors))], reason)
         self.group = self._start_trainers()

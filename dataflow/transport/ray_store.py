@@ -24,9 +24,9 @@ import ray
 import torch
 from ray.exceptions import RayError
 
-from dataflow.errors import FeaturesLost, StoreError
+from dataflow.errors import FeaturesLost
 from dataflow.transport.arena import TensorSpec, plan_layout, views_of, wait_for
-from dataflow.transport.segment import human
+from dataflow.transport.files import FilesWriter
 
 FETCH_TIMEOUT_S = 120.0  # a fetch that long means the owner is unreachable: treat the features as lost
 
@@ -56,12 +56,7 @@ class RayWriter:
         with self._lock:
             return sum(s.nbytes for s in self._objects.values())
 
-    def check_fits(self, nbytes: int, what: str = "a sample") -> None:
-        if nbytes > self.capacity:
-            raise StoreError(
-                f"{what} needs {human(nbytes)} but --max-inflight-bytes is {human(self.capacity)}; "
-                f"pass at least {nbytes * 2} (room for two samples)"
-            )
+    check_fits = FilesWriter.check_fits  # the same byte watermark as the files store, with its message
 
     def write(
         self, key: str, tensors: dict[str, torch.Tensor], on_wait: Callable[[float], None] | None = None
