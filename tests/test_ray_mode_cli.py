@@ -30,7 +30,7 @@ from dataflow.control.db import connect
 connect({str(tmp_path / "run.sqlite")!r})
 assert runner.invoke(app, ["status", "--db", {str(tmp_path / "run.sqlite")!r}, "--json"]).exit_code == 0
 assert runner.invoke(app, ["run", "--help"]).exit_code == 0
-open_reader().close()
+open_reader(None).close()
 print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
