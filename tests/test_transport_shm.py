@@ -9,7 +9,7 @@ from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
-from dataflow.transport import open_reader, open_writer
+from dataflow.transport import open_reader, open_writer, sweep
 from dataflow.transport.arena import align_up, plan_layout
 from dataflow.transport.segment import HEADER_BYTES, check_shm_space
 
@@ -201,13 +201,16 @@ def test_a_handle_into_an_arena_that_was_re_created_is_refused(conn):
     writer.close()
 
 
-def test_a_producer_stopping_after_training_finished_removes_its_arena_despite_unconsumed_samples(conn):
+def test_a_stopping_producer_keeps_its_arena_while_live_refs_point_into_it_even_in_a_finished_run(conn):
     queue = RefQueue(conn)
     writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
     put(queue, *writer.write("a", sample("a")))
-    RunMeta(conn).set_train_finished()
+    RunMeta(conn).set_train_finished()  # whatever marks the run: a PENDING ref's bytes stay
     writer.close()
-    assert not leftover_segments(RunMeta(conn).run_id)
+    [lease] = queue.lease("t")
+    assert matches("a", open_reader(conn).open(lease.handle))
+    queue.ack([lease.token])
+    assert len(sweep(conn).removed_segments) == 1 and not leftover_segments(RunMeta(conn).run_id)
 
 
 def test_an_arena_larger_than_dev_shm_is_refused_at_start_and_leaves_nothing_behind(conn):

@@ -31,6 +31,7 @@ from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
 from dataflow.rollout.prepare import prepare_run
 from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
+from dataflow.transport.owner import database_path
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
@@ -107,7 +108,7 @@ class Producer:
         self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
-        self.db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
+        self.db_path = database_path(conn)
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
@@ -222,7 +223,7 @@ class Producer:
         else:
             self.stats.samples += 1
             self.stats.tokens += len(tensors["input_ids"])
-            del self.held[token]
+            self.held.pop(token, None)
         self.heartbeat(self.status)
 
     def on_wait(self, waited: float) -> None:
@@ -372,8 +373,7 @@ def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     producer_id = config.producer_id or choose_producer_id(meta)
     process_id = f"rollout-{producer_id}"
     meta.heartbeat(process_id, "rollout", "starting")  # claims the id for later starters
-    db_path = conn.execute("PRAGMA database_list").fetchone()["file"]
-    with beating_during(db_path, process_id, "preparing the run (dataset, vocab pass)", {}):
+    with beating_during(database_path(conn), process_id, "preparing the run (dataset, vocab pass)", {}):
         summary = prepare_run(conn, config, engine, view)
     if summary["bad_rows_skipped"]:
         view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")
