@@ -58,18 +58,17 @@ def owner_of(conn: sqlite3.Connection) -> Owner:
 
 def provably_finished(owner: Owner | None) -> bool:
     """Whether another run is finished for good, judged by its own database: still at its recorded path,
-    the same file (inode) and run id, and marked finished. Anything less is no proof."""
-    from dataflow.control.db import connect
+    the same file (inode) and run id, and marked finished. Anything less is no proof. That database is
+    only read (opened read-only: never migrated, never locked for writing)."""
     from dataflow.control.meta import RunMeta
-    from dataflow.errors import DataflowError
 
     if owner is None or not owner.db_path:
         return False
     try:
         if file_identity(owner.db_path) != owner.db_file:
             return False
-        conn = connect(Path(owner.db_path))
-    except (OSError, DataflowError):
+        conn = sqlite3.connect(f"{Path(owner.db_path).as_uri()}?mode=ro", uri=True, timeout=1.0)
+    except (OSError, sqlite3.Error):
         return False
     try:
         meta = RunMeta(conn)
