@@ -10,7 +10,8 @@ Scenarios (each its own run, checked on its own):
 
 After each, it checks what DESIGN promises: every sample trained exactly once relative to the final
 checkpoint (its cumulative sample count equals the dataset, every ref TRAINED once), no dead refs or
-tasks, nothing of the run left in /dev/shm, no half-written checkpoint dirs, finite losses.
+tasks, nothing of the run left in /dev/shm, no half-written checkpoint dirs, a second trainer refused (exit 2),
+finite losses.
 Prints one JSON object last (totals, then per scenario); exits non-zero on any violation.
 
     python scripts/chaos.py --kills 50
@@ -170,7 +171,8 @@ def second_trainer(run: Run, rng: random.Random, kills: int) -> None:
     procs = {role: run.start(role) for role in ("rollout", "train")}
     run.wait_for_progress(1, procs)  # the first trainer is training: the second must find it running
     intruder = run.start("train", name="train-second")
-    run.notes["second_trainer_exit"] = intruder.wait(timeout=FINISH_TIMEOUT_S)  # 2: refused, as it must be
+    exit_code = intruder.wait(timeout=FINISH_TIMEOUT_S)
+    run.notes.update(second_trainer_exit=exit_code, unrefused_trainers=int(exit_code != 2))  # 2: refused at once
     time.sleep(rng.uniform(0.5, 2.0))
     run.kill(procs["train"])  # the holder dies: a new trainer takes over
     procs["train"] = run.start("train")
@@ -256,14 +258,14 @@ SCENARIOS = {
     "clock-jump": clock_jump,
     "checkpoint-kills": checkpoint_kills,
 }
-TOTALS = ("lost", "trained_twice", "dead", "leaked_bytes", "stale_checkpoint_dirs")
+TOTALS = ("lost", "trained_twice", "dead", "leaked_bytes", "stale_checkpoint_dirs", "unrefused_trainers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10, help="random SIGKILLs in the random-kills scenario")
     parser.add_argument("--samples", type=int, default=96, help="dataset rows of the random-kills run")
-    parser.add_argument("--scenario-samples", type=int, default=32, help="dataset rows of every other scenario")
+    parser.add_argument("--scenario-samples", type=int, default=24, help="dataset rows of every other scenario")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here instead of a temp dir")
@@ -291,7 +293,7 @@ def main() -> None:
     summary = {
         "kills": sum(r["kills"] for r in results.values()),
         "scenarios": len(results),
-        **{key: sum(r[key] for r in results.values()) for key in TOTALS},
+        **{key: sum(r.get(key, 0) for r in results.values()) for key in TOTALS},
         "failed_scenarios": sorted(name for name, r in results.items() if "failed" in r),
         "loss_finite": all(r["loss_finite"] for r in results.values()),
         "wall_s": round(time.monotonic() - start_time, 1),
