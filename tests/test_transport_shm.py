@@ -240,3 +240,15 @@ def test_a_large_arena_takes_only_the_memory_its_samples_use(conn):
     reader.close()
     RefQueue(conn).ack([lease.token for lease in RefQueue(conn).lease("t")])
     writer.close()
+
+
+def test_an_arena_keeps_its_database_path_where_earlier_versions_gc_reads_it(conn, run_db):
+    """Earlier dataflow versions sharing /dev/shm remove an arena whose recorded database path does not
+    exist: the path stays at their offset (the owner record lives further on)."""
+    import struct
+
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    raw = writer.path.read_bytes()[:HEADER_BYTES]
+    (n,) = struct.unpack_from("<H", raw, 64)
+    assert raw[66 : 66 + n].decode() == str(run_db)
+    writer.close()
