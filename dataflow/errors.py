@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -40,8 +41,6 @@ class Interrupted(DataflowError):
     """Stopped by a signal at a safe point: the run is resumable. Exits 128 + the signal's number."""
 
     def __init__(self, signum: int):
-        import signal
-
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}; both processes stopped cleanly and the run "
                          "is resumable")

@@ -14,14 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_random_sigkills_lose_nothing_train_nothing_twice_and_leak_no_shared_memory(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chaos.py"), "--kills", "3", "--samples", "24", "--seed", "1",
-         "--work", str(tmp_path)],
+         "--scenarios", "random-kills", "--work", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["kills"] >= 1, report
-    assert report["lost"] == 0, report
-    assert report["trained_twice"] == 0, report
-    assert report["dead"] == 0, report
-    assert report["leaked_bytes"] == 0, report
-    assert report["final_model_samples"] == 24 and report["loss_finite"], report
+    assert report["scenarios"] == 1 and report["kills"] >= 1, report
+    assert report["lost"] == 0 and report["trained_twice"] == 0, report
+    assert report["dead"] == 0 and report["leaked_bytes"] == 0, report
+    run = report["per_scenario"]["random-kills"]
+    assert run["final_model_samples"] == 24 and report["loss_finite"], report
     assert result.returncode == 0, result.stderr[-2000:]

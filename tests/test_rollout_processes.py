@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from test_transport_support import abandon_run
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -14,7 +15,6 @@ from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.rollout.data import load_dataset
 from dataflow.testing import build_tiny_target
-from dataflow.transport import sweep
 
 N = 40
 SMALL_ARENA = str(600_000)  # room for ~6 samples of the tiny target (max length 256): the rollout blocks
@@ -30,9 +30,7 @@ def db(tmp_path):
     path = tmp_path / "run.sqlite"
     yield path
     if path.exists():  # remove this run's arenas from /dev/shm
-        conn = connect(path)
-        RunMeta(conn).set_run_finished()
-        sweep(conn)
+        abandon_run(connect(path))
 
 
 def start(db, target, *extra):

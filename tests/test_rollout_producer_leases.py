@@ -83,3 +83,26 @@ def test_a_task_whose_lease_was_taken_over_mid_regeneration_is_dropped_not_publi
     assert victim["lease_owner"] == "thief" and '"regenerated"' not in victim["payload"]  # our reply was not stored
     assert conn.execute("SELECT count(*) FROM refs WHERE key = ?", (engine.victim_key,)).fetchone()[0] == 0
     assert TaskQueue(conn).counts() == {"pending": 0, "leased": 0, "done": 2, "dead": 0}
+
+
+def test_the_rollout_heartbeats_while_it_prepares_the_run(tmp_path, tiny_target, monkeypatch):
+    """The vocab pass over a large dataset takes minutes: the rollout must not look dead meanwhile."""
+    import time
+
+    import dataflow.rollout.producer as producer
+
+    db = tmp_path / "run.sqlite"
+    conn, observer = connect(db), connect(db)
+    real_prepare = producer.prepare_run
+
+    def slow_prepare(*args):
+        deadline = time.monotonic() + 30
+        while not any(p.status.startswith("preparing") for p in RunMeta(observer).processes("rollout")):
+            assert time.monotonic() < deadline, "no heartbeat while preparing the run"
+            time.sleep(0.1)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(producer, "prepare_run", slow_prepare)
+    engine = HFEngine(HFEngineConfig(model_dir=tiny_target, threads=1))
+    config = RolloutConfig(num_samples=2, max_length=96, store="files", store_dir=tmp_path / "features")
+    assert run_rollout(conn, config, engine, RolloutView(enabled=False)).samples == 2

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from test_transport_support import abandon_run
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -12,7 +13,7 @@ from dataflow.control.queue import RefQueue
 from dataflow.rollout.data import load_dataset
 from dataflow.rollout.template import tokenize_sample
 from dataflow.target import resolve_target
-from dataflow.transport import open_reader, sweep
+from dataflow.transport import open_reader
 
 
 @pytest.mark.slow
@@ -58,5 +59,4 @@ def test_rollout_runs_the_real_smollm2_end_to_end_on_a_few_samples(tmp_path):
         nll = torch.nn.functional.cross_entropy(out.logits[0, :-1][mask], torch.tensor(tokenized.input_ids[1:])[mask])
         assert nll < 4.0
     finally:
-        meta.set_run_finished()
-        sweep(conn)
+        abandon_run(conn)

@@ -49,9 +49,14 @@ def test_gc_never_removes_the_arena_of_a_running_producer(conn):
     writer.close()
 
 
-def test_gc_removes_everything_of_the_run_once_training_finished(conn, run_db):
+def test_gc_never_removes_bytes_live_refs_point_to_even_once_the_run_is_marked_finished(conn, run_db):
     crashed_producer(run_db, ["a"])
     RunMeta(conn).set_run_finished()
+    assert sweep(conn).removed_segments == []
+    queue = RefQueue(conn)
+    [lease] = queue.lease("t")
+    assert matches("a", open_reader(conn).open(lease.handle), tokens_for("a"))
+    queue.ack([lease.token])
     assert len(sweep(conn).removed_segments) == 1
     assert not leftover_segments(RunMeta(conn).run_id)
 
@@ -79,11 +84,13 @@ def test_the_gc_command_refuses_a_missing_database(tmp_path):
     assert result.exit_code != 0 and "no such run database" in result.output
 
 
-def pending_views(db):
-    """Lease every pending ref of a run and read it back: its samples, intact."""
+def consume_all(db):
+    """Act as the run's trainer: read every pending sample, ack it; returns which ones were intact."""
     conn = connect(db)
-    reader, leases = open_reader(conn), RefQueue(conn).lease("check", n=100)
+    queue = RefQueue(conn)
+    reader, leases = open_reader(conn), queue.lease("check", n=100)
     intact = {lease.key: matches(lease.key, reader.open(lease.handle), tokens_for(lease.key)) for lease in leases}
+    queue.ack([lease.token for lease in leases])
     reader.close()
     conn.close()
     return intact
@@ -102,7 +109,7 @@ def test_gc_keeps_another_runs_arena_whose_database_moved_and_removes_it_only_wi
     assert report.removed_orphans == [] and leftover_segments(other_run)
     assert any(f"dataflow-{other_run[:12]}-p0" in kept for kept in report.kept_orphans)
     assert "--all-orphans" in report.summary()
-    assert pending_views(moved / "run.sqlite") == {"a": True, "b": True}  # the moved run still has its samples
+    assert consume_all(moved / "run.sqlite") == {"a": True, "b": True}  # the moved run still has its samples
 
     result = CliRunner().invoke(app, ["gc", "--db", str(tmp_path / "alive.sqlite"), "--all-orphans", "--json"])
     assert result.exit_code == 0, result.output
@@ -127,14 +134,13 @@ def test_a_copied_database_neither_writes_reads_nor_sweeps_its_originals_arena(c
     conn.backup(copy)  # same run id, another database
     assert RunMeta(copy).run_id == RunMeta(conn).run_id
     report = sweep(copy)
-    assert report.removed_segments == [] and report.removed_orphans == [] and "copy.sqlite" not in report.kept_orphans[0]
+    assert report.removed_segments == [] and f"dataflow-{RunMeta(conn).run_id[:12]}-p0" not in report.removed_orphans
     with pytest.raises(StoreError, match="copy of this database"):
         open_writer(copy, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
     [lease] = RefQueue(copy).lease("copy-trainer", n=1)
     with pytest.raises(StoreError, match="copy of this database"):
         open_reader(copy).open(lease.handle)
-    assert pending_views(run_db) == {"a": True, "b": True}  # the original's samples are untouched
-    RunMeta(conn).set_run_finished()
+    assert consume_all(run_db) == {"a": True, "b": True}  # the original's samples are untouched
     assert len(sweep(conn).removed_segments) == 1
 
 

@@ -9,7 +9,7 @@ from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
-from dataflow.transport import open_reader, open_writer
+from dataflow.transport import open_reader, open_writer, sweep
 from dataflow.transport.arena import align_up, plan_layout
 from dataflow.transport.segment import HEADER_BYTES, check_shm_space
 
@@ -201,13 +201,16 @@ def test_a_handle_into_an_arena_that_was_re_created_is_refused(conn):
     writer.close()
 
 
-def test_a_producer_stopping_after_training_finished_removes_its_arena_despite_unconsumed_samples(conn):
+def test_a_stopping_producer_keeps_its_arena_while_live_refs_point_into_it_even_in_a_finished_run(conn):
     queue = RefQueue(conn)
     writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
     put(queue, *writer.write("a", sample("a")))
-    RunMeta(conn).set_run_finished()
+    RunMeta(conn).set_run_finished()  # whatever marks the run: a PENDING ref's bytes stay
     writer.close()
-    assert not leftover_segments(RunMeta(conn).run_id)
+    [lease] = queue.lease("t")
+    assert matches("a", open_reader(conn).open(lease.handle))
+    queue.ack([lease.token])
+    assert len(sweep(conn).removed_segments) == 1 and not leftover_segments(RunMeta(conn).run_id)
 
 
 def test_an_arena_larger_than_dev_shm_is_refused_at_start_and_leaves_nothing_behind(conn):
@@ -236,4 +239,16 @@ def test_a_large_arena_takes_only_the_memory_its_samples_use(conn):
     assert st.st_size == HEADER_BYTES + (1 << 30) and st.st_blocks * 512 <= HEADER_BYTES + align_up(nbytes, 4096)
     reader.close()
     RefQueue(conn).ack([lease.token for lease in RefQueue(conn).lease("t")])
+    writer.close()
+
+
+def test_an_arena_keeps_its_database_path_where_earlier_versions_gc_reads_it(conn, run_db):
+    """Earlier dataflow versions sharing /dev/shm remove an arena whose recorded database path does not
+    exist: the path stays at their offset (the owner record lives further on)."""
+    import struct
+
+    writer = open_writer(conn, store="shm", producer_id="p0", max_inflight_bytes=1 << 16)
+    raw = writer.path.read_bytes()[:HEADER_BYTES]
+    (n,) = struct.unpack_from("<H", raw, 64)
+    assert raw[66 : 66 + n].decode() == str(run_db)
     writer.close()

@@ -117,3 +117,15 @@ def spawn(target, *args, **kwargs):
     process = multiprocessing.get_context("spawn").Process(target=target, args=args, kwargs=kwargs, daemon=True)
     process.start()
     return process
+
+
+def abandon_run(conn) -> None:
+    """End a test's run for good: its unconsumed samples are given up (LOST), then its arenas go. (A sweep
+    alone keeps every arena a PENDING or LEASED ref points into, whatever the run's marks say.)"""
+    from dataflow.control.queue import RefQueue
+    from dataflow.transport import sweep, usage
+
+    queue = RefQueue(conn)
+    for store in usage(conn):
+        queue.lose_store(store["store"], "the test is over")
+    sweep(conn)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import threading
 import time
@@ -41,6 +42,36 @@ TASK_MAX_ATTEMPTS = 5  # a task is retried after crashes/interrupts of its rollo
 
 class TrainerFinished(Exception):
     """The run finished for good (its drained stream was fully trained): no one will consume more features."""
+
+
+class StopSignals:
+    """While producing, SIGINT and SIGTERM only set a flag that `check` turns into KeyboardInterrupt at a
+    safe point (never between a lease's commit and our record of it); a second signal interrupts at once.
+    Installed only in the main thread (signal handlers live there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 @dataclass
@@ -133,27 +164,33 @@ class Producer:
         self._last_extend = time.monotonic()
         self._said_trainer_dead = False
         self._waited = 0.0  # seconds the current write has waited on the watermark
+        self.stop = StopSignals()
 
     def run(self) -> RolloutStats:
-        """Produce until no task is left (then mark end-of-stream) or the trainer finished for good."""
+        """Produce until no task is left (then mark end-of-stream) or the trainer finished for good. A stop
+        signal (SIGINT, SIGTERM) is honoured at the next safe point: leases handed back, KeyboardInterrupt."""
         counts = self.tasks.counts()
         self.view.start(total=sum(counts.values()), done=counts["done"])
         try:
-            while self.step():
-                pass
-            self.meta.set_end_of_stream()
-            while self.config.wait_for_trainer and self.step_after_end():
-                pass
-            self.heartbeat("finished", force=True)
+            with self.stop:
+                self.produce()
         except TrainerFinished:
             self.give_back("trainer finished")
             self.heartbeat("stopped: trainer finished", force=True)
             self.view.message("the trainer has finished for good (the run is finished); rollout stops")
-        except BaseException:  # Ctrl-C or a crash: hand our tasks back now instead of at lease expiry
+        except BaseException:  # a stop signal or a crash: hand our tasks back now instead of at lease expiry
             self.give_back("rollout interrupted")
             self.heartbeat("interrupted", force=True)
             raise
         return self.stats
+
+    def produce(self) -> None:
+        while self.step():
+            pass
+        self.meta.set_end_of_stream()
+        while self.config.wait_for_trainer and self.step_after_end():
+            pass
+        self.heartbeat("finished", force=True)
 
     def step_after_end(self) -> bool:
         """--wait-for-trainer: produce re-queued prompts until the trainer finishes (raises TrainerFinished)."""
@@ -161,6 +198,7 @@ class Producer:
             while self.step():
                 pass
             return True
+        self.stop.check()
         if self.meta.run_finished():
             raise TrainerFinished
         self.heartbeat("stream complete; waiting for the trainer to finish")
@@ -169,6 +207,7 @@ class Producer:
 
     def step(self) -> bool:
         """One lease group. False when every task of the run is done."""
+        self.stop.check()
         if self.meta.run_finished():
             raise TrainerFinished
         n, ttl = self.config.tasks_per_lease, self.config.lease_ttl
@@ -186,6 +225,7 @@ class Producer:
             self.regenerate(samples)
         tokenized = self.timed("tokenize_s", self.tokenize, {t: s for t, s in samples.items() if t in self.held})
         for batch in token_budget_batches(tokenized, self.config.token_budget):
+            self.stop.check()
             batch = [sample for sample in batch if sample.id in self.held]  # leases lost meanwhile: dropped
             if not batch:
                 continue
@@ -243,12 +283,13 @@ class Producer:
             in_vocab, trained = covered(tensors["input_ids"].tolist(), tensors["loss_mask"].tolist(), self.vocab_ids)
             self.stats.trained_in_vocab += in_vocab
             self.stats.trained_tokens += trained
-            del self.held[token]
+            self.held.pop(token, None)
         self.heartbeat(self.status)
 
     def on_wait(self, waited: float) -> None:
         """Called by the writer while the byte watermark is full."""
         self._waited = waited
+        self.stop.check()
         if self.meta.run_finished():
             raise TrainerFinished
         trainers = self.meta.processes("train")

@@ -58,12 +58,10 @@ def sweep(
     (its own database says so) or with all_orphans. Arenas are told apart by the owner stamped in their
     header (run id and database file), never by path, so a moved run or a copied database is not mistaken
     for a run that is gone."""
-    report = SweepReport()
-    meta = RunMeta(conn)
-    me, finished = owner_of(conn), meta.run_finished()
+    report, me = SweepReport(), owner_of(conn)
     for path in sorted(shm_dir.glob("dataflow-*")):
         mine = path.name.startswith(run_prefix(me.run_id))
-        decide = functools.partial(_keep_reason, conn, path.name, me, finished, all_orphans)
+        decide = functools.partial(_keep_reason, conn, path.name, me, all_orphans)
         try:
             _sweep_segment(path, decide, dry_run, report, mine=mine)
         except PermissionError:
@@ -76,13 +74,13 @@ def sweep(
 
 
 def _keep_reason(
-    conn: sqlite3.Connection, name: str, me: Owner, finished: bool, all_orphans: bool,
-    arena: bool, nonce: int, owner: Owner | None,
+    conn: sqlite3.Connection, name: str, me: Owner, all_orphans: bool, arena: bool, nonce: int, owner: Owner | None
 ) -> tuple[str | None, bool]:
-    """(why to keep an arena nobody writes, or None to remove it; whether it is this run's own)."""
+    """(why to keep an arena nobody writes, or None to remove it; whether it is this run's own). This run's
+    arena stays while any PENDING or LEASED ref points into it, whatever else the run says."""
     if arena and me.same_database(owner):
         live = any(h.get("nonce") == nonce for h in live_handles(conn, name))
-        return ("holds samples the trainer has not consumed" if live and not finished else None), True
+        return ("holds samples the trainer has not consumed" if live else None), True
     if not arena:  # half-created (its producer died before any sample could be written), or not dataflow's
         ours = name.startswith(run_prefix(me.run_id))
         return (None if ours else ""), ours

@@ -14,6 +14,8 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dataflow.control.db import database_path
+
 
 @dataclass(frozen=True)
 class Owner:
@@ -40,10 +42,6 @@ class Owner:
         return f"run {self.run_id[:12]} of {self.db_path}"
 
 
-def database_path(conn: sqlite3.Connection) -> str:
-    return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
-
-
 def file_identity(path: str | os.PathLike) -> str:
     st = os.stat(path)
     return f"{st.st_dev}:{st.st_ino}"
@@ -58,18 +56,17 @@ def owner_of(conn: sqlite3.Connection) -> Owner:
 
 def provably_finished(owner: Owner | None) -> bool:
     """Whether another run is finished for good, judged by its own database: still at its recorded path,
-    the same file (inode) and run id, and marked finished. Anything less is no proof."""
-    from dataflow.control.db import connect
+    the same file (inode) and run id, and marked finished. Anything less is no proof. That database is
+    only read (opened read-only: never migrated, never locked for writing)."""
     from dataflow.control.meta import RunMeta
-    from dataflow.errors import DataflowError
 
     if owner is None or not owner.db_path:
         return False
     try:
         if file_identity(owner.db_path) != owner.db_file:
             return False
-        conn = connect(Path(owner.db_path))
-    except (OSError, DataflowError):
+        conn = sqlite3.connect(f"{Path(owner.db_path).as_uri()}?mode=ro", uri=True, timeout=1.0)
+    except (OSError, sqlite3.Error):
         return False
     try:
         meta = RunMeta(conn)

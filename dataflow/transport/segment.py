@@ -31,8 +31,10 @@ SHM_DIR = Path("/dev/shm")
 HEADER_BYTES = 4096  # keeps the data area page aligned
 SEGMENT_HEADER = struct.Struct("<8sQQQ")  # magic, capacity, nonce, next generation
 SEGMENT_MAGIC = b"DFARENA1"
-OWNER_AT = 64  # u16 length + the owner's JSON (owner.py): whose run and database this arena serves
-OWNER_MAX = HEADER_BYTES - OWNER_AT - 2
+# Two u16-length-prefixed blocks: the database path where earlier versions read it (their gc removes an
+# arena whose path does not exist, so it must stay there), then the owner's JSON (owner.py).
+PATH_AT, OWNER_AT = 64, 2048
+BLOCK_MAX = HEADER_BYTES - OWNER_AT - 2
 LOCK_WAIT_S = 2.0  # gc holds a segment's lock for a moment while it decides; wait that out
 
 
@@ -101,14 +103,15 @@ class Segment:
         """A fresh segment with a new nonce, stamped with its owner (magic last: a segment half-created by a
         killed producer is no arena); the caller holds no lock yet (see lock())."""
         check_shm_space(HEADER_BYTES + capacity, path.parent)
-        stamp = owner.to_json().encode()
-        if len(stamp) > OWNER_MAX:
+        stamp, db_path = owner.to_json().encode(), owner.db_path.encode()
+        if len(stamp) > BLOCK_MAX:
             raise StoreError(f"{path}: the run database path is too long to record ({owner.db_path[:60]}...)")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, HEADER_BYTES + capacity)  # sized, not reserved: see reserve()
             _reserve(fd, 0, HEADER_BYTES, path)
+            os.pwrite(fd, struct.pack("<H", len(db_path)) + db_path, PATH_AT)
             os.pwrite(fd, struct.pack("<H", len(stamp)) + stamp, OWNER_AT)
             os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, capacity, secrets.randbits(63), 1), 0)
             return cls(path, fd)
@@ -178,7 +181,7 @@ def _reserve(fd: int, offset: int, length: int, path: Path) -> None:
 
 def _owner_at(raw: bytes) -> Owner | None:
     (n,) = struct.unpack_from("<H", raw, OWNER_AT)
-    return Owner.from_json(raw[OWNER_AT + 2 : OWNER_AT + 2 + min(n, OWNER_MAX)].decode(errors="replace"))
+    return Owner.from_json(raw[OWNER_AT + 2 : OWNER_AT + 2 + min(n, BLOCK_MAX)].decode(errors="replace"))
 
 
 def read_header(fd: int) -> tuple[bool, int, Owner | None]:

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 
-from dataflow.control.meta import RunMeta
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
 from dataflow.transport.owner import Owner, owner_of
@@ -96,14 +95,13 @@ class ShmWriter:
             self._rebuild()
 
     def close(self) -> None:
-        """Unmap; when no live ref needs the arena (a clean finish, or training finished for good) also
-        remove the segment. Writes not committed by now never will be: the producer commits right after
-        `write`."""
+        """Unmap; when no live ref points into the arena any more also remove the segment (a PENDING or
+        LEASED ref's bytes stay, whatever else the run says). Writes not committed by now never will be:
+        the producer commits right after `write`."""
         if self._segment is None:
             return
         self._uncommitted.clear()
-        unneeded = RunMeta(self.conn).run_finished() or not self._used_ranges()
-        if unneeded and self._segment.still_named():
+        if not self._used_ranges() and self._segment.still_named():
             self.path.unlink(missing_ok=True)
         self._segment.close()
         self._segment = None
