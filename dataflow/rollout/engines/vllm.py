@@ -156,8 +156,11 @@ class VLLMEngine:
             )["input_ids"][-room:])
             for c in conversations
         ]
-        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s) for s in seeds]
+        if temperature > 0:  # a seeded generator per request (vLLM's sampler is slower with them: greedy has none)
+            seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s) for s in seeds]
+        else:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.take_captured(outputs)  # the prompts' hidden states were captured too: release them
         return [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip() for o in outputs]
