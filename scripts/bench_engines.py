@@ -12,7 +12,7 @@ HF runs first: vLLM's CPU worker pins OpenMP threads and disables torch.set_num_
 starts in. vLLM's start-up (s) is reported, not counted in the rates. Prints one JSON object last:
 regen_speedup_vs_hf (target >= 5), capture_speedup_vs_hf, max_abs_diff.
 
-    python scripts/bench_engines.py                 # 16 conversations of SmolLM2, 64 new tokens, 1 thread
+    python scripts/bench_engines.py                 # 32 conversations of SmolLM2, 64 new tokens, 1 thread
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=32, help="32: the rollout regenerates a lease group of 32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--token-budget", type=int, default=4096)
