@@ -293,11 +293,10 @@ def eval_draft(
 
     from rich.console import Console
 
-    from dataflow.errors import InputError
     from dataflow.eval.report import EvalConfig, evaluate
+    from dataflow.rollout.engines import check_engine
 
-    if engine not in ("hf", "vllm"):
-        raise InputError(f"--engine {engine!r}: unknown engine; pass hf or vllm")
+    check_engine(engine)
     config = EvalConfig(
         draft=draft, target_model=target_model, data=data, num_prompts=num_prompts,
         num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
