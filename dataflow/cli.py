@@ -382,11 +382,12 @@ def eval_draft(
 
     from rich.console import Console
 
-    from dataflow.errors import InputError
     from dataflow.eval.report import EvalConfig, evaluate
+    from dataflow.rollout.engines import check_engine
 
-    if engine not in ("hf", "vllm"):
-        raise InputError(f"--engine {engine!r}: unknown engine; pass hf or vllm")
+    from dataflow.errors import InputError
+
+    check_engine(engine)
     try:
         config = EvalConfig(
             draft=draft, target_model=target_model, data=data, num_prompts=num_prompts, held_out=held_out,

