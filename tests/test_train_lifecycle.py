@@ -108,7 +108,7 @@ def test_max_steps_pauses_the_run_and_training_again_finishes_it(tmp_path, targe
 
     assert train(db, config, TrainLimits(out=tmp_path / "out", progress=False)) == "finished"
     counts = queue.counts()
-    assert counts["trained"] == len(samples) and counts["lost"] == counts["pending"] == 0
+    assert counts["trained"] == len(samples) and counts["lost"] == counts["pending"] == 0, counts
     assert meta.run_finished() and (tmp_path / "out" / "final" / STATE_FILE).exists()
 
 

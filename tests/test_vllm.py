@@ -43,7 +43,8 @@ def assert_same_features(hf: dict, vllm: dict) -> float:
 def tiny_engines(tmp_path_factory):
     """The tiny target in both engines: head_dim 32 (vLLM's CPU attention has no kernel for 16), a confident head
     (no near-ties in greedy decoding)."""
-    config = HFEngineConfig(model_dir=build_tiny_target(tmp_path_factory.mktemp("tiny") / "t", hidden_size=128, head_scale=8.0), threads=1)
+    config = HFEngineConfig(model_dir=build_tiny_target(tmp_path_factory.mktemp("tiny") / "t", hidden_size=128, head_scale=8.0), threads=1,
+                            dtype="float32")  # fp32 in both: the comparison is within fp32 tolerance
     return HFEngine(config), open_engine("vllm", config, max_model_len=512)
 
 
@@ -125,14 +126,15 @@ def test_a_vllm_rollout_trains_a_draft_that_vllm_serves_exactly_on_smollm2(tmp_p
 
     db, store = tmp_path / "run.sqlite", tmp_path / "features"
     rollout = dataflow("rollout", "--db", str(db), "--engine", "vllm", "--num-samples", "4", "--max-length", "96",
-                       "--store", "files", "--store-dir", str(store), "--threads", "1", "--no-progress")
+                       "--dtype", "float32", "--store", "files", "--store-dir", str(store), "--threads", "1",
+                       "--no-progress")
     assert rollout.stdout.startswith("rollout: 4 samples") and "INFO" not in rollout.stdout + rollout.stderr
 
     # The features vLLM captured equal the HF engine's on the same tokens.
     conn = connect(db)
     queue = RefQueue(conn)
     leases = queue.lease("test", n=4)
-    hf = HFEngine(HFEngineConfig(model_dir=RunMeta(conn).get("target")["model"], threads=1))
+    hf = HFEngine(HFEngineConfig(model_dir=RunMeta(conn).get("target")["model"], threads=1, dtype="float32"))
     reader = open_reader(conn)
     for lease in leases:
         got = reader.open(lease.handle)
