@@ -18,6 +18,8 @@ import hashlib
 import random
 from collections import Counter
 
+import torch
+
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
@@ -87,7 +89,9 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     warm = {}
     if meta.get("vocab") is None:
         warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
-    added = tasks.add_many([(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)])
+    added = tasks.add_many(
+        [(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)]
+    )
     return {**summary, "prompts": len(prompts), "duplicates_dropped": duplicates, "tasks_added": added}
 
 
@@ -139,15 +143,17 @@ def record_vocab(
 ) -> dict[int, Sample]:
     """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
     regenerated for it, by position in `order`."""
+    mass = torch.zeros(engine.vocab_size)
     if config.regenerate:
-        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view)
+        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view, mass)
         counted = [warm.get(i, s) for i, (_, s) in enumerate(order[: config.vocab_warmup])]
     else:
         warm, counted = {}, [s for epoch, s in order if epoch == 0]
     with view.stage("draft vocabulary", len(counted)) as advance:
         counts = count_tokens((renderable(engine, s, config) for s in counted), on_sample=advance)
+    likely = Counter({t: p for t, p in enumerate(mass.tolist()) if p > 0})
     seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
-    vocab = draft_vocab(counts, engine.vocab_size, size, fallback=seen)
+    vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(likely, seen))
     source = "regenerated replies" if config.regenerate else "dataset replies"
     recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
     if recorded.get("coverage") is not None:
@@ -160,9 +166,11 @@ def record_vocab(
 
 
 def regenerate_warmup(
-    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView
+    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView,
+    token_mass: torch.Tensor,
 ) -> dict[int, Sample]:
-    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease."""
+    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease (adding the
+    target's next-token probabilities while writing them to `token_mass`)."""
     todo = [i for i, (_, s) in enumerate(warmup) if s.text is None]
     out: dict[int, Sample] = {}
     with view.stage("vocabulary warm-up (regenerating)", len(todo)) as advance:
@@ -170,7 +178,7 @@ def regenerate_warmup(
             batch = todo[start : start + config.tasks_per_lease]
             replies = regenerate_replies(
                 engine, [warmup[i][1] for i in batch], max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, seed=config.seed,
+                temperature=config.temperature, seed=config.seed, token_mass=token_mass,
             )
             out.update(zip(batch, replies))
             advance(len(out))
