@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import time
 from collections import Counter
 
 import torch
@@ -143,9 +144,11 @@ def record_vocab(
 ) -> dict[int, Sample]:
     """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
     regenerated for it, by position in `order`."""
-    mass = torch.zeros(engine.vocab_size)
+    mass, started = torch.zeros(engine.vocab_size), time.monotonic()
     if config.regenerate:
         warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view, mass)
+        view.message(f"vocabulary warm-up: the target wrote {len(warm)} samples' replies in "
+                     f"{time.monotonic() - started:.0f}s")
         counted = [warm.get(i, s) for i, (_, s) in enumerate(order[: config.vocab_warmup])]
     else:
         warm, counted = {}, [s for epoch, s in order if epoch == 0]
