@@ -8,8 +8,10 @@ half is what it is measured on (replies it never saw):
                 old behaviour)
     own         the target's own replies of the warm-up half, then tokens seen anywhere in the training
                 rows, then the lowest ids
-    own+likely  the same with the probability mass the target put on each token while writing the
-                warm-up replies ranked before the seen tokens (what `dataflow rollout --regenerate` records)
+    own+likely  the same with how often each token was among the target's top-5 candidates while it
+                wrote the warm-up replies ranked before the seen tokens
+    own+seen+likely  ... ranked after the seen tokens, before the lowest ids (what `dataflow rollout
+                --regenerate` records)
 
 Prints one JSON object last: per draft-vocabulary size and way, the coverage of the unseen half's trained
 tokens and how many slots hold ids that occur in no counted text ("filler").
@@ -56,29 +58,31 @@ def main() -> None:
     config = RolloutConfig(max_length=512)
     rows, _ = split_held_out(load_dataset().samples, DEFAULT_HELD_OUT)
     start = time.perf_counter()
-    regenerated, mass, half = [], torch.zeros(engine.vocab_size), args.samples // 2
+    regenerated, contenders, half = [], torch.zeros(engine.vocab_size), args.samples // 2
     for i in range(0, args.samples, 32):  # batches of 32 stay on one side of the half when --samples is 64k
         regenerated += regenerate_replies(engine, rows[i : min(i + 32, args.samples)],
                                           max_new_tokens=args.max_new_tokens, temperature=0.0, seed=0,
-                                          token_mass=mass if i < half else None)
+                                          contenders=contenders if i < half else None)
     regenerate_s = time.perf_counter() - start
     warmup, unseen = regenerated[:half], count_tokens(renderable(engine, s, config) for s in regenerated[half:])
     dataset_replies = count_tokens(renderable(engine, s, config) for s in rows)
     seen = Counter(t for s in rows if (tok := renderable(engine, s, config)) for t in tok.input_ids)
     own_replies = count_tokens(renderable(engine, s, config) for s in warmup)
-    likely = Counter({t: p for t, p in enumerate(mass.tolist()) if p > 0})
+    likely = Counter({t: n for t, n in enumerate(contenders.tolist()) if n > 0})
     result = {"samples": len(regenerated), "regenerate_s": round(regenerate_s, 1),
               "regenerated_tokens": sum(unseen.values()) * 2, "distinct_in_own_replies": len(own_replies),
               "distinct_in_dataset_replies": len(dataset_replies), "sizes": {}}
     for size in map(int, args.sizes.split(",")):
         old = draft_vocab(dataset_replies, engine.vocab_size, size)
         own = draft_vocab(own_replies, engine.vocab_size, size, fallbacks=(seen,))
-        new = draft_vocab(own_replies, engine.vocab_size, size, fallbacks=(likely, seen))
+        likely_first = draft_vocab(own_replies, engine.vocab_size, size, fallbacks=(likely, seen))
+        new = draft_vocab(own_replies, engine.vocab_size, size, fallbacks=(seen, likely))
         result["sizes"][size] = {
             "dataset": {"coverage_unseen": coverage(old, unseen), "filler": max(0, size - len(dataset_replies))},
             "own": {"coverage_unseen": coverage(own, unseen), "coverage_warmup": own["coverage"],
                     "filler": max(0, size - len(own_replies.keys() | seen.keys()))},
-            "own+likely": {"coverage_unseen": coverage(new, unseen), "coverage_warmup": new["coverage"]},
+            "own+likely": {"coverage_unseen": coverage(likely_first, unseen)},
+            "own+seen+likely": {"coverage_unseen": coverage(new, unseen), "coverage_warmup": new["coverage"]},
         }
     print(json.dumps(result))
 

@@ -87,6 +87,10 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         return {**summary, "tasks_added": 0}  # a restart: the run's prompts are its tasks already
     prompts, duplicates = training_prompts(engine, rows, held_out, config, view)
     order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
+    view.message(
+        f"prompts: {len(prompts)} ({len(held_out)} rows held out for eval, {duplicates} repeats dropped), "
+        f"x{config.samples_per_prompt} replies x{config.epochs} epochs = {len(order)} samples"
+    )
     warm = {}
     if meta.get("vocab") is None:
         warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
@@ -144,9 +148,9 @@ def record_vocab(
 ) -> dict[int, Sample]:
     """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
     regenerated for it, by position in `order`."""
-    mass, started = torch.zeros(engine.vocab_size), time.monotonic()
+    contenders, started = torch.zeros(engine.vocab_size), time.monotonic()
     if config.regenerate:
-        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view, mass)
+        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view, contenders)
         view.message(f"vocabulary warm-up: the target wrote {len(warm)} samples' replies in "
                      f"{time.monotonic() - started:.0f}s")
         counted = [warm.get(i, s) for i, (_, s) in enumerate(order[: config.vocab_warmup])]
@@ -154,9 +158,9 @@ def record_vocab(
         warm, counted = {}, [s for epoch, s in order if epoch == 0]
     with view.stage("draft vocabulary", len(counted)) as advance:
         counts = count_tokens((renderable(engine, s, config) for s in counted), on_sample=advance)
-    likely = Counter({t: p for t, p in enumerate(mass.tolist()) if p > 0})
+    likely = Counter({t: n for t, n in enumerate(contenders.tolist()) if n > 0})
     seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
-    vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(likely, seen))
+    vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(seen, likely))
     source = "regenerated replies" if config.regenerate else "dataset replies"
     recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
     if recorded.get("coverage") is not None:
@@ -170,10 +174,10 @@ def record_vocab(
 
 def regenerate_warmup(
     engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView,
-    token_mass: torch.Tensor,
+    contenders: torch.Tensor,
 ) -> dict[int, Sample]:
-    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease (adding the
-    target's next-token probabilities while writing them to `token_mass`)."""
+    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease (counting the
+    target's top next-token candidates while writing them into `contenders`)."""
     todo = [i for i, (_, s) in enumerate(warmup) if s.text is None]
     out: dict[int, Sample] = {}
     with view.stage("vocabulary warm-up (regenerating)", len(todo)) as advance:
@@ -181,7 +185,7 @@ def regenerate_warmup(
             batch = todo[start : start + config.tasks_per_lease]
             replies = regenerate_replies(
                 engine, [warmup[i][1] for i in batch], max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, seed=config.seed, token_mass=token_mass,
+                temperature=config.temperature, seed=config.seed, contenders=contenders,
             )
             out.update(zip(batch, replies))
             advance(len(out))

@@ -1,10 +1,10 @@
 """The draft vocabulary: the `draft_vocab_size` tokens the target is most likely to be asked to predict.
 
 Ranked by (1) how often a token is a trained (loss-masked) token of the replies counted, which with
---regenerate are the target's own; for the slots the replies do not fill, (2) with --regenerate, the
-probability mass the target put on it while writing them (what it was likely to say in those places);
-(3) how often it occurs anywhere in the run's conversations (words the target reads and echoes); only
-then (4) the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
+--regenerate are the target's own; for the slots the replies do not fill, (2) how often it occurs
+anywhere in the run's conversations (words the target reads and echoes: the best predictor of the
+replies still to come, measured by scripts/bench_vocab.py); (3) with --regenerate, how often it was among
+the target's top-5 candidates while writing the counted replies; only then (4) the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
 draft_id for draft id i, draft ids sorted by target id (the EAGLE3 checkpoint layout), plus how well it
 covers the counted replies; t2d is derived from d2t by the reader.
 """
