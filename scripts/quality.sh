@@ -19,10 +19,10 @@ started=$(date +%s)
 
 RUN_DIR=${RUN_DIR:-runs/quality}
 SAMPLES=${SAMPLES:-}                          # bundled training rows to use (empty: all 278)
-SELF_PROMPTS=${SELF_PROMPTS:-400}             # prompts the target writes itself
+SELF_PROMPTS=${SELF_PROMPTS:-300}             # prompts the target writes itself
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}   # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
-EPOCHS=${EPOCHS:-4}                           # trainer passes over the features
+EPOCHS=${EPOCHS:-3}                           # trainer passes over the features
 VOCAB=${VOCAB:-8192}
 K=${K:-5}
 EVAL_PROMPTS=${EVAL_PROMPTS:-16}
@@ -31,7 +31,7 @@ export HF_HUB_OFFLINE=1
 
 .venv/bin/dataflow run --db "$RUN_DIR/run.sqlite" ${SAMPLES:+--num-samples "$SAMPLES"} \
     --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
-    --self-prompts "$SELF_PROMPTS" --max-new-tokens 160 --max-length 512 --draft-vocab-size "$VOCAB" \
+    --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
     --rollout-threads 1 --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --log-every 5 --save-every 100
 
