@@ -68,7 +68,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([p["trained_tokens"] for p in points], [p["tau_hat"] for p in points], label=f"τ̂ (train, K={args.k})")
+    ax.plot([p["trained_tokens"] for p in points], [p["tau_hat"] for p in points], ".-",
+            label=f"τ̂ (train, K={args.k})")
     if measured:
         ax.plot([m["trained_tokens"] for m in measured], [m["tau"] for m in measured], "o",
                 label="τ measured (held-out prompts)")

@@ -11,7 +11,7 @@
 #   4. the learning curve (τ̂ from the trainer's per-step accuracies vs trained tokens, and the measured τ)
 #      as PNG + JSON
 # Prints one JSON object last. Every size is a variable, so a shortened run validates the script:
-#   SELF_PROMPTS=16 SAMPLES_PER_PROMPT=1 SAMPLES=24 EPOCHS=1 bash scripts/quality.sh
+#   SELF_PROMPTS=16 SAMPLES=24 EPOCHS=1 EVAL_PROMPTS=1 EVAL_TOKENS=16 bash scripts/quality.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -19,28 +19,30 @@ started=$(date +%s)
 
 RUN_DIR=${RUN_DIR:-runs/quality}
 SAMPLES=${SAMPLES:-}                          # bundled training rows to use (empty: all 278)
-SELF_PROMPTS=${SELF_PROMPTS:-400}             # prompts the target writes itself
+SELF_PROMPTS=${SELF_PROMPTS:-300}             # prompts the target writes itself
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}   # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
-EPOCHS=${EPOCHS:-4}                           # trainer passes over the features
+EPOCHS=${EPOCHS:-3}                           # trainer passes over the features
 VOCAB=${VOCAB:-8192}
 K=${K:-5}
 EVAL_PROMPTS=${EVAL_PROMPTS:-16}
+EVAL_TOKENS=${EVAL_TOKENS:-64}                # tokens generated per eval prompt
+EVAL_THREADS=${EVAL_THREADS:-}                # torch threads of the eval (empty: torch default)
 mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1
 
 .venv/bin/dataflow run --db "$RUN_DIR/run.sqlite" ${SAMPLES:+--num-samples "$SAMPLES"} \
     --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
-    --self-prompts "$SELF_PROMPTS" --max-new-tokens 160 --max-length 512 --draft-vocab-size "$VOCAB" \
+    --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
     --rollout-threads 1 --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --log-every 5 --save-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \
-    --max-new-tokens 64 --json > "$RUN_DIR/eval.json"
+    --max-new-tokens "$EVAL_TOKENS" ${EVAL_THREADS:+--threads "$EVAL_THREADS"} --json > "$RUN_DIR/eval.json"
 evals=(--eval "final:$RUN_DIR/eval.json")
 if .venv/bin/dataflow eval --help | grep -q -- "--engine"; then
   .venv/bin/dataflow eval --engine vllm --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" \
-      --num-draft-tokens "$K" --max-new-tokens 64 --json > "$RUN_DIR/eval_vllm.json"
+      --num-draft-tokens "$K" --max-new-tokens "$EVAL_TOKENS" --json > "$RUN_DIR/eval_vllm.json"
   evals+=(--eval "final:$RUN_DIR/eval_vllm.json")
 fi
 .venv/bin/python scripts/learning_curve.py "$RUN_DIR/run.train" --k "$K" "${evals[@]}" --out "$RUN_DIR/curve" \

@@ -65,3 +65,14 @@ def test_a_draft_vocab_larger_than_the_target_vocab_is_one_line(tmp_path, tiny_t
     result = rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--draft-vocab-size", "10000000")
     line = error_line(result)
     assert "--draft-vocab-size 10000000: larger than the target vocabulary" in line
+
+
+def test_copies_without_sampling_are_one_line(tmp_path, tiny_target):
+    result = rollout(tmp_path / "r.sqlite", "--target-model", str(tiny_target), "--regenerate",
+                     "--samples-per-prompt", "2")
+    assert "samples_per_prompt > 1 needs regenerate and temperature > 0" in error_line(result)
+
+
+def test_more_eval_prompts_than_held_out_rows_is_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", "--draft", str(tmp_path), "--num-prompts", "9", "--held-out", "8"])
+    assert "num_prompts 9 > held_out 8" in error_line(result)

@@ -85,5 +85,6 @@ def test_the_last_conversation_rows_are_held_out_and_text_rows_are_never_held_ou
 
 
 def test_ids_with_the_reserved_key_separators_are_bad_rows(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x@1", "text": "t"}, {"id": "y#e1", "text": "t"}, {"id": "ok", "text": "t"}])
+    rows = [{"id": "x@1", "text": "t"}, {"id": "y#e1", "text": "t"}, {"id": "ok", "text": "t"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert len(load_dataset(path, on_bad_row="skip").skipped) == 2

@@ -82,6 +82,15 @@ def test_bf16_features_travel_through_both_stores_as_bf16(tmp_path, engine):
         writer.close()
 
 
+def test_contenders_count_the_top_candidates_of_every_written_position(engine):
+    counts = torch.zeros(engine.vocab_size)
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nA longer question"]
+    replies = engine.complete(texts, max_new_tokens=5, temperature=0.0, contenders=counts)
+    # the random tiny target never writes its end-of-turn token within 5 steps: 2 rows x 5 positions x top 5
+    assert len(replies) == 2 and counts.sum().item() == 50
+    assert counts.max().item() <= 10  # a token is among one position's top 5 at most once
+
+
 def test_aux_layers_out_of_range_are_refused(engine):
     with pytest.raises(InputError, match="--aux-layers"):
         HFEngine(HFEngineConfig(model_dir=engine.config.model_dir, aux_layers=(1, 2, 99)))

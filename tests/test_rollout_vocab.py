@@ -25,13 +25,21 @@ def test_draft_vocab_keeps_the_most_frequent_tokens_sorted_by_target_id():
 
 def test_slots_the_replies_leave_free_go_to_tokens_seen_elsewhere_before_the_lowest_unseen_ids():
     replies, seen = Counter({9: 3}), Counter({40: 5, 20: 1, 9: 1})
-    vocab = draft_vocab(replies, vocab_size=50, draft_vocab_size=4, fallback=seen)
+    vocab = draft_vocab(replies, vocab_size=50, draft_vocab_size=4, fallbacks=(seen,))
     assert target_ids_of(vocab) == [0, 9, 20, 40]
     assert vocab["coverage"] == 1.0
 
 
+def test_fallbacks_rank_in_turn():
+    first, second = Counter({7: 0.5}), Counter({8: 9, 7: 1})
+    vocab = draft_vocab(Counter({1: 2}), vocab_size=10, draft_vocab_size=2, fallbacks=(first, second))
+    assert target_ids_of(vocab) == [1, 7]
+    vocab = draft_vocab(Counter({1: 2}), vocab_size=10, draft_vocab_size=3, fallbacks=(first, second))
+    assert target_ids_of(vocab) == [1, 7, 8]
+
+
 def test_a_reply_token_always_outranks_a_more_frequent_token_seen_only_elsewhere():
-    vocab = draft_vocab(Counter({3: 1}), vocab_size=10, draft_vocab_size=1, fallback=Counter({5: 100}))
+    vocab = draft_vocab(Counter({3: 1}), vocab_size=10, draft_vocab_size=1, fallbacks=(Counter({5: 100}),))
     assert target_ids_of(vocab) == [3]
 
 

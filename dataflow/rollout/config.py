@@ -22,8 +22,8 @@ class RolloutConfig:
     """The dataset's last N conversation rows are never trained on: `dataflow eval` prompts with them."""
     self_prompts: int = 0
     """Prompts the target writes itself from its bare user header (Magpie), added to the dataset's rows."""
-    prompt_temperature: float = 1.0
-    """Sampling temperature of the self-written prompts."""
+    prompt_temperature: float = 0.8
+    """Sampling temperature of the self-written prompts (SmolLM2-135M: 1.0 writes many incoherent ones)."""
     samples_per_prompt: int = 1
     """Sampled replies per prompt (each its own sample); > 1 needs --regenerate and --temperature > 0."""
     epochs: int = 1

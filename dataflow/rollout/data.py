@@ -5,8 +5,9 @@
     {"id": "a3", "text": "pre-formatted text, trained on every token"}
 
 A row without "id" gets "line<N>". The last `held_out` conversation rows are the eval's prompts
-(`split_held_out`): rollouts never train on them, `dataflow eval` prompts only with them. Bad rows are reported with file and line number; `on_bad_row="skip"`
-drops them (and counts them), `"fail"` raises one InputError that also says how many would be skipped.
+(`split_held_out`): rollouts never train on them, `dataflow eval` prompts only with them.
+Bad rows are reported with file and line number; `on_bad_row="skip"` drops them (and counts them),
+`"fail"` raises one InputError that also says how many would be skipped.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import time
 from collections import Counter
+
+import torch
 
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
@@ -85,10 +88,16 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         return {**summary, "tasks_added": 0}  # a restart: the run's prompts are its tasks already
     prompts, duplicates = training_prompts(engine, rows, held_out, config, view)
     order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
+    view.message(
+        f"prompts: {len(prompts)} ({len(held_out)} rows held out for eval, {duplicates} repeats dropped), "
+        f"x{config.samples_per_prompt} replies x{config.epochs} epochs = {len(order)} samples"
+    )
     warm = {}
     if meta.get("vocab") is None:
         warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
-    added = tasks.add_many([(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)])
+    added = tasks.add_many(
+        [(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)]
+    )
     return {**summary, "prompts": len(prompts), "duplicates_dropped": duplicates, "tasks_added": added}
 
 
@@ -140,15 +149,19 @@ def record_vocab(
 ) -> dict[int, Sample]:
     """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
     regenerated for it, by position in `order`."""
+    contenders, started = torch.zeros(engine.vocab_size), time.monotonic()
     if config.regenerate:
-        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view)
+        warm = regenerate_warmup(engine, order[: config.vocab_warmup], config, view, contenders)
+        view.message(f"vocabulary warm-up: the target wrote {len(warm)} samples' replies in "
+                     f"{time.monotonic() - started:.0f}s")
         counted = [warm.get(i, s) for i, (_, s) in enumerate(order[: config.vocab_warmup])]
     else:
         warm, counted = {}, [s for epoch, s in order if epoch == 0]
     with view.stage("draft vocabulary", len(counted)) as advance:
         counts = count_tokens((renderable(engine, s, config) for s in counted), on_sample=advance)
+    likely = Counter({t: n for t, n in enumerate(contenders.tolist()) if n > 0})
     seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
-    vocab = draft_vocab(counts, engine.vocab_size, size, fallback=seen)
+    vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(seen, likely))
     source = "regenerated replies" if config.regenerate else "dataset replies"
     recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
     if recorded.get("coverage") is not None:
@@ -161,9 +174,11 @@ def record_vocab(
 
 
 def regenerate_warmup(
-    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView
+    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView,
+    contenders: torch.Tensor,
 ) -> dict[int, Sample]:
-    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease."""
+    """The warm-up conversations with the target's replies, in batches of --tasks-per-lease (counting the
+    target's top next-token candidates while writing them into `contenders`)."""
     todo = [i for i, (_, s) in enumerate(warmup) if s.text is None]
     out: dict[int, Sample] = {}
     with view.stage("vocabulary warm-up (regenerating)", len(todo)) as advance:
@@ -171,7 +186,7 @@ def regenerate_warmup(
             batch = todo[start : start + config.tasks_per_lease]
             replies = regenerate_replies(
                 engine, [warmup[i][1] for i in batch], max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, seed=config.seed,
+                temperature=config.temperature, seed=config.seed, contenders=contenders,
             )
             out.update(zip(batch, replies))
             advance(len(out))

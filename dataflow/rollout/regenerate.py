@@ -23,11 +23,13 @@ MIN_PROMPT_CHARS = 8  # shorter self-written prompts are mostly "Hi" or a stray 
 
 
 def regenerate_replies(
-    engine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int
+    engine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int,
+    contenders: torch.Tensor | None = None,
 ) -> list[Sample]:
     """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
     turn by turn, batched across conversations. Sampling is seeded by `seed` and the samples' ids, so a
-    batch regenerated again (after a restart) gets the same replies and copies of one prompt differ."""
+    batch regenerated again (after a restart) gets the same replies and copies of one prompt differ.
+    `contenders`: see HFEngine.complete."""
     torch.manual_seed(seed ^ zlib.crc32("\n".join(s.id for s in samples).encode()))
     conversations = [list(s.messages) for s in samples]
     todo = [
@@ -37,7 +39,8 @@ def regenerate_replies(
     while any(todo):
         round_ = [(c, positions.pop(0)) for c, positions in enumerate(todo) if positions]
         replies = engine.generate(
-            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens, temperature=temperature
+            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens, temperature=temperature,
+            contenders=contenders,
         )
         for (c, pos), reply in zip(round_, replies):
             conversations[c][pos : pos + 1] = [{"role": "assistant", "content": reply}]

@@ -1,9 +1,10 @@
 """The draft vocabulary: the `draft_vocab_size` tokens the target is most likely to be asked to predict.
 
 Ranked by (1) how often a token is a trained (loss-masked) token of the replies counted, which with
---regenerate are the target's own; (2) for slots the replies do not fill, how often it occurs anywhere in
-the run's conversations (prompts and the dataset's replies: words the target reads and echoes); (3) only
-then the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
+--regenerate are the target's own; for the slots the replies do not fill, (2) how often it occurs
+anywhere in the run's conversations (words the target reads and echoes: the best predictor of the
+replies still to come, measured by scripts/bench_vocab.py); (3) with --regenerate, how often it was among
+the target's top-5 candidates while writing the counted replies; only then (4) the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
 draft_id for draft id i, draft ids sorted by target id (the EAGLE3 checkpoint layout), plus how well it
 covers the counted replies; t2d is derived from d2t by the reader.
 """
@@ -11,7 +12,7 @@ covers the counted replies; t2d is derived from d2t by the reader.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from dataflow.rollout.template import TokenizedSample
 
@@ -29,15 +30,14 @@ def count_tokens(samples: Iterable[TokenizedSample | None], on_sample: Callable[
     return masked or everything
 
 
-def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int, fallback: Counter | None = None) -> dict:
-    """The top tokens by `counts`, then by `fallback` (ties: lower id first), topped up with the lowest
-    ids seen in neither; with the share of the counted tokens it covers."""
+def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int, fallbacks: Sequence[Counter] = ()) -> dict:
+    """The top tokens by `counts`, then by each of `fallbacks` in turn (ties: lower id first), topped up
+    with the lowest ids seen in none; with the share of the counted tokens it covers."""
     if not 0 < draft_vocab_size <= vocab_size:
         raise ValueError(f"draft_vocab_size must be in 1..{vocab_size}, got {draft_vocab_size}")
-    fallback = fallback or Counter()
+    candidates = set(counts).union(*fallbacks)
     ranked = sorted(
-        (t for t in counts.keys() | fallback.keys() if 0 <= t < vocab_size),
-        key=lambda t: (-counts[t], -fallback[t], t),
+        (t for t in candidates if 0 <= t < vocab_size), key=lambda t: (-counts[t], *(-f[t] for f in fallbacks), t)
     )
     chosen = set(ranked[:draft_vocab_size])
     filler = (t for t in range(vocab_size) if t not in chosen)

@@ -122,15 +122,22 @@ class HFEngine:
             for b, (sample, n) in enumerate(zip(batch, lengths))
         ]
 
-    def generate(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[str]:
+    def generate(
+        self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float,
+        contenders: torch.Tensor | None = None,
+    ) -> list[str]:
         """The target's reply to each conversation (ending with a user turn)."""
         tok = self.tokenizer
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature, contenders=contenders)
 
     @torch.inference_mode()
-    def complete(self, texts: list[str], *, max_new_tokens: int, temperature: float) -> list[str]:
-        """The target's continuation of each rendered text up to its end-of-turn: batched, left-padded."""
+    def complete(
+        self, texts: list[str], *, max_new_tokens: int, temperature: float, contenders: torch.Tensor | None = None
+    ) -> list[str]:
+        """The target's continuation of each rendered text up to its end-of-turn: batched, left-padded.
+        `contenders` (V,), if given, counts the target's top next-token candidates at every position it
+        wrote (what it was likely to say there, not only what it said)."""
         tok = self.tokenizer
         if tok.pad_token is None:  # left padding needs a pad token; the attention mask hides it
             tok.pad_token = tok.eos_token
@@ -140,6 +147,10 @@ class HFEngine:
         finally:
             tok.padding_side = side
         sampled = temperature > 0
+        stop_ids = self.model.generation_config.eos_token_id
+        counting = [] if contenders is None else [Contenders(contenders, stop_ids, enc["input_ids"].shape[1])]
+        from transformers import LogitsProcessorList
+
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -148,8 +159,30 @@ class HFEngine:
             top_p=None,
             top_k=None,
             pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList(counting),
         )
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
+
+
+class Contenders:
+    """A generate() logits processor that counts, at every position a row is still writing, the target's
+    `top_k` most likely next tokens into `counts` (V,), and leaves the scores alone. A row is done once its
+    last token is a stop token. (Top-k, not the probability mass: summed over thousands of positions the
+    mass favours tokens every distribution's tail carries a little of, not the ones the target weighs.)"""
+
+    def __init__(self, counts: torch.Tensor, stop_ids: int | list[int] | None, prompt_length: int, top_k: int = 5):
+        self.counts, self.prompt_length, self.top_k = counts, prompt_length, top_k
+        self.stop_ids = torch.tensor([] if stop_ids is None else stop_ids, dtype=torch.long).reshape(-1)
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        elif input_ids.shape[1] > self.prompt_length:
+            self.done |= torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+        top = scores[~self.done, : self.counts.numel()].topk(self.top_k, dim=-1).indices.flatten().cpu()
+        self.counts.index_add_(0, top, torch.ones(top.numel(), dtype=self.counts.dtype))
+        return scores
 
 
 def token_budget_batches(
