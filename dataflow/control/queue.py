@@ -1,9 +1,13 @@
 """The ref queue: one row per sample whose features sit in a feature store, with its life cycle.
 
     pending --lease--> leased --ack--> acked --checkpoint durable--> trained
-       ^                 |  \\--fail (retryable)--> pending        \\--fail / attempts used up--> dead
-       +--lease expired--+
+       ^                 |  \\--fail (retryable, attempts+1)--> pending
+       |                 |  \\--fail, attempts used up (or not retryable)--> dead (kept, with last error)
+       +--lease expired, released on stop, or holder restarted (attempts unchanged)--+
     leased|pending --features lost--> lost --> its prompt task re-queued (a re-put revives the key)
+
+Only an error raised while processing a ref (`fail`) spends one of its attempts: a holder that died or
+stopped is no fault of the ref, so a crash-looping trainer cannot bury innocent samples.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable
+from typing import Iterable
 
 from dataflow.control import leases
 from dataflow.control import tasks as task_rows
@@ -54,6 +58,12 @@ class Lease:
     attempts: int
     deadline: float
     task_id: int | None
+
+
+@dataclass(frozen=True)
+class AckedRef:
+    id: int
+    handle: dict
 
 
 @dataclass(frozen=True)
@@ -218,28 +228,30 @@ class RefQueue:
             task_rows.requeue_rows(self.conn, [r[0] for r in rows])
         return len(rows)
 
-    def put_back_acked(self, retained: Callable[[dict], bool]) -> tuple[int, int]:
-        """Trainer restart: refs acked after the last durable checkpoint never counted. Those whose features
-        survive go back to PENDING; the others are LOST and their prompts re-queued. Returns (requeued, lost)."""
+    def acked(self) -> list[AckedRef]:
+        """Refs acked after the last durable checkpoint (they never counted), in id order."""
+        rows = self.conn.execute(f"SELECT id, handle FROM refs WHERE state = {RefState.ACKED:d} ORDER BY id").fetchall()
+        return [AckedRef(id=r["id"], handle=json.loads(r["handle"])) for r in rows]
+
+    def put_back(self, requeue_ids: list[int], lost_ids: list[int]) -> tuple[int, int]:
+        """Trainer restart, after it looked at `acked()`: refs whose features survive go back to PENDING, the
+        others are LOST and their prompts re-queued. Fenced on the rows still being ACKED. (requeued, lost)."""
+        acked = f"state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))"
         with immediate(self.conn):
-            rows = self.conn.execute(f"SELECT id, handle, task_id FROM refs WHERE state = {RefState.ACKED:d}").fetchall()
-            survives = {r["id"]: retained(json.loads(r["handle"])) for r in rows}
-            keep = [r["id"] for r in rows if survives[r["id"]]]
-            gone = [r for r in rows if not survives[r["id"]]]
-            self.conn.execute(
+            requeued = self.conn.execute(
                 # attempts reset: these were trained fine; only the checkpoint holding them was lost.
                 f"""UPDATE refs SET state = {RefState.PENDING:d}, lease_token = NULL, acked_at = NULL, attempts = 0
-                    WHERE id IN (SELECT value FROM json_each(:ids))""",
-                {"ids": json.dumps(keep)},
-            )
-            self.conn.execute(
+                    WHERE {acked}""",
+                {"ids": json.dumps(list(requeue_ids))},
+            ).rowcount
+            gone = self.conn.execute(
                 f"""UPDATE refs SET state = {RefState.LOST:d}, lease_token = NULL, acked_at = NULL,
                     last_error = 'acked after the last durable checkpoint; features already freed'
-                    WHERE id IN (SELECT value FROM json_each(:ids))""",
-                {"ids": json.dumps([r["id"] for r in gone])},
-            )
-            task_rows.requeue_rows(self.conn, [r["task_id"] for r in gone])
-        return len(keep), len(gone)
+                    WHERE {acked} RETURNING task_id""",
+                {"ids": json.dumps(list(lost_ids))},
+            ).fetchall()
+            task_rows.requeue_rows(self.conn, [r[0] for r in gone])
+        return requeued, len(gone)
 
     def live_handles(self, store: str) -> list[dict]:
         rows = self.conn.execute(

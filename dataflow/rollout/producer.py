@@ -31,7 +31,7 @@ from dataflow.rollout.ui import RolloutView
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
-TASK_MAX_ATTEMPTS = 5  # a task is retried after crashes/interrupts of its rollout; then it is dead
+TASK_MAX_ATTEMPTS = 5  # a task whose processing raised this many times is dead (a crash or interrupt spends none)
 
 
 class TrainerFinished(Exception):
@@ -255,8 +255,8 @@ class Producer:
             self._last_extend = time.monotonic()
 
     def give_back(self, reason: str) -> None:
-        for token in list(self.held):
-            self.tasks.fail(token, reason, retryable=True)
+        if self.held:  # untried, not failed: stopping spends none of the tasks' attempts
+            self.tasks.release(list(self.held), reason)
         self.held.clear()
 
     def heartbeat(self, status: str, force: bool = False) -> None:

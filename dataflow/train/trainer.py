@@ -93,7 +93,9 @@ class Trainer:
             if partial:
                 self.status.print(f"removed {len(partial)} checkpoint writes a kill interrupted ({partial[0]}, ...)")
             self._sweep()  # arenas of dead producers that no live ref needs
-            requeued, lost = self.queue.put_back_acked(self.reader.retained)
+            acked = self.queue.acked()
+            kept = [a.id for a in acked if self.reader.retained(a.handle)]
+            requeued, lost = self.queue.put_back(kept, sorted({a.id for a in acked} - set(kept)))
             if requeued or lost:
                 self.status.print(f"put back {requeued} refs acked after the last checkpoint; {lost} prompts re-queued")
         barrier(self.dist)
