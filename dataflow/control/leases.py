@@ -60,16 +60,18 @@ def release_owners(conn: sqlite3.Connection, table: str, owner_prefix: str, keep
 
 
 def claim(
-    conn: sqlite3.Connection, table: str, owner: str, n: int, deadline: float, extra_where: str = "", **params
+    conn: sqlite3.Connection, table: str, owner: str, n: int, deadline: float, candidates: str | None = None
 ) -> list[sqlite3.Row]:
-    """Lease up to n PENDING rows in id order, served by the (state, id) index; returns them sorted by id."""
+    """Lease up to n PENDING rows: the first n by id (served by the (state, id) index), or the ids the
+    `candidates` query picks (it may use :n). Returns them sorted by id."""
+    candidates = candidates or f"SELECT id FROM {table} WHERE state = {LeaseState.PENDING:d} ORDER BY id LIMIT :n"
     rows = conn.execute(
         f"""UPDATE {table}
             SET state = {LeaseState.LEASED:d}, lease_token = lower(hex(randomblob(16))), lease_owner = :owner,
                 lease_deadline = :deadline
-            WHERE id IN (SELECT id FROM {table} WHERE state = {LeaseState.PENDING:d} {extra_where} ORDER BY id LIMIT :n)
+            WHERE id IN ({candidates}) AND state = {LeaseState.PENDING:d}
             RETURNING *""",
-        {"owner": owner, "deadline": deadline, "n": n, **params},
+        {"owner": owner, "deadline": deadline, "n": n},
     ).fetchall()
     return sorted(rows, key=lambda r: r["id"])
 
@@ -113,5 +115,6 @@ def extend(conn: sqlite3.Connection, table: str, tokens: list[str], deadline: fl
 
 
 def counts(conn: sqlite3.Connection, table: str, states: type[IntEnum]) -> dict[str, int]:
-    by_state = dict(conn.execute(f"SELECT state, count(*) FROM {table} GROUP BY state").fetchall())
+    """Rows per state, from the counters the table's triggers keep (a few rows read, whatever the size)."""
+    by_state = dict(conn.execute("SELECT state, rows FROM counts WHERE tbl = :table", {"table": table}).fetchall())
     return {s.name.lower(): by_state.get(s.value, 0) for s in states}

@@ -22,7 +22,7 @@ from typing import Iterable
 
 from dataflow.control import leases
 from dataflow.control import tasks as task_rows
-from dataflow.control.db import immediate
+from dataflow.control.db import SHARDS, immediate
 from dataflow.control.leases import LeaseState
 
 
@@ -35,7 +35,8 @@ class RefState(IntEnum):
     LOST = 5
 
 
-LIVE_STATES = (RefState.PENDING, RefState.LEASED)  # states whose feature bytes must stay intact
+LIVE_STATES = (RefState.PENDING, RefState.LEASED)
+RATE_SAMPLE = 2000  # latest events a rate is computed from  # states whose feature bytes must stay intact
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,20 @@ class DeadRef:
 
 
 def shard_of(key: str) -> int:
-    return zlib.crc32(key.encode())
+    return zlib.crc32(key.encode()) % SHARDS
+
+
+def own_shards_query(rank: int, world: int) -> str | None:
+    """Ids of the first :n PENDING refs in rank's own shards, by id: one index seek per shard (a range of
+    (state, shard, id)), merged; never a walk over other shards' rows. None when the rank owns no shard."""
+    shards = [s for s in range(SHARDS) if s % world == rank]
+    if not shards:
+        return None
+    per_shard = " UNION ALL ".join(
+        f"SELECT id FROM (SELECT id FROM refs WHERE state = {RefState.PENDING:d} AND shard = {s} ORDER BY id LIMIT :n)"
+        for s in shards
+    )
+    return f"SELECT id FROM ({per_shard}) ORDER BY id LIMIT :n"
 
 
 def put_rows(conn: sqlite3.Connection, items: Iterable[RefItem], now: float) -> list[bool]:
@@ -154,10 +168,9 @@ class RefQueue:
             leases.renew_owned(self.conn, "refs", owner, now + ttl)
             leases.reclaim_expired(self.conn, "refs", now, except_owner=owner)
             rows = []
-            if world > 1:
-                rows = leases.claim(
-                    self.conn, "refs", owner, n, now + ttl, "AND shard % :world = :rank", world=world, rank=rank
-                )
+            own = own_shards_query(rank, world) if world > 1 else None
+            if own is not None:
+                rows = leases.claim(self.conn, "refs", owner, n, now + ttl, own)
             if len(rows) < n:
                 rows += leases.claim(self.conn, "refs", owner, n - len(rows), now + ttl)
         return [_lease_of(r) for r in rows]
@@ -261,25 +274,34 @@ class RefQueue:
         return [json.loads(r[0]) for r in rows]
 
     def live_bytes(self, store: str | None = None) -> int:
-        where = "AND store = :store" if store is not None else ""
+        """Feature bytes of PENDING and LEASED refs (of one store, or all), from trigger-kept counters."""
+        if store is not None:
+            row = self.conn.execute("SELECT live FROM store_bytes WHERE store = :store", {"store": store}).fetchone()
+            return 0 if row is None else row[0]
         return self.conn.execute(
-            f"""SELECT coalesce(sum(nbytes), 0) FROM refs
-                WHERE state IN ({RefState.PENDING:d}, {RefState.LEASED:d}) {where}""",
-            {"store": store},
+            f"""SELECT coalesce(sum(bytes), 0) FROM counts
+                WHERE tbl = 'refs' AND state IN ({RefState.PENDING:d}, {RefState.LEASED:d})"""
         ).fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         return leases.counts(self.conn, "refs", RefState)
 
     def oldest_pending_created_at(self) -> float | None:
-        return self.conn.execute(f"SELECT min(created_at) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+        """Creation time of the next ref in line (the lowest pending id: one index seek)."""
+        row = self.conn.execute(
+            f"SELECT created_at FROM refs WHERE state = {RefState.PENDING:d} ORDER BY id LIMIT 1"
+        ).fetchone()
+        return None if row is None else row[0]
 
-    def rate(self, column: str, *, since: float, now: float) -> float:
-        """Events per second since `since`, from a timestamp column (created_at or acked_at; both indexed)."""
+    def rate(self, column: str, *, since: float, now: float, most: int = RATE_SAMPLE) -> float:
+        """Events per second since `since`, from a timestamp column (created_at or acked_at; both indexed),
+        over at most the `most` latest events, so the cost stays bounded however fast the run goes."""
         if column not in ("created_at", "acked_at"):
             raise ValueError(f"no rate over refs.{column}")
         first, count = self.conn.execute(
-            f"SELECT min({column}), count(*) FROM refs WHERE {column} >= :since", {"since": since}
+            f"""SELECT min(t), count(*) FROM (SELECT {column} AS t FROM refs WHERE {column} >= :since
+                ORDER BY {column} DESC LIMIT :most)""",
+            {"since": since, "most": most},
         ).fetchone()
         return count / max(now - first, 1.0) if count else 0.0
 
@@ -310,10 +332,10 @@ class RefQueue:
         return {r[0] for r in self.conn.execute("SELECT key FROM refs WHERE instr(key, :part) > 0", {"part": part})}
 
     def depth(self) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+        return self.counts()["pending"]
 
     def in_flight(self) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.LEASED:d}").fetchone()[0]
+        return self.counts()["leased"]
 
     def dead(self, limit: int = 100) -> list[DeadRef]:
         rows = self.conn.execute(

@@ -65,12 +65,12 @@ class TaskQueue:
         """Add (key, payload) tasks; keys already present are left alone. Returns how many were new."""
         now = time.time()
         with immediate(self.conn):
-            before = self.conn.total_changes
+            before = sum(self.counts().values())  # not total_changes: the count triggers change rows too
             self.conn.executemany(
                 "INSERT OR IGNORE INTO tasks(key, payload, created_at) VALUES (?, ?, ?)",
                 [(key, json.dumps(payload), now) for key, payload in items],
             )
-            return self.conn.total_changes - before
+            return sum(self.counts().values()) - before
 
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
         now = time.time()
@@ -139,6 +139,5 @@ class TaskQueue:
 
     def remaining(self) -> int:
         """Tasks not yet produced: pending or leased (an expired lease still counts; it will come back)."""
-        return self.conn.execute(
-            f"SELECT count(*) FROM tasks WHERE state IN ({TaskState.PENDING:d}, {TaskState.LEASED:d})"
-        ).fetchone()[0]
+        counts = self.counts()
+        return counts["pending"] + counts["leased"]
