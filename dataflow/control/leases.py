@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -25,6 +26,34 @@ class LeaseState(IntEnum):
     PENDING = 0
     LEASED = 1
     DEAD = 4
+
+
+@dataclass(frozen=True)
+class Dead:
+    """A row that used up its attempts (a ref or a prompt task), kept with its last error."""
+
+    id: int
+    key: str
+    attempts: int
+    last_error: str | None
+
+
+def dead(conn: sqlite3.Connection, table: str, limit: int) -> list[Dead]:
+    rows = conn.execute(
+        f"SELECT id, key, attempts, last_error FROM {table} WHERE state = {LeaseState.DEAD:d} ORDER BY id LIMIT :limit",
+        {"limit": limit},
+    ).fetchall()
+    return [Dead(**dict(r)) for r in rows]
+
+
+def requeue_dead(conn: sqlite3.Connection, table: str, ids: list[int] | None) -> int:
+    """Give dead rows a fresh set of attempts (all of them, or those ids)."""
+    where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
+    return conn.execute(
+        f"""UPDATE {table} SET state = {LeaseState.PENDING:d}, attempts = 0, lease_token = NULL
+            WHERE state = {LeaseState.DEAD:d} {where}""",
+        {"ids": json.dumps(ids or [])},
+    ).rowcount
 
 
 def renew_owned(conn: sqlite3.Connection, table: str, owner: str, deadline: float) -> int:

@@ -67,14 +67,6 @@ class AckedRef:
     handle: dict
 
 
-@dataclass(frozen=True)
-class DeadRef:
-    id: int
-    key: str
-    attempts: int
-    last_error: str | None
-
-
 def shard_of(key: str) -> int:
     return zlib.crc32(key.encode()) % SHARDS
 
@@ -337,20 +329,10 @@ class RefQueue:
     def in_flight(self) -> int:
         return self.counts()["leased"]
 
-    def dead(self, limit: int = 100) -> list[DeadRef]:
-        rows = self.conn.execute(
-            f"SELECT id, key, attempts, last_error FROM refs WHERE state = {RefState.DEAD:d} ORDER BY id LIMIT :limit",
-            {"limit": limit},
-        ).fetchall()
-        return [DeadRef(**dict(r)) for r in rows]
+    def dead(self, limit: int = 100) -> list[leases.Dead]:
+        return leases.dead(self.conn, "refs", limit)
 
     def requeue_dead(self, ids: list[int] | None = None) -> int:
         """Give dead refs a fresh set of attempts (all of them, or those ids)."""
-        where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
         with immediate(self.conn):
-            cur = self.conn.execute(
-                f"""UPDATE refs SET state = {RefState.PENDING:d}, attempts = 0, lease_token = NULL
-                    WHERE state = {RefState.DEAD:d} {where}""",
-                {"ids": json.dumps(ids or [])},
-            )
-        return cur.rowcount
+            return leases.requeue_dead(self.conn, "refs", ids)
