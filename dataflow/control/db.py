@@ -22,7 +22,6 @@ from dataflow.errors import DatabaseError
 APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
-CACHE_KIB = 32 * 1024  # per connection, filled only as pages are read
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
 
 SHARDS = 256  # a ref's shard is crc32(key) % SHARDS; rank r of n prefers the shards s with s % n == r
@@ -289,7 +288,6 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # the hot index pages of a million-ref run stay cached
     if not existed:
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
     _migrate(conn, path)

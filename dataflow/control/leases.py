@@ -93,14 +93,19 @@ def claim(
 ) -> list[sqlite3.Row]:
     """Lease up to n PENDING rows: the first n by id (served by the (state, id) index), or the ids the
     `candidates` query picks (it may use :n). Returns them sorted by id."""
-    candidates = candidates or f"SELECT id FROM {table} WHERE state = {LeaseState.PENDING:d} ORDER BY id LIMIT :n"
+    params = {"owner": owner, "deadline": deadline, "n": n}
+    if candidates is None:
+        chosen = f"SELECT id FROM {table} WHERE state = {LeaseState.PENDING:d} ORDER BY id LIMIT :n"
+    else:  # picked first, by their own statement: nested in the UPDATE, a compound query runs ~20x slower
+        params["ids"] = json.dumps([r[0] for r in conn.execute(candidates, {"n": n})])
+        chosen = "SELECT value FROM json_each(:ids)"
     rows = conn.execute(
         f"""UPDATE {table}
             SET state = {LeaseState.LEASED:d}, lease_token = lower(hex(randomblob(16))), lease_owner = :owner,
                 lease_deadline = :deadline
-            WHERE id IN ({candidates}) AND state = {LeaseState.PENDING:d}
+            WHERE id IN ({chosen}) AND state = {LeaseState.PENDING:d}
             RETURNING *""",
-        {"owner": owner, "deadline": deadline, "n": n},
+        params,
     ).fetchall()
     return sorted(rows, key=lambda r: r["id"])
 
