@@ -98,13 +98,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX refs_created ON refs(created_at);
     CREATE INDEX refs_acked ON refs(acked_at);
     """,
-    # 3: flat cost at a million refs. A ref's shard becomes one of SHARDS buckets, each a range of the
-    # (state, shard, id) index, so a partitioned lease seeks its own buckets instead of walking every pending
-    # row. Counts and live bytes per state and per store are kept by triggers, in the same transaction as
+    # 3: flat cost at a million refs. A ref's shard becomes one of SHARDS buckets, each a range of an index
+    # of the PENDING refs by (shard, id), so a partitioned lease seeks its own buckets instead of walking every
+    # pending row (partial: an ack or a trained ref never touches it). Counts and live bytes per state and per store are kept by triggers, in the same transaction as
     # every change of a row, so counts(), status and the writers' backpressure read a few rows, not scan.
     f"""
     UPDATE refs SET shard = shard % {SHARDS};
-    CREATE INDEX refs_shard_claim ON refs(state, shard, id);
+    CREATE INDEX refs_shard_claim ON refs(shard, id) WHERE state = 0;
 
     CREATE TABLE counts (
         tbl   TEXT NOT NULL,
