@@ -65,6 +65,8 @@ class TaskQueue:
             return sum(self.counts().values()) - before
 
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
+        """Claim up to n tasks. `owner` names this process incarnation (a restart is another owner): its own
+        leases are renewed first and never reclaimed by itself."""
         now = time.time()
         with immediate(self.conn):
             leases.renew_owned(self.conn, "tasks", owner, now + ttl)

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ class Producer:
         self.tasks = TaskQueue(conn, max_attempts=TASK_MAX_ATTEMPTS)
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
+        self.lease_owner = f"{producer_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this incarnation (control/leases.py)
         self.db_path = database_path(conn)
         self.stats = RolloutStats()
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
@@ -147,7 +149,7 @@ class Producer:
         if self.meta.train_finished():
             raise TrainerFinished
         n, ttl = self.config.tasks_per_lease, self.config.lease_ttl
-        leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, n, ttl)
+        leases = self.timed("sqlite_s", self.tasks.lease, self.lease_owner, n, ttl)
         if not leases:
             if self.tasks.remaining() == 0:
                 return False
