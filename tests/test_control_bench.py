@@ -36,3 +36,21 @@ def test_the_queue_benchmark_refuses_an_unknown_backend_in_one_line(tmp_path):
         [sys.executable, str(SCRIPT), "--backends", "dataflow,redis"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "--backends" in done.stderr.splitlines()[-1]
+
+
+SCALE_SCRIPT = SCRIPT.with_name("bench_scale.py")
+
+
+def test_the_scale_benchmark_prints_the_table_and_the_growth_as_one_json_object_last(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCALE_SCRIPT), "--sizes", "200,400", "--repeats", "2", "--dir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1 = targets missed, which tiny sizes on a busy host may do
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["table"]) == {"200", "400"}
+    for key in ("lease_ms", "partitioned_lease_ms", "ack_ms", "status_ms", "db_bytes", "growth_1m_over_10k"):
+        assert result[key] >= 0, key
+    assert result["growth_1m_over_10k"] == max(result["growth"].values())

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import zlib
 
 import pytest
 
 from dataflow.control import db as control_db
-from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, connect, immediate
+from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, SHARDS, connect, immediate
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefItem, RefQueue
+from dataflow.control.queue import RefItem, RefQueue, shard_of
+from dataflow.control.tasks import TaskQueue
 from dataflow.errors import DatabaseError
 from test_control_support import item
 
@@ -124,20 +126,26 @@ def claim_statements(conn: sqlite3.Connection, partition: tuple[int, int]) -> li
         RefQueue(conn).lease("t", n=8, partition=partition)
     finally:
         conn.set_trace_callback(None)
-    return [sql for sql in seen if "randomblob" in sql]
+    return list(dict.fromkeys(sql for sql in seen if "randomblob" in sql))  # a trigger re-reports its statement
 
 
 @pytest.mark.parametrize("partition", [(0, 1), (1, 2)])
-def test_the_claim_is_served_by_the_refs_claim_index_without_sorting_the_backlog(tmp_path, partition):
+def test_the_claim_is_served_by_an_index_without_walking_or_sorting_the_backlog(tmp_path, partition):
     conn = connect(tmp_path / "run.sqlite")
-    RefQueue(conn).put_many([item(str(i)) for i in range(500)])
+    keys = [f"k{i}" for i in range(2000)]
+    RefQueue(conn).put_many([item(k) for k in keys if shard_of(k) % 2 == 0])  # rank 1 of 2: own shards empty
     statements = claim_statements(conn, partition)
-    assert statements
-    for sql in statements:
-        plan = query_plan(conn, sql)
-        assert "refs_claim" in plan and "TEMP B-TREE" not in plan, plan
-    conn.execute("ANALYZE")  # and with real statistics, as a long run would have
-    assert all("refs_claim" in query_plan(conn, sql) for sql in statements)
+    assert len(statements) == partition[1]  # rank 1 of 2: its own shards, then the global pool
+    for analyzed in (False, True):  # and with real statistics, as a long run would have
+        if analyzed:
+            conn.execute("ANALYZE")
+        for sql in statements:
+            plan = query_plan(conn, sql)
+            assert "SCAN refs" not in plan, plan
+            if "shard =" in sql:  # one seek per own shard; a temp b-tree there orders at most n ids of one shard
+                assert plan.count("SEARCH refs USING COVERING INDEX refs_shard_claim") == SHARDS // 2, plan
+            else:
+                assert "refs_claim" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_ack_extend_and_fail_never_scan_the_whole_table(tmp_path):
@@ -153,7 +161,8 @@ def test_ack_extend_and_fail_never_scan_the_whole_table(tmp_path):
     queue.fail(b.token, "x")
     queue.mark_lost(c.token, "gone")
     conn.set_trace_callback(None)
-    fenced = [sql for sql in seen if "lease_token" in sql and "WHERE" in sql and not sql.startswith("UPDATE tasks")]
+    fenced = [sql for sql in dict.fromkeys(seen)  # a trigger re-reports its statement
+              if "lease_token" in sql and "WHERE" in sql and not sql.startswith("UPDATE tasks")]
     assert len(fenced) == 5
     for sql in fenced:
         plan = query_plan(conn, sql)
@@ -187,16 +196,30 @@ def test_the_wal_stays_under_the_journal_limit_through_many_writes(tmp_path, mon
     assert largest * 5 < written  # the peak is one interval's writes, not the run's total
 
 
-def test_an_older_schema_is_migrated_forward_keeping_its_rows(tmp_path):
+def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
+    """Schema 2 as the previous release wrote it (its migrations, full crc32 shards, no counters)."""
     db = tmp_path / "run.sqlite"
-    conn = connect(db)
-    RefQueue(conn).put(RefItem(key="kept", handle={}, nbytes=1, store="s"))
-    conn.execute("DROP INDEX refs_created")
-    conn.execute("DROP INDEX refs_acked")
-    conn.execute("PRAGMA user_version = 1")  # as written by the first release
-    conn.close()
+    raw = sqlite3.connect(db, isolation_level=None)
+    for migration in control_db.MIGRATIONS[:2]:
+        for statement in control_db._statements(migration):
+            raw.execute(statement)
+    raw.execute(f"PRAGMA application_id = {control_db.APPLICATION_ID}")
+    raw.execute("PRAGMA user_version = 2")
+    raw.execute("""INSERT INTO meta VALUES ('run_id', '"0123456789abcdef0123456789abcdef"')""")
+    raw.execute("INSERT INTO tasks(key, payload, state, created_at) VALUES ('p0', '{}', 2, 0), ('p1', '{}', 0, 0)")
+    keys = [f"k{i}" for i in range(40)]
+    for i, key in enumerate(keys):  # 30 pending, 10 acked; 4096 bytes each, in two stores
+        raw.execute("INSERT INTO refs(key, shard, state, store, handle, nbytes, created_at) VALUES (?, ?, ?, ?, '{}', 4096, 0)",
+                    (key, zlib.crc32(key.encode()), 0 if i < 30 else 2, "a" if i % 2 else "b"))
+    raw.close()
+
     conn = connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"refs_created", "refs_acked"} <= indexes
-    assert [lease.key for lease in RefQueue(conn).lease("t")] == ["kept"]
+    queue, tasks = RefQueue(conn), TaskQueue(conn)
+    assert queue.counts() == {"pending": 30, "leased": 0, "acked": 10, "trained": 0, "dead": 0, "lost": 0}
+    assert tasks.counts() == {"pending": 1, "leased": 0, "done": 1, "dead": 0} and tasks.remaining() == 1
+    assert (queue.live_bytes("a"), queue.live_bytes("b"), queue.live_bytes()) == (15 * 4096, 15 * 4096, 30 * 4096)
+    own = queue.lease("rank-1", n=30, partition=(1, 2))
+    assert all(shard_of(lease.key) % 2 == 1 for lease in own[: sum(shard_of(k) % 2 for k in keys[:30])])
+    assert queue.counts()["leased"] == 30 and queue.live_bytes() == 30 * 4096  # the counters keep counting
+    assert RunMeta(conn).run_id == "0123456789abcdef0123456789abcdef"

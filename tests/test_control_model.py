@@ -163,7 +163,10 @@ class RefQueueModel(RuleBasedStateMachine):
             if r.key in retained:
                 r.attempts = 0  # it trained fine; only the checkpoint holding it was lost
         expected = (sum(r.key in retained for r in acked), sum(r.key not in retained for r in acked))
-        assert self.queue.put_back_acked(lambda handle: handle["key"] in retained) == expected
+        listed = self.queue.acked()
+        assert [a.handle["key"] for a in listed] == [r.key for r in sorted(acked, key=lambda r: r.id)]
+        kept = [a.id for a in listed if a.handle["key"] in retained]
+        assert self.queue.put_back(kept, [a.id for a in listed if a.id not in kept]) == expected
 
     @rule(keys=st.sets(st.sampled_from(KEYS)))
     def checkpoint(self, keys):

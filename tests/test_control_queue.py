@@ -235,7 +235,11 @@ def test_a_trainer_restart_puts_back_acked_refs_and_loses_the_freed_ones(conn):
     queue.ack([lease.token for lease in leases])
     RunMeta(conn).record_checkpoint(step=10, path="ckpt/10", ref_ids=[leases[0].id])  # p0 is durably trained
 
-    assert queue.put_back_acked(lambda handle: handle["spilled"]) == (1, 2)
+    acked = queue.acked()
+    assert [a.handle["spilled"] for a in acked] == [True, False, False]  # p0 is TRAINED, not acked
+    spilled = [a.id for a in acked if a.handle["spilled"]]
+    assert queue.put_back(spilled, [a.id for a in acked if a.id not in spilled]) == (1, 2)
+    assert queue.put_back([a.id for a in acked], []) == (0, 0)  # fenced: no longer ACKED
     assert states(queue) == {"trained": 1, "pending": 1, "lost": 2}
     (again,) = queue.lease("trainer", n=4)
     assert again.key == "p1" and again.attempts == 0  # a put-back costs the ref none of its attempts

@@ -24,6 +24,8 @@ BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
 
+SHARDS = 256  # a ref's shard is crc32(key) % SHARDS; rank r of n prefers the shards s with s % n == r
+
 # Forward-only migrations: MIGRATIONS[i] takes a database from user_version i to i + 1.
 MIGRATIONS: list[str] = [
     """
@@ -96,6 +98,59 @@ MIGRATIONS: list[str] = [
     CREATE INDEX refs_created ON refs(created_at);
     CREATE INDEX refs_acked ON refs(acked_at);
     """,
+    # 3: flat cost at a million refs. A ref's shard becomes one of SHARDS buckets, each a range of an index
+    # of the PENDING refs by (shard, id), so a partitioned lease seeks its own buckets instead of walking every
+    # pending row (partial: an ack or a trained ref never touches it). Counts and live bytes per state and per store are kept by triggers, in the same transaction as
+    # every change of a row, so counts(), status and the writers' backpressure read a few rows, not scan.
+    f"""
+    UPDATE refs SET shard = shard % {SHARDS};
+    CREATE INDEX refs_shard_claim ON refs(shard, id) WHERE state = 0;
+
+    CREATE TABLE counts (
+        tbl   TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        rows  INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (tbl, state)
+    ) WITHOUT ROWID;
+    CREATE TABLE store_bytes (
+        store TEXT PRIMARY KEY,
+        live  INTEGER NOT NULL           -- nbytes of its PENDING and LEASED refs
+    ) WITHOUT ROWID;
+    INSERT INTO counts SELECT 'refs', state, count(*), sum(nbytes) FROM refs GROUP BY state;
+    INSERT INTO counts SELECT 'tasks', state, count(*), 0 FROM tasks GROUP BY state;
+    INSERT INTO store_bytes SELECT store, sum(nbytes) FROM refs WHERE state IN (0, 1) GROUP BY store;
+
+    CREATE TRIGGER refs_count_insert AFTER INSERT ON refs BEGIN
+        INSERT INTO counts VALUES ('refs', NEW.state, 1, NEW.nbytes)
+            ON CONFLICT DO UPDATE SET rows = rows + 1, bytes = bytes + excluded.bytes;
+        INSERT INTO store_bytes SELECT NEW.store, NEW.nbytes WHERE NEW.state IN (0, 1)
+            ON CONFLICT DO UPDATE SET live = live + excluded.live;
+    END;
+    CREATE TRIGGER refs_count_update AFTER UPDATE OF state, nbytes, store ON refs
+    WHEN OLD.state != NEW.state OR OLD.nbytes != NEW.nbytes OR OLD.store != NEW.store BEGIN
+        UPDATE counts SET rows = rows - 1, bytes = bytes - OLD.nbytes WHERE tbl = 'refs' AND state = OLD.state;
+        INSERT INTO counts VALUES ('refs', NEW.state, 1, NEW.nbytes)
+            ON CONFLICT DO UPDATE SET rows = rows + 1, bytes = bytes + excluded.bytes;
+        UPDATE store_bytes SET live = live - OLD.nbytes WHERE store = OLD.store AND OLD.state IN (0, 1);
+        INSERT INTO store_bytes SELECT NEW.store, NEW.nbytes WHERE NEW.state IN (0, 1)
+            ON CONFLICT DO UPDATE SET live = live + excluded.live;
+    END;
+    CREATE TRIGGER refs_count_delete AFTER DELETE ON refs BEGIN
+        UPDATE counts SET rows = rows - 1, bytes = bytes - OLD.nbytes WHERE tbl = 'refs' AND state = OLD.state;
+        UPDATE store_bytes SET live = live - OLD.nbytes WHERE store = OLD.store AND OLD.state IN (0, 1);
+    END;
+    CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks BEGIN
+        INSERT INTO counts VALUES ('tasks', NEW.state, 1, 0) ON CONFLICT DO UPDATE SET rows = rows + 1;
+    END;
+    CREATE TRIGGER tasks_count_update AFTER UPDATE OF state ON tasks WHEN OLD.state != NEW.state BEGIN
+        UPDATE counts SET rows = rows - 1 WHERE tbl = 'tasks' AND state = OLD.state;
+        INSERT INTO counts VALUES ('tasks', NEW.state, 1, 0) ON CONFLICT DO UPDATE SET rows = rows + 1;
+    END;
+    CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks BEGIN
+        UPDATE counts SET rows = rows - 1 WHERE tbl = 'tasks' AND state = OLD.state;
+    END;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -165,13 +220,24 @@ def _check_identity(conn: sqlite3.Connection, path: Path) -> int:
     return version
 
 
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements (a trigger body holds semicolons of its own)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete statement in a migration: {pending.strip()[:80]}")
+
+
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     with immediate(conn):
         version = _check_identity(conn, path)  # again under the write lock: another process may have created it
         for target in range(version, SCHEMA_VERSION):
-            for statement in MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(MIGRATIONS[target]):
+                conn.execute(statement)
         if version == 0:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(

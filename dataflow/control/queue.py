@@ -1,9 +1,13 @@
 """The ref queue: one row per sample whose features sit in a feature store, with its life cycle.
 
     pending --lease--> leased --ack--> acked --checkpoint durable--> trained
-       ^                 |  \\--fail (retryable)--> pending        \\--fail / attempts used up--> dead
-       +--lease expired--+
+       ^                 |  \\--fail (retryable, attempts+1)--> pending
+       |                 |  \\--fail, attempts used up (or not retryable)--> dead (kept, with last error)
+       +--lease expired, released on stop, or holder restarted (attempts unchanged)--+
     leased|pending --features lost--> lost --> its prompt task re-queued (a re-put revives the key)
+
+Only an error raised while processing a ref (`fail`) spends one of its attempts: a holder that died or
+stopped is no fault of the ref, so a crash-looping trainer cannot bury innocent samples.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import time
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable
+from typing import Iterable
 
 from dataflow.control import leases
 from dataflow.control import tasks as task_rows
-from dataflow.control.db import immediate
+from dataflow.control.db import SHARDS, immediate
 from dataflow.control.leases import LeaseState
 
 
@@ -31,7 +35,8 @@ class RefState(IntEnum):
     LOST = 5
 
 
-LIVE_STATES = (RefState.PENDING, RefState.LEASED)  # states whose feature bytes must stay intact
+LIVE_STATES = (RefState.PENDING, RefState.LEASED)
+RATE_SAMPLE = 2000  # latest events a rate is computed from  # states whose feature bytes must stay intact
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,26 @@ class Lease:
 
 
 @dataclass(frozen=True)
-class DeadRef:
+class AckedRef:
     id: int
-    key: str
-    attempts: int
-    last_error: str | None
+    handle: dict
 
 
 def shard_of(key: str) -> int:
-    return zlib.crc32(key.encode())
+    return zlib.crc32(key.encode()) % SHARDS
+
+
+def own_shards_query(rank: int, world: int) -> str | None:
+    """Ids of the first :n PENDING refs in rank's own shards, by id: one index seek per shard (a range of
+    (state, shard, id)), merged; never a walk over other shards' rows. None when the rank owns no shard."""
+    shards = [s for s in range(SHARDS) if s % world == rank]
+    if not shards:
+        return None
+    per_shard = " UNION ALL ".join(
+        f"SELECT id FROM (SELECT id FROM refs WHERE state = {RefState.PENDING:d} AND shard = {s} ORDER BY id LIMIT :n)"
+        for s in shards
+    )
+    return f"SELECT id FROM ({per_shard}) ORDER BY id LIMIT :n"
 
 
 def put_rows(conn: sqlite3.Connection, items: Iterable[RefItem], now: float) -> list[bool]:
@@ -144,10 +160,9 @@ class RefQueue:
             leases.renew_owned(self.conn, "refs", owner, now + ttl)
             leases.reclaim_expired(self.conn, "refs", now, except_owner=owner)
             rows = []
-            if world > 1:
-                rows = leases.claim(
-                    self.conn, "refs", owner, n, now + ttl, "AND shard % :world = :rank", world=world, rank=rank
-                )
+            own = own_shards_query(rank, world) if world > 1 else None
+            if own is not None:
+                rows = leases.claim(self.conn, "refs", owner, n, now + ttl, own)
             if len(rows) < n:
                 rows += leases.claim(self.conn, "refs", owner, n - len(rows), now + ttl)
         return [_lease_of(r) for r in rows]
@@ -218,28 +233,30 @@ class RefQueue:
             task_rows.requeue_rows(self.conn, [r[0] for r in rows])
         return len(rows)
 
-    def put_back_acked(self, retained: Callable[[dict], bool]) -> tuple[int, int]:
-        """Trainer restart: refs acked after the last durable checkpoint never counted. Those whose features
-        survive go back to PENDING; the others are LOST and their prompts re-queued. Returns (requeued, lost)."""
+    def acked(self) -> list[AckedRef]:
+        """Refs acked after the last durable checkpoint (they never counted), in id order."""
+        rows = self.conn.execute(f"SELECT id, handle FROM refs WHERE state = {RefState.ACKED:d} ORDER BY id").fetchall()
+        return [AckedRef(id=r["id"], handle=json.loads(r["handle"])) for r in rows]
+
+    def put_back(self, requeue_ids: list[int], lost_ids: list[int]) -> tuple[int, int]:
+        """Trainer restart, after it looked at `acked()`: refs whose features survive go back to PENDING, the
+        others are LOST and their prompts re-queued. Fenced on the rows still being ACKED. (requeued, lost)."""
+        acked = f"state = {RefState.ACKED:d} AND id IN (SELECT value FROM json_each(:ids))"
         with immediate(self.conn):
-            rows = self.conn.execute(f"SELECT id, handle, task_id FROM refs WHERE state = {RefState.ACKED:d}").fetchall()
-            survives = {r["id"]: retained(json.loads(r["handle"])) for r in rows}
-            keep = [r["id"] for r in rows if survives[r["id"]]]
-            gone = [r for r in rows if not survives[r["id"]]]
-            self.conn.execute(
+            requeued = self.conn.execute(
                 # attempts reset: these were trained fine; only the checkpoint holding them was lost.
                 f"""UPDATE refs SET state = {RefState.PENDING:d}, lease_token = NULL, acked_at = NULL, attempts = 0
-                    WHERE id IN (SELECT value FROM json_each(:ids))""",
-                {"ids": json.dumps(keep)},
-            )
-            self.conn.execute(
+                    WHERE {acked}""",
+                {"ids": json.dumps(list(requeue_ids))},
+            ).rowcount
+            gone = self.conn.execute(
                 f"""UPDATE refs SET state = {RefState.LOST:d}, lease_token = NULL, acked_at = NULL,
                     last_error = 'acked after the last durable checkpoint; features already freed'
-                    WHERE id IN (SELECT value FROM json_each(:ids))""",
-                {"ids": json.dumps([r["id"] for r in gone])},
-            )
-            task_rows.requeue_rows(self.conn, [r["task_id"] for r in gone])
-        return len(keep), len(gone)
+                    WHERE {acked} RETURNING task_id""",
+                {"ids": json.dumps(list(lost_ids))},
+            ).fetchall()
+            task_rows.requeue_rows(self.conn, [r[0] for r in gone])
+        return requeued, len(gone)
 
     def live_handles(self, store: str) -> list[dict]:
         rows = self.conn.execute(
@@ -249,25 +266,34 @@ class RefQueue:
         return [json.loads(r[0]) for r in rows]
 
     def live_bytes(self, store: str | None = None) -> int:
-        where = "AND store = :store" if store is not None else ""
+        """Feature bytes of PENDING and LEASED refs (of one store, or all), from trigger-kept counters."""
+        if store is not None:
+            row = self.conn.execute("SELECT live FROM store_bytes WHERE store = :store", {"store": store}).fetchone()
+            return 0 if row is None else row[0]
         return self.conn.execute(
-            f"""SELECT coalesce(sum(nbytes), 0) FROM refs
-                WHERE state IN ({RefState.PENDING:d}, {RefState.LEASED:d}) {where}""",
-            {"store": store},
+            f"""SELECT coalesce(sum(bytes), 0) FROM counts
+                WHERE tbl = 'refs' AND state IN ({RefState.PENDING:d}, {RefState.LEASED:d})"""
         ).fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         return leases.counts(self.conn, "refs", RefState)
 
     def oldest_pending_created_at(self) -> float | None:
-        return self.conn.execute(f"SELECT min(created_at) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+        """Creation time of the next ref in line (the lowest pending id: one index seek)."""
+        row = self.conn.execute(
+            f"SELECT created_at FROM refs WHERE state = {RefState.PENDING:d} ORDER BY id LIMIT 1"
+        ).fetchone()
+        return None if row is None else row[0]
 
-    def rate(self, column: str, *, since: float, now: float) -> float:
-        """Events per second since `since`, from a timestamp column (created_at or acked_at; both indexed)."""
+    def rate(self, column: str, *, since: float, now: float, most: int = RATE_SAMPLE) -> float:
+        """Events per second since `since`, from a timestamp column (created_at or acked_at; both indexed),
+        over at most the `most` latest events, so the cost stays bounded however fast the run goes."""
         if column not in ("created_at", "acked_at"):
             raise ValueError(f"no rate over refs.{column}")
         first, count = self.conn.execute(
-            f"SELECT min({column}), count(*) FROM refs WHERE {column} >= :since", {"since": since}
+            f"""SELECT min(t), count(*) FROM (SELECT {column} AS t FROM refs WHERE {column} >= :since
+                ORDER BY {column} DESC LIMIT :most)""",
+            {"since": since, "most": most},
         ).fetchone()
         return count / max(now - first, 1.0) if count else 0.0
 
@@ -298,25 +324,15 @@ class RefQueue:
         return {r[0] for r in self.conn.execute("SELECT key FROM refs WHERE instr(key, :part) > 0", {"part": part})}
 
     def depth(self) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.PENDING:d}").fetchone()[0]
+        return self.counts()["pending"]
 
     def in_flight(self) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM refs WHERE state = {RefState.LEASED:d}").fetchone()[0]
+        return self.counts()["leased"]
 
-    def dead(self, limit: int = 100) -> list[DeadRef]:
-        rows = self.conn.execute(
-            f"SELECT id, key, attempts, last_error FROM refs WHERE state = {RefState.DEAD:d} ORDER BY id LIMIT :limit",
-            {"limit": limit},
-        ).fetchall()
-        return [DeadRef(**dict(r)) for r in rows]
+    def dead(self, limit: int = 100) -> list[leases.Dead]:
+        return leases.dead(self.conn, "refs", limit)
 
     def requeue_dead(self, ids: list[int] | None = None) -> int:
         """Give dead refs a fresh set of attempts (all of them, or those ids)."""
-        where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
         with immediate(self.conn):
-            cur = self.conn.execute(
-                f"""UPDATE refs SET state = {RefState.PENDING:d}, attempts = 0, lease_token = NULL
-                    WHERE state = {RefState.DEAD:d} {where}""",
-                {"ids": json.dumps(ids or [])},
-            )
-        return cur.rowcount
+            return leases.requeue_dead(self.conn, "refs", ids)

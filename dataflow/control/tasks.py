@@ -26,14 +26,6 @@ class TaskState(IntEnum):
     DEAD = LeaseState.DEAD
 
 
-@dataclass(frozen=True)
-class DeadTask:
-    id: int
-    key: str
-    attempts: int
-    last_error: str | None
-
-
 def requeue_rows(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> None:
     """Inside the caller's transaction: send finished prompt tasks back so a rollout regenerates their
     lost features (a task someone holds right now is left to its holder)."""
@@ -65,14 +57,16 @@ class TaskQueue:
         """Add (key, payload) tasks; keys already present are left alone. Returns how many were new."""
         now = time.time()
         with immediate(self.conn):
-            before = self.conn.total_changes
+            before = sum(self.counts().values())  # not total_changes: the count triggers change rows too
             self.conn.executemany(
                 "INSERT OR IGNORE INTO tasks(key, payload, created_at) VALUES (?, ?, ?)",
                 [(key, json.dumps(payload), now) for key, payload in items],
             )
-            return self.conn.total_changes - before
+            return sum(self.counts().values()) - before
 
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
+        """Claim up to n tasks. `owner` names this process incarnation (a restart is another owner): its own
+        leases are renewed first and never reclaimed by itself."""
         now = time.time()
         with immediate(self.conn):
             leases.renew_owned(self.conn, "tasks", owner, now + ttl)
@@ -117,28 +111,18 @@ class TaskQueue:
         with immediate(self.conn):
             return leases.release(self.conn, "tasks", tokens, reason)
 
-    def dead(self, limit: int = 100) -> list[DeadTask]:
-        rows = self.conn.execute(
-            f"SELECT id, key, attempts, last_error FROM tasks WHERE state = {TaskState.DEAD:d} ORDER BY id LIMIT :limit",
-            {"limit": limit},
-        ).fetchall()
-        return [DeadTask(**dict(r)) for r in rows]
+    def dead(self, limit: int = 100) -> list[leases.Dead]:
+        return leases.dead(self.conn, "tasks", limit)
 
     def requeue_dead(self, ids: list[int] | None = None) -> int:
-        """Give dead tasks a fresh set of attempts (all of them, or those ids)."""
-        where = "" if ids is None else "AND id IN (SELECT value FROM json_each(:ids))"
+        """Give dead prompt tasks a fresh set of attempts (all of them, or those ids)."""
         with immediate(self.conn):
-            return self.conn.execute(
-                f"""UPDATE tasks SET state = {TaskState.PENDING:d}, attempts = 0, lease_token = NULL
-                    WHERE state = {TaskState.DEAD:d} {where}""",
-                {"ids": json.dumps(ids or [])},
-            ).rowcount
+            return leases.requeue_dead(self.conn, "tasks", ids)
 
     def counts(self) -> dict[str, int]:
         return leases.counts(self.conn, "tasks", TaskState)
 
     def remaining(self) -> int:
         """Tasks not yet produced: pending or leased (an expired lease still counts; it will come back)."""
-        return self.conn.execute(
-            f"SELECT count(*) FROM tasks WHERE state IN ({TaskState.PENDING:d}, {TaskState.LEASED:d})"
-        ).fetchone()[0]
+        counts = self.counts()
+        return counts["pending"] + counts["leased"]

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -37,7 +38,7 @@ from dataflow.rollout.vocab import covered, target_ids_of
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
-TASK_MAX_ATTEMPTS = 5  # a task is retried after crashes/interrupts of its rollout; then it is dead
+TASK_MAX_ATTEMPTS = 5  # a task whose processing raised this many times is dead (a crash or interrupt spends none)
 
 
 class TrainerFinished(Exception):
@@ -156,6 +157,7 @@ class Producer:
             self.beat_with = control
         self.producer_id = producer_id
         self.process_id = f"rollout-{producer_id}"
+        self.lease_owner = f"{producer_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this incarnation (control/leases.py)
         self.stats = RolloutStats()
         self.vocab_ids = frozenset(target_ids_of(self.meta.get("vocab")))
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
@@ -211,7 +213,7 @@ class Producer:
         if self.meta.run_finished():
             raise TrainerFinished
         n, ttl = self.config.tasks_per_lease, self.config.lease_ttl
-        leases = self.timed("sqlite_s", self.tasks.lease, self.producer_id, n, ttl)
+        leases = self.timed("sqlite_s", self.tasks.lease, self.lease_owner, n, ttl)
         if not leases:
             if self.tasks.remaining() == 0:
                 return False
@@ -347,8 +349,8 @@ class Producer:
                 self.stats.lost_leases += 1
 
     def give_back(self, reason: str) -> None:
-        for token in list(self.held):
-            self.tasks.fail(token, reason, retryable=True)
+        if self.held:  # untried, not failed: stopping spends none of the tasks' attempts
+            self.tasks.release(list(self.held), reason)
         self.held.clear()
 
     def heartbeat(self, status: str, force: bool = False) -> None:

@@ -95,9 +95,7 @@ class Trainer:
             if partial:
                 self.status.print(f"removed {len(partial)} checkpoint writes a kill interrupted ({partial[0]}, ...)")
             self._sweep()  # arenas of dead producers that no live ref needs
-            requeued, lost = self.queue.put_back_acked(self.reader.retained)
-            if requeued or lost:
-                self.status.print(f"put back {requeued} refs acked after the last checkpoint; {lost} prompts re-queued")
+            self._put_back_acked()
         barrier(self.dist)
         last = self.meta.last_checkpoint()
         if last is not None:
@@ -108,6 +106,15 @@ class Trainer:
             self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
             self.status.print(f"resumed from {last.path} (step {last.step})")
         self.metrics = MetricsLog(self.out, resume_step=self.progress.step) if self.dist.is_main else None
+
+    def _put_back_acked(self) -> None:
+        """Refs acked after the last recorded checkpoint never counted: back to the queue, or LOST (their
+        prompts re-queued) when their features are gone."""
+        acked = self.queue.acked()
+        kept = [a.id for a in acked if self.reader.retained(a.handle)]
+        requeued, lost = self.queue.put_back(kept, sorted({a.id for a in acked} - set(kept)))
+        if requeued or lost:
+            self.status.print(f"put back {requeued} refs acked after the last checkpoint; {lost} prompts re-queued")
 
     def _wait_for_other_leases(self) -> None:
         """Leases another owner still holds (a rank of an earlier, larger group; an older version's trainer) come
