@@ -175,9 +175,11 @@ def run_pair(db: Path, routed: dict[str, list[str]], log_dir: Path, refresh_s: f
 
 
 def watch(conn, children: list[Child], console: Console, requests: StopRequests, refresh_s: float) -> None:
-    """The live view, until both children exit, one fails, or a stop signal arrives."""
+    """The live view, until the trainer exits (finished or paused: a rollout waiting for it would wait
+    forever), a child fails, or a stop signal arrives."""
+    trainer = next(c for c in children if c.role == "train")
     with Live(view(conn, children), console=console, auto_refresh=False) as live:
-        while any(c.proc.poll() is None for c in children) and requests.signum is None:
+        while trainer.proc.poll() is None and requests.signum is None:
             if any(c.proc.poll() not in (None, 0) for c in children):
                 return
             time.sleep(refresh_s)

@@ -97,3 +97,15 @@ def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp
             cmdline = Path(f"/proc/{p.pid}/cmdline")
             if cmdline.exists() and str(db) in cmdline.read_text(errors="replace"):
                 os.kill(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_run_paused_by_max_steps_returns_and_running_again_finishes_it(tmp_path, target):
+    db = tmp_path / "run.sqlite"
+    paused = subprocess.run(run_command(db, target, "--max-steps", "1"), capture_output=True, text=True, timeout=300)
+    assert paused.returncode == 0, paused.stderr[-2000:]  # the rollout waiting for the trainer is stopped too
+    meta = RunMeta(connect(db))
+    assert not meta.run_finished() and {p.role: p.status for p in meta.processes()}["train"] == "stopped (max-steps)"
+    again = subprocess.run(run_command(db, target), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert RefQueue(meta.conn).counts()["trained"] == SAMPLES and meta.run_finished()
