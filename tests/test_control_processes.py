@@ -8,7 +8,7 @@ from collections import Counter
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefQueue, shard_of
+from dataflow.control.queue import RefItem, RefQueue, shard_of
 from dataflow.control.tasks import TaskQueue
 from test_control_support import (
     SPAWN,
@@ -233,3 +233,19 @@ def test_a_reopened_database_keeps_every_state(tmp_path):
     assert queue.ack([leased[2].token, leased[3].token]) == []  # leases survive a reconnect too
     assert RunMeta(again).run_id == run_id and RunMeta(again).get("target") == {"hidden_size": 64}
     assert queue.dead()[0].last_error == "boom"
+
+
+def test_a_process_whose_clock_runs_ahead_stamps_its_leases_by_that_clock(tmp_path):
+    """DATAFLOW_CLOCK_OFFSET_S puts a process on a skewed wall clock (chaos uses it for clock jumps)."""
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "run.sqlite"
+    RefQueue(connect(db)).put(RefItem("a", {"kind": "test"}, 1, "test"))
+    code = f"from dataflow.control.db import connect; from dataflow.control.queue import RefQueue; " \
+           f"assert RefQueue(connect({str(db)!r})).lease('ahead', ttl=10)"
+    env = {**os.environ, "DATAFLOW_CLOCK_OFFSET_S": "1000"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    [deadline] = RefQueue(connect(db)).lease_deadlines().values()
+    assert 1000 < deadline - time.time() <= 1010

@@ -9,6 +9,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from dataflow.control import clock
 from dataflow.control.db import immediate
 from dataflow.control import queue as ref_rows
 from dataflow.errors import ConfigMismatch
@@ -29,7 +30,7 @@ class Process:
     info: dict
 
     def alive(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> bool:
-        return (now or time.time()) - self.heartbeat_at < stale_after
+        return (now or clock.now()) - self.heartbeat_at < stale_after
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class RunMeta:
         *, pid: int | None = None, host: str | None = None,
     ) -> None:
         """pid/host default to the calling process's; a ledger that writes for remote processes passes theirs."""
-        now = time.time()
+        now = clock.now()
         with immediate(self.conn):
             self.conn.execute(
                 """INSERT INTO processes(id, role, pid, host, started_at, heartbeat_at, status, info)
@@ -143,7 +144,7 @@ class RunMeta:
         with immediate(self.conn):
             checkpoint_id = self.conn.execute(
                 "INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (?, ?, ?, 0) RETURNING id",
-                (step, str(path), time.time()),
+                (step, str(path), clock.now()),
             ).fetchone()[0]
             moved = ref_rows.mark_trained_rows(self.conn, ref_ids, checkpoint_id)
             # num_refs counts what this checkpoint really made TRAINED, not what the caller listed.

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable
 
+from dataflow.control import clock
 from dataflow.control import leases
 from dataflow.control import tasks as task_rows
 from dataflow.control.db import SHARDS, immediate
@@ -146,7 +146,7 @@ class RefQueue:
 
     def put_many(self, items: list[RefItem]) -> list[bool]:
         with immediate(self.conn):
-            return put_rows(self.conn, items, time.time())
+            return put_rows(self.conn, items, clock.now())
 
     def lease(self, owner: str, n: int = 1, ttl: float = 60.0, partition: tuple[int, int] = (0, 1)) -> list[Lease]:
         """Claim up to n refs. Rank r of world w takes its own shard first, then anything pending, so it
@@ -155,7 +155,7 @@ class RefQueue:
         rank, world = partition
         if not 0 <= rank < world:
             raise ValueError(f"partition rank {rank} is not in [0, {world})")
-        now = time.time()
+        now = clock.now()
         with immediate(self.conn):
             leases.renew_owned(self.conn, "refs", owner, now + ttl)
             leases.reclaim_expired(self.conn, "refs", now, except_owner=owner)
@@ -172,7 +172,7 @@ class RefQueue:
 
         The token is cleared like every other way out of LEASED, so the token index holds live leases only;
         left set, it grew with every ref ever acked and each claim scattered its new tokens over all of it."""
-        params = {"now": time.time(), "tokens": json.dumps(list(tokens))}
+        params = {"now": clock.now(), "tokens": json.dumps(list(tokens))}
         held = f"state = {RefState.LEASED:d} AND lease_token IN (SELECT value FROM json_each(:tokens))"
         with immediate(self.conn):
             done = self.conn.execute(f"SELECT lease_token FROM refs WHERE {held}", params).fetchall()
@@ -187,7 +187,7 @@ class RefQueue:
 
     def extend(self, tokens: list[str], ttl: float) -> list[str]:
         with immediate(self.conn):
-            return leases.extend(self.conn, "refs", tokens, time.time() + ttl)
+            return leases.extend(self.conn, "refs", tokens, clock.now() + ttl)
 
     def release(self, tokens: list[str], reason: str) -> list[str]:
         """Give leases back untried (the holder stops); not a failure. Returns the tokens no longer held."""
@@ -201,7 +201,7 @@ class RefQueue:
 
     def reclaim(self) -> int:
         with immediate(self.conn):
-            return leases.reclaim_expired(self.conn, "refs", time.time())
+            return leases.reclaim_expired(self.conn, "refs", clock.now())
 
     def lease_deadlines(self) -> dict[str, float]:
         """Owner -> latest deadline of the leases it holds (for a restarted trainer's wait)."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 
+from dataflow.control import clock
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
@@ -13,7 +13,7 @@ RATE_WINDOW_S = 60.0
 
 
 def snapshot(conn: sqlite3.Connection) -> dict:
-    now = time.time()
+    now = clock.now()
     meta, refs, tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
     conn.execute("BEGIN")  # one consistent read; ended right below so no reader pins the WAL
     try:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable
 
+from dataflow.control import clock
 from dataflow.control import leases
 from dataflow.control import queue as ref_rows
 from dataflow.control.db import immediate
@@ -55,7 +55,7 @@ class TaskQueue:
 
     def add_many(self, items: list[tuple[str, dict]]) -> int:
         """Add (key, payload) tasks; keys already present are left alone. Returns how many were new."""
-        now = time.time()
+        now = clock.now()
         with immediate(self.conn):
             before = sum(self.counts().values())  # not total_changes: the count triggers change rows too
             self.conn.executemany(
@@ -67,7 +67,7 @@ class TaskQueue:
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
         """Claim up to n tasks. `owner` names this process incarnation (a restart is another owner): its own
         leases are renewed first and never reclaimed by itself."""
-        now = time.time()
+        now = clock.now()
         with immediate(self.conn):
             leases.renew_owned(self.conn, "tasks", owner, now + ttl)
             leases.reclaim_expired(self.conn, "tasks", now, except_owner=owner)
@@ -76,7 +76,7 @@ class TaskQueue:
 
     def complete(self, token: str, refs: list[ref_rows.RefItem] = ()) -> bool:
         """Put the task's refs and mark it DONE, atomically. False (and nothing put) if the lease is not yours."""
-        now = time.time()
+        now = clock.now()
         with immediate(self.conn):
             row = self.conn.execute(
                 f"""UPDATE tasks SET state = {TaskState.DONE:d}, done_at = :now, lease_token = NULL
@@ -104,7 +104,7 @@ class TaskQueue:
     def extend(self, tokens: list[str], ttl: float) -> list[str]:
         """Push held leases' deadlines; returns the tokens no longer held (lost: drop that work)."""
         with immediate(self.conn):
-            return leases.extend(self.conn, "tasks", tokens, time.time() + ttl)
+            return leases.extend(self.conn, "tasks", tokens, clock.now() + ttl)
 
     def release(self, tokens: list[str], reason: str) -> list[str]:
         """Give leases back untried (the rollout stops); not a failure. Returns the tokens no longer held."""

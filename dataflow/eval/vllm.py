@@ -43,7 +43,9 @@ def evaluate_vllm(config: EvalConfig, verbose: bool = False, on_phase=lambda wha
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     set_chat_template(tokenizer, model_dir, None)
     prompts = held_out_prompts(tokenizer, config.data, config.num_prompts)
-    engine_config = HFEngineConfig(model_dir=model_dir, threads=config.threads)
+    # fp32 like the HF evaluator: in bf16, verifying K drafted tokens at once rounds differently from decoding one
+    # at a time, so near-ties flip and the output stops being exactly the greedy one.
+    engine_config = HFEngineConfig(model_dir=model_dir, threads=config.threads, dtype="float32")
     max_model_len = max(map(len, prompts)) + config.max_new_tokens + config.num_draft_tokens + 1
 
     on_phase("vLLM: the target alone (greedy reference)")

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from dataflow.control import clock
 from dataflow.control.db import connect, database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
@@ -296,7 +297,7 @@ class Producer:
             raise TrainerFinished
         trainers = self.meta.processes("train")
         if trainers and not any(p.alive() for p in trainers):
-            stale = time.time() - max(p.heartbeat_at for p in trainers)
+            stale = clock.now() - max(p.heartbeat_at for p in trainers)
             self.status = f"waiting for trainer (its heartbeat is {stale:.0f}s old: is it running?)"
             if not self._said_trainer_dead:
                 self.view.message("the trainer looks dead (stale heartbeat); waiting for it: restart `dataflow train`")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dataflow.control import clock
 from dataflow.control.meta import STALE_AFTER_S, RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
@@ -129,7 +130,7 @@ class Trainer:
                 return
             owner, deadline = max(deadlines.items(), key=lambda kv: kv[1])
             self._waiting(f"waiting for leases of {', '.join(sorted(deadlines))} to expire (the last, of {owner}, "
-                          f"in {deadline - time.time():.0f}s by the wall clock; at most "
+                          f"in {deadline - clock.now():.0f}s by the wall clock; at most "
                           f"{give_up - time.monotonic():.0f}s more)", 0.0)
             time.sleep(min(self.limits.lease_ttl / 4, 1.0))
 
@@ -309,13 +310,13 @@ class Trainer:
         return max((p.heartbeat_at for p in rollouts), default=None)
 
     def _wait_reason(self) -> str:
-        return wait_reason(self._rollout_last_seen(), time.time())
+        return wait_reason(self._rollout_last_seen(), clock.now())
 
     def _idle_too_long(self, idle_s: float) -> bool:
         if not self.limits.exit_when_idle or idle_s < self.limits.exit_when_idle:
             return False
         last = self._rollout_last_seen()
-        return last is None or time.time() - last > self.limits.exit_when_idle
+        return last is None or clock.now() - last > self.limits.exit_when_idle
 
     def _waiting(self, reason: str, waited_s: float) -> None:
         self.status.show(f"{reason} ({waited_s:.0f}s)")
