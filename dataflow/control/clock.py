@@ -1,6 +1,6 @@
 """The control plane's wall clock.
 
-Leases, heartbeats and checkpoints carry wall-clock stamps compared across processes (DESIGN invariant 3).
+Leases, heartbeats and checkpoints carry wall-clock stamps compared across processes (docs/architecture.md, invariant 3).
 `DATAFLOW_CLOCK_OFFSET_S` shifts this process's clock by that many seconds, so that a chaos run or a test
 can give processes on one host clocks that disagree, as an NTP step or a VM suspend/resume does.
 """

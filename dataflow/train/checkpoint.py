@@ -1,6 +1,6 @@
 """Checkpoints: an SGLang/vLLM-loadable export plus the training state, written whole or not at all.
 
-    OUT/step-00000100/config.json            LlamaForCausalLMEagle3, one layer (DESIGN "Checkpoint")
+    OUT/step-00000100/config.json            LlamaForCausalLMEagle3, one layer (docs/architecture.md, "Checkpoint")
     OUT/step-00000100/model.safetensors      export names, no `model.` prefix
     OUT/step-00000100/training_state.pt      model (fp32), optimiser, scheduler, RNG, step, refs covered
     OUT/latest -> step-00000100              always the newest recorded checkpoint

@@ -1,4 +1,4 @@
-"""One trainer group per run (DESIGN invariant 9): each rank holds an exclusive flock beside the database.
+"""One trainer group per run (docs/architecture.md, invariant 9): each rank holds an exclusive flock beside the database.
 
 The kernel drops a flock when its holder dies (kill -9 included), so the lock is never stale and a slow but
 live trainer (one long step, a stale heartbeat) is still refused. The holder writes its pid and host into the

@@ -1,4 +1,4 @@
-"""The training loop: lease -> map -> step -> ack -> checkpoint (DESIGN "A ref's life").
+"""The training loop: lease -> map -> step -> ack -> checkpoint (docs/architecture.md, "A ref's life").
 
 Exactly-once: a ref is acked only after the optimiser step that used it, and counts as trained only when
 the checkpoint holding that step is recorded in the run database. On start, refs acked after the last

@@ -1,6 +1,6 @@
 """The `hf` engine: a transformers causal LM on CPU or CUDA, batched forward with hidden states.
 
-Features per sample (DESIGN): input_ids [T] int64, loss_mask [T] bool,
+Features per sample (docs/architecture.md): input_ids [T] int64, loss_mask [T] bool,
 aux_hidden [T, 3H] = HF hidden_states[a] for a in aux_layers (default 2, N//2, N-3), concatenated,
 target_hidden [T, H] = the last hidden state after the final norm.
 """
