@@ -10,7 +10,7 @@ def build_tiny_target(
     *,
     vocab_size: int | None = None,
     hidden_size: int = 64,
-    num_layers: int = 4,
+    num_layers: int = 7,  # the fewest whose default EAGLE3 aux layers (2, N//2, N-3) are distinct
     tie_word_embeddings: bool = False,
     head_scale: float = 1.0,
     seed: int = 0,

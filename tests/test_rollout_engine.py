@@ -9,7 +9,7 @@ from dataflow.testing import build_tiny_target
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    model_dir = build_tiny_target(tmp_path_factory.mktemp("tiny") / "target", num_layers=6)
+    model_dir = build_tiny_target(tmp_path_factory.mktemp("tiny") / "target", num_layers=8)
     return HFEngine(HFEngineConfig(model_dir=model_dir, threads=1, dtype="float32"))
 
 
@@ -27,12 +27,12 @@ def test_features_match_a_direct_hf_forward_at_the_aux_layers_with_padding_remov
     batch = [sample("long", 23, 0), sample("short", 7, 1)]
     features = engine.features(batch)
     H = engine.hidden_size
-    assert engine.aux_layers == [2, 3, 3]
+    assert engine.aux_layers == [2, 4, 5]
     for s, f in zip(batch, features):
         T = len(s.input_ids)
         with torch.inference_mode():
             direct = engine.model(input_ids=torch.tensor([s.input_ids]), output_hidden_states=True)
-        expected_aux = torch.cat([direct.hidden_states[a][0] for a in (2, 3, 3)], dim=-1)
+        expected_aux = torch.cat([direct.hidden_states[a][0] for a in (2, 4, 5)], dim=-1)
         assert f["aux_hidden"].shape == (T, 3 * H) and f["target_hidden"].shape == (T, H)
         assert f["input_ids"].dtype == torch.int64 and f["input_ids"].tolist() == s.input_ids
         assert f["loss_mask"].dtype == torch.bool and f["loss_mask"].tolist() == s.loss_mask
@@ -43,7 +43,7 @@ def test_features_match_a_direct_hf_forward_at_the_aux_layers_with_padding_remov
 
 def test_the_target_record_describes_what_the_trainer_needs(engine):
     record = engine.describe()
-    assert record["hidden_size"] == 64 and record["num_hidden_layers"] == 6
+    assert record["hidden_size"] == 64 and record["num_hidden_layers"] == 8
     assert record["vocab_size"] == len(engine.tokenizer) and record["dtype"] == "float32"
     assert (engine.config.model_dir / "config.json").exists()
 
@@ -112,3 +112,12 @@ def test_generate_writes_a_reply_to_the_last_user_turn(engine):
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question?"}]]
     replies = engine.generate(prompts, max_new_tokens=4, temperature=0.0)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_default_aux_layers_that_repeat_or_go_backwards_are_refused_and_named_ones_accepted(tmp_path):
+    shallow = build_tiny_target(tmp_path / "shallow", num_layers=5)  # default 2, 2, 2
+    with pytest.raises(InputError, match=r"the default aux layers \[2, 2, 2\]: they repeat or go backwards"):
+        HFEngine(HFEngineConfig(model_dir=shallow, threads=1))
+    with pytest.raises(InputError, match="--aux-layers 3,1,4: they repeat or go backwards"):
+        HFEngine(HFEngineConfig(model_dir=shallow, threads=1, aux_layers=(3, 1, 4)))
+    assert HFEngine(HFEngineConfig(model_dir=shallow, threads=1, aux_layers=(1, 2, 4))).aux_layers == [1, 2, 4]

