@@ -57,7 +57,7 @@ def design_export(heads=4, kv_heads=2, hd=H // 4, inter=24):
 
 def test_export_has_exactly_the_design_names_shapes_and_dtypes(tmp_path):
     model = tiny_draft()
-    write_export(model, tmp_path, dtype=torch.float32, include_embed=False)
+    write_export(model, tmp_path, dtype=torch.float32, include_embed=False, aux_layers=[2, 3, 4])
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         got = {name: (list(f.get_tensor(name).shape), f.get_tensor(name).dtype) for name in f.keys()}
     assert got == design_export()
@@ -65,11 +65,15 @@ def test_export_has_exactly_the_design_names_shapes_and_dtypes(tmp_path):
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
     assert config["num_hidden_layers"] == 1 and config["tie_word_embeddings"] is False
     assert (config["vocab_size"], config["draft_vocab_size"], config["hidden_size"]) == (V, VD, H)
+    # The layers it was trained on, as each server reads them: vLLM's top-level HF hidden_states indices,
+    # SGLang's eagle_config one less (it captures the input of layer id + 1).
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 4]
+    assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}
 
 
 def test_every_parameter_of_the_draft_is_in_the_export(tmp_path):
     model = tiny_draft()
-    write_export(model, tmp_path, dtype=torch.bfloat16, include_embed=True)
+    write_export(model, tmp_path, dtype=torch.bfloat16, include_embed=True, aux_layers=[2, 3, 4])
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         names = set(f.keys())
         assert f.get_tensor("fc.weight").dtype == torch.bfloat16 and f.get_tensor("d2t").dtype == torch.int64
@@ -78,7 +82,7 @@ def test_every_parameter_of_the_draft_is_in_the_export(tmp_path):
 
 def test_export_then_reload_gives_identical_logits(tmp_path):
     model = tiny_draft()
-    write_export(model, tmp_path, dtype=torch.float32, include_embed=False)
+    write_export(model, tmp_path, dtype=torch.float32, include_embed=False, aux_layers=[2, 3, 4])
     reloaded = draft_from_export(tmp_path, embed_tokens=model.embed_tokens.weight.data)
     ids, aux = torch.randint(0, V, (2, 9)), torch.randn(2, 9, 3 * H)
     for a, b in zip(model(ids, aux, 3), reloaded(ids, aux, 3)):
@@ -242,7 +246,7 @@ def vllm_param_of(name: str, params: set[str]) -> str | None:
         "draft_id_to_target_id"}),
 ])
 def test_every_exported_tensor_lands_in_a_serving_parameter_and_every_trained_one_is_filled(tmp_path, loader, params):
-    write_export(tiny_draft(), tmp_path, dtype=torch.float32, include_embed=False)
+    write_export(tiny_draft(), tmp_path, dtype=torch.float32, include_embed=False, aux_layers=[2, 3, 4])
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         landed = {name: loader(name, params) for name in f.keys()}
     assert None not in landed.values(), landed

@@ -11,7 +11,7 @@ import torch
 from dataflow.errors import InputError
 from dataflow.rollout.data import DEFAULT_HELD_OUT
 from dataflow.eval.speculative import SpecStats, Target, greedy, speculative
-from dataflow.train.checkpoint import draft_from_export
+from dataflow.train.checkpoint import draft_from_export, export_aux_layers
 from dataflow.train.eagle3 import Eagle3Draft
 
 
@@ -92,7 +92,7 @@ def evaluate(config: EvalConfig, on_prompt=lambda i, n: None) -> dict:
     if not (config.draft / "model.safetensors").exists():
         raise InputError(f"--draft {config.draft}: no model.safetensors there; pass a checkpoint dir such as OUT/final")
     model, tokenizer, default_layers = load_target(config.target_model)
-    target = Target(model, list(config.aux_layers or default_layers))
+    target = Target(model, list(config.aux_layers or export_aux_layers(config.draft) or default_layers))
     draft = draft_from_export(config.draft, embed_tokens=model.get_input_embeddings().weight.detach()).eval()
     if draft.cfg.vocab_size != model.config.vocab_size:
         raise InputError(f"--draft {config.draft}: vocab {draft.cfg.vocab_size} does not match the target's")

@@ -19,6 +19,7 @@ from dataflow.errors import InputError
 from dataflow.eval.report import EvalConfig, held_out_prompts
 from dataflow.rollout.engines.hf import HFEngineConfig, default_aux_layers
 from dataflow.rollout.engines.vllm import require_vllm, start_llm
+from dataflow.train.checkpoint import export_aux_layers
 
 COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens")
 PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
@@ -35,10 +36,11 @@ def evaluate_vllm(config: EvalConfig, verbose: bool = False, on_phase=lambda wha
 
     model_dir = resolve_target(config.target_model)
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
-    if config.aux_layers and list(config.aux_layers) != default_aux_layers(num_layers):
+    served_layers = export_aux_layers(config.draft) or default_aux_layers(num_layers)
+    if config.aux_layers and list(config.aux_layers) != served_layers:
         raise InputError(
             f"--aux-layers {','.join(map(str, config.aux_layers))}: vLLM takes a draft's layers from "
-            "eagle_aux_hidden_state_layer_ids in its config.json; add them there or use --engine hf"
+            f"eagle_aux_hidden_state_layer_ids in its config.json ({served_layers}); drop the option or use --engine hf"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     set_chat_template(tokenizer, model_dir, None)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dataflow.errors import InputError
-from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
+from dataflow.train.eagle3 import AUX_LAYERS_KEY, DraftConfig, Eagle3Draft
 
 EXPORT_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -71,9 +71,11 @@ def export_tensors(model: Eagle3Draft, *, dtype: torch.dtype, include_embed: boo
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def write_export(model: Eagle3Draft, out_dir: Path, *, dtype: torch.dtype, include_embed: bool) -> None:
+def write_export(model: Eagle3Draft, out_dir: Path, *, dtype: torch.dtype, include_embed: bool,
+                 aux_layers: list[int]) -> None:
     torch_dtype = str(dtype).removeprefix("torch.")
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model.cfg.to_hf_config(torch_dtype=torch_dtype), indent=2))
+    config = model.cfg.to_hf_config(torch_dtype=torch_dtype, aux_layers=aux_layers)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_file(export_tensors(model, dtype=dtype, include_embed=include_embed), out_dir / EXPORT_FILE)
 
 
@@ -84,6 +86,11 @@ def read_export(path: str | Path) -> tuple[DraftConfig, dict[str, torch.Tensor]]
     with safe_open(path / EXPORT_FILE, framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     return cfg, tensors
+
+
+def export_aux_layers(path: str | Path) -> list[int] | None:
+    """The target layers (HF hidden_states indices) an export was trained on; None for older exports."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text()).get(AUX_LAYERS_KEY)
 
 
 def draft_from_export(path: str | Path, *, embed_tokens: torch.Tensor | None = None) -> Eagle3Draft:
@@ -129,14 +136,14 @@ def _make_private(directory: Path) -> None:
 
 
 def write_checkpoint(out: Path, step: int, model: Eagle3Draft, state: dict, *, dtype: torch.dtype,
-                     include_embed: bool) -> Path:
+                     include_embed: bool, aux_layers: list[int]) -> Path:
     """Write OUT/step-N (export + training state) atomically. It is not `latest` and prunes nothing until the
     caller has recorded it in the run database and calls `publish`."""
     final = out / f"step-{step:08d}"
     tmp = out / f"{TMP_PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, mode=PRIVATE_DIR)
-    write_export(model, tmp, dtype=dtype, include_embed=include_embed)
+    write_export(model, tmp, dtype=dtype, include_embed=include_embed, aux_layers=aux_layers)
     torch.save(state, tmp / STATE_FILE)
     _make_private(tmp)
     _fsync_tree(tmp)

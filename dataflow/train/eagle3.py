@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+AUX_LAYERS_KEY = "eagle_aux_hidden_state_layer_ids"
+
 
 @dataclass(frozen=True, kw_only=True)
 class DraftConfig:
@@ -76,9 +78,14 @@ class DraftConfig:
             raise ValueError(f"draft config: unknown keys {sorted(unknown)}; allowed: {sorted(values)}")
         return cls(**(values | (overrides or {})))
 
-    def to_hf_config(self, *, torch_dtype: str) -> dict:
-        """config.json for SGLang/vLLM (`LlamaForCausalLMEagle3`, one layer, untied lm_head)."""
+    def to_hf_config(self, *, torch_dtype: str, aux_layers: list[int]) -> dict:
+        """config.json for SGLang/vLLM (`LlamaForCausalLMEagle3`, one layer, untied lm_head), with the target
+        layers the draft was trained on (HF hidden_states indices) in the keys each server reads: vLLM reads
+        the top-level key and captures the output of that many layers, SGLang reads `eagle_config` and
+        captures the input of layer id + 1 (the output of `id + 1` layers), hence one less there."""
         return asdict(self) | {
+            AUX_LAYERS_KEY: list(aux_layers),
+            "eagle_config": {AUX_LAYERS_KEY: [a - 1 for a in aux_layers]},
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
             "num_hidden_layers": 1,

@@ -83,6 +83,7 @@ class Trainer:
         # The target's dtype: features are collated in it and the export is written in it.
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
         self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
+        self.aux_layers = target["aux_layers"]  # exported, so that servers capture the layers it was trained on
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
@@ -254,7 +255,7 @@ class Trainer:
                 **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens")},
             }
             path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=self.target_dtype,
-                                         include_embed=self.config.export_embed_tokens)
+                                         include_embed=self.config.export_embed_tokens, aux_layers=self.aux_layers)
             self.meta.record_checkpoint(self.progress.step, str(path), covered)
             ckpt.publish(self.out, path, keep=self.limits.keep)  # only now: a kill before the record prunes nothing
         barrier(self.dist)
