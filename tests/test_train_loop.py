@@ -16,6 +16,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.train.checkpoint import read_export
 from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.plot import read_metrics
 from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
 from dataflow.train.trainer import train, wait_reason
 
@@ -134,6 +135,8 @@ def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, ta
     log = restarted.stdout.read()
     assert "put back" in log and "resumed from" in log, log
     assert max_difference(final_weights(tmp_path / "out-ref"), final_weights(tmp_path / "out-killed")) <= 1e-6
+    lrs = {run: [row["lr"] for row in read_metrics(tmp_path / f"out-{run}")] for run in ("ref", "killed")}
+    assert lrs["killed"] == lrs["ref"] and len(set(lrs["ref"])) > 3, lrs  # the schedule moved and resumed exactly
     counts = queue.counts()
     assert counts["trained"] == 4 * len(samples) and counts["acked"] == counts["pending"] == counts["leased"] == 0
 

@@ -113,10 +113,10 @@ def rotary_tables(cfg: DraftConfig, positions: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos/sin: (T, hd)."""
+    """x: (B, heads, T, hd); cos/sin: (T, hd) fp32, applied in x's dtype (as HF/SGLang do)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
