@@ -61,7 +61,10 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
     assert ending == "finished"
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
+    assert rows[0]["tau_hat"] < 1.5 < rows[-1]["tau_hat"] <= 3.0  # ttt 2: at most 1 + 1 + 1
     meta = RunMeta(connect(db))
+    (trainer,) = meta.processes(role="train")
+    assert trainer.info["tau_hat"] == pytest.approx(rows[-1]["tau_hat"], abs=1e-4)  # what `status` shows
     assert meta.train_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
 
 

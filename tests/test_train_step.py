@@ -13,8 +13,9 @@ from dataflow.train.metrics import Window, expected_acceptance
 from dataflow.train.schedule import LrSchedule
 from dataflow.train.source import MicroBatch
 from dataflow.train.step import TrainStep
-from dataflow.train.testing import build_tiny_target, draft_vocab_for, target_record, tiny_features
 from dataflow.train.target import load_target_head
+from dataflow.train.testing import build_tiny_target, draft_vocab_for, target_record, tiny_features
+from dataflow.ui import draft_line
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,8 @@ def test_tau_hat_is_one_plus_the_sum_of_the_chained_acceptances():
     window = Window()
     window.add(loss=1.0, loss_sum=[1.0, 1.0], correct=[8.0, 3.0], count=[10.0, 10.0], samples=1, tokens=10)
     assert window.summary(1, 1e-4)["tau_hat"] == pytest.approx(1 + 0.8 + 0.8 * 0.3)
+
+
+def test_status_shows_the_trainers_tau_hat():
+    line = draft_line({"step": 30, "loss": 1.25, "acc_0": 0.5, "tau_hat": 1.75})
+    assert line == "step 30, loss 1.250, acc_0 0.500, tau-hat 1.75"

@@ -63,7 +63,8 @@ class TrainStep:
         self.head = teacher_head(lm_head.to(device), draft_target_ids(master.d2t), self.dtype)  # frozen
         self.params = [p for p in master.parameters() if p.requires_grad]
         self._copies = [c for m, c in zip(master.parameters(), self.model.parameters()) if m.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one pass over each parameter's state instead of ~8 (5x less CPU time at the draft's size)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.schedule = LrSchedule(peak=config.lr, warmup=config.warmup, warmup_steps=config.warmup_steps,
                                    decay=config.decay, min_ratio=config.min_lr_ratio)
         self.ce_core = CompiledOrEager(soft_ce_core, compile=compile)
