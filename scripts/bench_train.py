@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -159,6 +160,8 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
                 counted[mode] = count_step(step, batch, n_tokens)
             if i >= warmup:
                 rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1])))
+            print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
+                  + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
     out = {}
     for mode, (step, batch) in built.items():
         flops = counted[mode][0]
@@ -213,6 +216,7 @@ def main() -> None:
         child.start()
         memory[mode] = queue.get()
         child.join()
+        print(f"{mode}: working set {memory[mode] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     results = timing(modes, args.steps, args.warmup, args.threads, args.seed)
     for mode, r in results.items():
         r["step_working_set_bytes"] = memory[mode]

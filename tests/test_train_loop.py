@@ -42,7 +42,7 @@ def new_run(tmp_path: Path, target, samples, *, store="files", name="run") -> Pa
 def train_args(db: Path, out: Path, **extra) -> list[str]:
     args = {"--db": db, "--out": out, "--lr": 3e-3, "--warmup-steps": 2, "--ttt-length": 3, "--batch-tokens": 64,
             "--grad-accum": 2, "--log-every": 1, "--device": "cpu"} | extra
-    return [str(x) for kv in args.items() for x in kv] + ["--no-progress"]
+    return [str(x) for kv in args.items() for x in kv] + ["--no-progress", "--no-compile"]  # compile: other tests
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

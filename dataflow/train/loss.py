@@ -128,7 +128,8 @@ class CompiledOrEager:
 
     def __init__(self, fn: Callable, *, compile: bool):
         self.fn = fn
-        self.compiled = torch.compile(fn) if compile else None
+        # dynamic: row counts change every step; one kernel for all of them instead of a recompile
+        self.compiled = torch.compile(fn, dynamic=True) if compile else None
 
     def __call__(self, *args):
         if self.compiled is not None:
