@@ -133,3 +133,12 @@ def test_tau_hat_is_one_plus_the_sum_of_the_chained_acceptances():
 def test_status_shows_the_trainers_tau_hat():
     line = draft_line({"step": 30, "loss": 1.25, "acc_0": 0.5, "tau_hat": 1.75})
     assert line == "step 30, loss 1.250, acc_0 0.500, tau-hat 1.75"
+
+
+def test_bf16_features_from_the_rollout_train_like_fp32_ones(problem):
+    _, _, batch = problem
+    as_bf16 = MicroBatch(batch.input_ids, batch.loss_mask, batch.aux_hidden.bfloat16(), batch.target_hidden.bfloat16())
+    n_tokens = float(loss_tokens(batch.loss_mask))
+    for dtype in ("fp32", "bf16"):
+        losses = [float(new_step(problem, dtype).accumulate(b, n_tokens)[0]) for b in (batch, as_bf16)]
+        assert abs(losses[1] - losses[0]) <= 0.02 * losses[0], (dtype, losses)
