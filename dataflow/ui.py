@@ -36,6 +36,12 @@ def store_line(store: dict) -> str:
     return f"{store['files']} files, {human_bytes(store['disk_bytes'])} on disk in {store['dir']}"
 
 
+def draft_line(info: dict) -> str:
+    """A trainer heartbeat's training figures; tau-hat is the expected tokens per verification step."""
+    return (f"step {info.get('step', 0)}, loss {info.get('loss', 0.0):.3f}, acc_0 {info.get('acc_0', 0.0):.3f}, "
+            f"tau-hat {info['tau_hat']:.2f}")
+
+
 def status_view(snap: dict) -> Group:
     """Counts by state, rates, lag and per-process liveness of one `control.status.snapshot`."""
     run = Table(title=f"run {snap['run_id'][:12]}", show_header=False, box=None)
@@ -54,6 +60,9 @@ def status_view(snap: dict) -> Group:
     run.add_row("marks", ", ".join(marks) or "-")
     if snap.get("vocab_coverage") is not None:
         run.add_row("draft vocab", f"covers {snap['vocab_coverage']:.1%} of the trained tokens produced")
+    for p in snap["processes"]:
+        if p["role"] == "train" and "tau_hat" in p["info"]:
+            run.add_row(f"draft ({p['id']})", draft_line(p["info"]))
     ckpt = snap["last_checkpoint"]
     run.add_row("checkpoint", "-" if ckpt is None else f"step {ckpt['step']} ({ckpt['age_s']:.0f}s ago) {ckpt['path']}")
     procs = Table(title="processes")

@@ -100,4 +100,4 @@ def test_bf16_training_exports_bf16_weights_and_the_plot_shows_the_curves(tmp_pa
     result = invoke("plot", tmp_path / "out")
     assert result.exit_code == 0 and os.path.getsize(tmp_path / "out" / "metrics.png") > 10_000
     with safe_open(tmp_path / "out" / "final" / "model.safetensors", framework="pt") as f:
-        assert str(f.get_tensor("fc.weight").dtype) == "torch.float32"  # the target's dtype, not the autocast's
+        assert str(f.get_tensor("fc.weight").dtype) == "torch.float32"  # the target's dtype, not the compute dtype

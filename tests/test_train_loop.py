@@ -16,6 +16,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.train.checkpoint import read_export
 from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.plot import read_metrics
 from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
 from dataflow.train.trainer import train, wait_reason
 
@@ -41,7 +42,7 @@ def new_run(tmp_path: Path, target, samples, *, store="files", name="run") -> Pa
 def train_args(db: Path, out: Path, **extra) -> list[str]:
     args = {"--db": db, "--out": out, "--lr": 3e-3, "--warmup-steps": 2, "--ttt-length": 3, "--batch-tokens": 64,
             "--grad-accum": 2, "--log-every": 1, "--device": "cpu"} | extra
-    return [str(x) for kv in args.items() for x in kv] + ["--no-progress"]
+    return [str(x) for kv in args.items() for x in kv] + ["--no-progress", "--no-compile"]  # compile: other tests
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -60,7 +61,10 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
     assert ending == "finished"
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
+    assert rows[0]["tau_hat"] < 1.5 < rows[-1]["tau_hat"] <= 3.0  # ttt 2: at most 1 + 1 + 1
     meta = RunMeta(connect(db))
+    (trainer,) = meta.processes(role="train")
+    assert trainer.info["tau_hat"] == pytest.approx(rows[-1]["tau_hat"], abs=1e-4)  # what `status` shows
     assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
 
 
@@ -134,6 +138,8 @@ def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, ta
     log = restarted.stdout.read()
     assert "put back" in log and "resumed from" in log, log
     assert max_difference(final_weights(tmp_path / "out-ref"), final_weights(tmp_path / "out-killed")) <= 1e-6
+    lrs = {run: [row["lr"] for row in read_metrics(tmp_path / f"out-{run}")] for run in ("ref", "killed")}
+    assert lrs["killed"] == lrs["ref"] and len(set(lrs["ref"])) > 3, lrs  # the schedule moved and resumed exactly
     counts = queue.counts()
     assert counts["trained"] == 4 * len(samples) and counts["acked"] == counts["pending"] == counts["leased"] == 0
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from dataflow.errors import InputError
 from dataflow.train.checkpoint import draft_from_export, write_export
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft, apply_rotary, rotary_tables
-from dataflow.train.loss import STEP_DECAY, draft_target_ids, loss_tokens, teacher, ttt_sums
+from dataflow.train.loss import STEP_DECAY, TeacherHead, draft_target_ids, loss_tokens, teacher, teacher_head, ttt_sums
 from dataflow.train.target import load_target_head
 from dataflow.train.testing import build_tiny_target
 from dataflow.train.vocab import vocab_from_meta, vocab_from_target_ids, vocab_to_meta
@@ -30,8 +30,8 @@ def tiny_draft(seed=0, draft_vocab=VD, heads=4, kv_heads=2) -> Eagle3Draft:
     return model
 
 
-def vocab_of(model: Eagle3Draft) -> dict:
-    return {"t2d": model.t2d, "draft_ids": draft_target_ids(model.d2t)}
+def head_of(model: Eagle3Draft, lm_head: torch.Tensor, dtype=torch.float32) -> TeacherHead:
+    return teacher_head(lm_head, draft_target_ids(model.d2t), dtype)
 
 
 # The DESIGN "Checkpoint" list, written out by hand: a wrong name would load silently as random weights.
@@ -135,7 +135,7 @@ def test_loss_equals_a_direct_recomputation():
     loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
     logits = model(ids, aux, steps)
     hiddens = model.hidden_states(ids, aux, steps)
-    sums = ttt_sums(model, hiddens, teacher(target_hidden, lm_head, loss_mask, **vocab_of(model)))
+    sums = ttt_sums(model, hiddens, teacher(target_hidden, head_of(model, lm_head), loss_mask))
     draft_ids = sorted(int(i) for i in torch.nonzero(model.t2d))  # target id of draft id d
     expected, n_tokens = 0.0, 0
     for i in range(T - 1):  # normaliser: teacher positions whose next token is an assistant token
@@ -163,10 +163,10 @@ def test_right_padding_does_not_change_a_samples_loss():
     T = 9
     ids, aux, th = torch.randint(0, V, (1, T)), torch.randn(1, T, 3 * H), torch.randn(1, T, H)
     lm_head, mask = torch.randn(V, H), torch.ones(1, T, dtype=torch.bool)
-    alone = ttt_sums(model, model.hidden_states(ids, aux, 3), teacher(th, lm_head, mask, **vocab_of(model)))
+    alone = ttt_sums(model, model.hidden_states(ids, aux, 3), teacher(th, head_of(model, lm_head), mask))
     pad = lambda x: F.pad(x, (0, 0, 0, 4)) if x.dim() == 3 else F.pad(x, (0, 4))
     padded = ttt_sums(model, model.hidden_states(pad(ids), pad(aux), 3),
-                      teacher(pad(th), lm_head, pad(mask), **vocab_of(model)))
+                      teacher(pad(th), head_of(model, lm_head), pad(mask)))
     for a, b in zip(alone.loss_sum, padded.loss_sum):
         torch.testing.assert_close(a, b)
     assert [int(c) for c in alone.count] == [int(c) for c in padded.count]
@@ -251,3 +251,38 @@ def test_every_exported_tensor_lands_in_a_serving_parameter_and_every_trained_on
         landed = {name: loader(name, params) for name in f.keys()}
     assert None not in landed.values(), landed
     assert params - set(landed.values()) == {"model.embed_tokens.weight"}  # shared from the target when absent
+
+
+def reference_weighted_loss(model, ids, aux, target_hidden, lm_head, loss_mask, steps) -> tuple[torch.Tensor, list]:
+    """The previous implementation, kept as the reference: full logits at every position, masked afterwards."""
+    from dataflow.train.loss import predicts_assistant
+
+    full = target_hidden.float() @ lm_head.T  # (B, T, V)
+    top = full.argmax(-1)
+    probs = full.index_select(-1, draft_target_ids(model.d2t)).softmax(-1)
+    valid = predicts_assistant(loss_mask) & model.t2d[top]
+    total, counts, T = 0.0, [], ids.shape[1]
+    for k, logits in enumerate(model(ids, aux, steps)):
+        logp = logits[:, : T - k - 1].float().log_softmax(-1)
+        ce = -(probs[:, k + 1 :] * logp).sum(-1)
+        total = total + STEP_DECAY**k * (ce * valid[:, k + 1 :]).sum()
+        counts.append(int(valid[:, k + 1 :].sum()))
+    return total, counts
+
+
+def test_the_fused_loss_and_its_gradients_equal_the_full_logits_reference_in_fp32():
+    model = tiny_draft()
+    B, T, steps = 3, 12, 4
+    ids, aux, th = torch.randint(0, V, (B, T)), torch.randn(B, T, 3 * H), torch.randn(B, T, H)
+    lm_head, mask = torch.randn(V, H), torch.rand(B, T) > 0.3
+    expected, counts = reference_weighted_loss(model, ids, aux, th, lm_head, mask, steps)
+    expected.backward()
+    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    sums = ttt_sums(model, model.hidden_states(ids, aux, steps), teacher(th, head_of(model, lm_head), mask))
+    got = sums.weighted_loss()
+    got.backward()
+    assert sum(counts) > 10 and sums.count == counts
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)

@@ -120,10 +120,10 @@ def rotary_tables(cfg: DraftConfig, positions: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos/sin: (T, hd)."""
+    """x: (B, heads, T, hd); cos/sin: (T, hd) fp32, applied in x's dtype (as HF/SGLang do)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -156,13 +156,18 @@ def ttt_attention(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]
     Tq = q.shape[2]
     k0, v0 = cache[0]
     Tk = k0.shape[2]
-    causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    scores = [(q @ k0.transpose(-1, -2)).float().masked_fill(~causal, float("-inf")) * scale]  # (B, nH, Tq, Tk)
-    scores += [(q * kj).sum(-1, keepdim=True).float() * scale for kj, _ in cache[1:]]  # (B, nH, Tq, 1) each
-    weights = torch.cat(scores, dim=-1).softmax(dim=-1).to(q.dtype)
+    q = q * scale
+    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(diagonal=Tk - Tq + 1)
+    scores = [(q @ k0.transpose(-1, -2)).masked_fill_(future, float("-inf"))]  # (B, nH, Tq, Tk)
+    if len(cache) > 1:
+        extra_k = torch.stack([kj for kj, _ in cache[1:]], dim=-2)  # (B, nH, Tq, j, hd)
+        scores.append((q.unsqueeze(-2) * extra_k).sum(-1))  # (B, nH, Tq, j): the diagonal keys
+    # One softmax over all keys; for bf16 inputs the kernel accumulates in fp32 and writes bf16.
+    weights = torch.cat(scores, dim=-1).softmax(dim=-1)
     out = weights[..., :Tk] @ v0
-    for j, (_, vj) in enumerate(cache[1:]):
-        out = out + weights[..., Tk + j : Tk + j + 1] * vj
+    if len(cache) > 1:
+        extra_v = torch.stack([vj for _, vj in cache[1:]], dim=-2)  # (B, nH, Tq, j, hd)
+        out = out + (weights[..., Tk:].unsqueeze(-1) * extra_v).sum(-2)
     return out
 
 

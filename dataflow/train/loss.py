@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 STEP_DECAY = 0.8  # EAGLE3: weight of TTT step k is 0.8**k
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 1024 rows at an 8192-token draft vocab (32 MB in fp32)
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 2048 rows at an 8192-token draft vocab (32 MB in bf16)
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,40 @@ def draft_target_ids(d2t: torch.Tensor) -> torch.Tensor:
     return d2t + torch.arange(d2t.numel(), device=d2t.device)
 
 
-def chunk_rows(width: int) -> int:
-    return max(1, CHUNK_ELEMENTS // width)
+def chunk_rows(width: int, elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, elements // width)
 
 
-def teacher(target_hidden: torch.Tensor, lm_head: torch.Tensor, loss_mask: torch.Tensor, *,
-            t2d: torch.Tensor, draft_ids: torch.Tensor) -> Teacher:
-    """target_hidden (B, T, H), frozen lm_head (V, H) in the compute dtype, loss_mask (B, T) bool,
-    t2d (V,) bool, draft_ids (Vd,) = draft_target_ids(d2t). Full-vocab logits exist one chunk at a time,
-    in lm_head's dtype; the softmax over the draft vocab is taken in fp32."""
+@dataclass(frozen=True)
+class TeacherHead:
+    """The frozen target lm_head with the draft vocabulary's rows first: the draft-vocab logits are then the
+    first Vd columns of the full logits (a slice, not a column gather), and top-1 in the draft vocab is
+    `row < Vd`."""
+
+    weight: torch.Tensor  # (V, H) in the compute dtype
+    target_ids: torch.Tensor  # (V,) int64: target id of each row
+    draft_size: int
+
+
+def teacher_head(lm_head: torch.Tensor, draft_ids: torch.Tensor, dtype: torch.dtype) -> TeacherHead:
+    rest = torch.ones(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
+    rest[draft_ids] = False
+    order = torch.cat([draft_ids, rest.nonzero().squeeze(1)])
+    return TeacherHead(weight=lm_head.index_select(0, order).to(dtype), target_ids=order, draft_size=draft_ids.numel())
+
+
+def teacher_core(full: torch.Tensor, draft_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """full (c, V) logits over TeacherHead rows -> (top-1 row (c,), fp32 softmax over the draft vocab (c, Vd))."""
+    return full.argmax(dim=-1), torch.softmax(full[:, :draft_size], dim=-1, dtype=torch.float32)
+
+
+TEACHER_CHUNK_ELEMENTS = 1 << 25  # full-vocab logits per chunk: 682 rows at 49152 (64 MB in bf16)
+
+
+def teacher(target_hidden: torch.Tensor, head: TeacherHead, loss_mask: torch.Tensor,
+            core: Callable = teacher_core) -> Teacher:
+    """target_hidden (B, T, H), loss_mask (B, T) bool. Full-vocab logits exist one chunk at a time, in the
+    head's dtype; the softmax over the draft vocab is taken in fp32."""
     B, T, H = target_hidden.shape
     with torch.no_grad():
         # (T, B) order: ascending position i, then batch row
@@ -68,16 +93,15 @@ def teacher(target_hidden: torch.Tensor, lm_head: torch.Tensor, loss_mask: torch
         rows = (wanted % B) * T + wanted // B
         flat = target_hidden.reshape(B * T, H)
         kept_rows, probs, tops = [], [], []
-        for chunk in rows.split(chunk_rows(lm_head.shape[0])):
-            full = flat.index_select(0, chunk).to(lm_head.dtype) @ lm_head.T  # (c, V)
-            top = full.argmax(dim=-1)  # (c,)
-            keep = t2d[top].nonzero().squeeze(1)  # host sync: kept count
-            kept = full.index_select(0, keep).index_select(1, draft_ids)  # (c', Vd)
-            probs.append(torch.softmax(kept, dim=-1, dtype=torch.float32))
+        for chunk in rows.split(chunk_rows(head.weight.shape[0], TEACHER_CHUNK_ELEMENTS)):
+            full = flat.index_select(0, chunk).to(head.weight.dtype) @ head.weight.T  # (c, V)
+            top, chunk_probs = core(full, head.draft_size)
+            keep = (top < head.draft_size).nonzero().squeeze(1)  # host sync: kept count
+            probs.append(chunk_probs.index_select(0, keep))
             kept_rows.append(chunk[keep])
-            tops.append(top[keep])
+            tops.append(head.target_ids[top[keep]])
         rows = torch.cat(kept_rows) if kept_rows else rows
-        probs = torch.cat(probs) if probs else torch.zeros(0, draft_ids.numel(), device=rows.device)
+        probs = torch.cat(probs) if probs else torch.zeros(0, head.draft_size, device=rows.device)
         top = torch.cat(tops) if tops else rows
     return Teacher(rows=rows, positions=rows % T, probs=probs, top=top)
 
@@ -104,7 +128,8 @@ class CompiledOrEager:
 
     def __init__(self, fn: Callable, *, compile: bool):
         self.fn = fn
-        self.compiled = torch.compile(fn) if compile else None
+        # dynamic: row counts change every step; one kernel for all of them instead of a recompile
+        self.compiled = torch.compile(fn, dynamic=True) if compile else None
 
     def __call__(self, *args):
         if self.compiled is not None:
@@ -119,13 +144,15 @@ class CompiledOrEager:
 
 
 class LinearSoftCE(torch.autograd.Function):
-    """sum_rows softCE(x @ weight.T, probs), with the gradients computed chunk by chunk in the forward
-    (the logits are never kept); backward only scales them by the incoming gradient."""
+    """sum_rows softCE(x[rows] @ weight.T, probs), with the gradients computed chunk by chunk in the forward
+    (the logits are never kept); backward only scales them by the incoming gradient. `rows` are distinct,
+    so the gradient of the row gather is a copy (index_copy), not an accumulation."""
 
     @staticmethod
-    def forward(ctx, x, weight, probs, core):
+    def forward(ctx, x_all, rows, weight, probs, core):
+        x = x_all.index_select(0, rows)  # (n, H)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_w = None
         loss, guesses = x.new_zeros((), dtype=torch.float32), []
         step = chunk_rows(weight.shape[0])
         for start in range(0, x.shape[0], step):
@@ -135,25 +162,31 @@ class LinearSoftCE(torch.autograd.Function):
             guesses.append(guess)
             if grad_x is not None:
                 torch.mm(grad, weight, out=grad_x[start : start + step])
-            if grad_w is not None:
-                grad_w += (grad.T @ xc).float()
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
+            if ctx.needs_input_grad[2]:
+                grad_w = grad.T @ xc if grad_w is None else grad_w.addmm_(grad.T, xc)  # (Vd, H)
+        if ctx.needs_input_grad[2] and grad_w is None:  # no rows
+            grad_w = torch.zeros_like(weight)
+        ctx.save_for_backward(rows, grad_x, grad_w)
+        ctx.all_rows = x_all.shape[0]
         guess = torch.cat(guesses) if guesses else torch.zeros(0, dtype=torch.int64, device=x.device)
         ctx.mark_non_differentiable(guess)
         return loss, guess
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_guess):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_x.dtype if grad_x is not None else grad_w.dtype)
-        return (grad_x * scale if grad_x is not None else None,
-                grad_w * scale if grad_w is not None else None, None, None)
+        rows, grad_x, grad_w = ctx.saved_tensors
+        grad_all = None
+        if grad_x is not None:
+            grad_all = grad_x.new_zeros(ctx.all_rows, grad_x.shape[1])
+            grad_all.index_copy_(0, rows, grad_x * grad_loss.to(grad_x.dtype))
+        return grad_all, None, grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None
 
 
-def linear_soft_ce(x: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
+def linear_soft_ce(x_all: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
                    core: CeCore = soft_ce_core) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, H), weight (Vd, H), probs (n, Vd) -> (summed soft CE with its graph, draft argmax (n,))."""
-    return LinearSoftCE.apply(x, weight, probs, core)
+    """x_all (N, H), rows (n,) distinct, weight (Vd, H), probs (n, Vd) -> (summed soft CE of x_all[rows] with
+    its graph, draft argmax (n,))."""
+    return LinearSoftCE.apply(x_all, rows, weight, probs, core)
 
 
 @dataclass
@@ -174,8 +207,8 @@ def ttt_sums(model, hiddens: list[torch.Tensor], t: Teacher, core: CeCore = soft
     draft_to_target = draft_target_ids(model.d2t)  # (Vd,)
     for k, (hidden, start) in enumerate(zip(hiddens, t.step_start(len(hiddens)))):
         rows = t.rows[start:] - (k + 1)  # draft position t = teacher position - k - 1, same batch row
-        x = model.norm(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))  # (n_k, H)
-        loss, guess = linear_soft_ce(x, model.lm_head.weight, t.probs[start:], core)
+        normed = model.norm(hidden.reshape(-1, hidden.shape[-1]))  # (B*T, H)
+        loss, guess = linear_soft_ce(normed, rows, model.lm_head.weight, t.probs[start:], core)
         sums.loss_sum.append(loss)
         sums.correct.append((draft_to_target[guess] == t.top[start:]).sum())
         sums.count.append(len(rows))

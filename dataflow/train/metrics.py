@@ -51,7 +51,19 @@ class Window:
         for k in range(len(self.loss_sum)):
             row[f"ploss_{k}"] = self.loss_sum[k] / max(self.count[k], 1.0)
             row[f"acc_{k}"] = self.correct[k] / max(self.count[k], 1.0)
+        if self.loss_sum:
+            row["tau_hat"] = expected_acceptance([row[f"acc_{k}"] for k in range(len(self.loss_sum))])
         return row
+
+
+def expected_acceptance(accs: list[float]) -> float:
+    """tau-hat = 1 + sum_k prod_{i<=k} acc_i: the expected tokens per verification step if the draft's step-k
+    guess is accepted with probability acc_k given that the earlier ones were (a chain draft of len(accs))."""
+    tau, chain = 1.0, 1.0
+    for acc in accs:
+        chain *= acc
+        tau += chain
+    return tau
 
 
 class MetricsLog:
@@ -120,6 +132,7 @@ class StatusLine:
 def describe(row: dict) -> str:
     return (
         f"step {row['step']}  loss {row['loss']:.4f}  acc_0 {row.get('acc_0', 0.0):.3f}  "
+        f"tau-hat {row.get('tau_hat', 1.0):.2f}  "
         f"{row['samples_per_s']:.1f} samples/s  {row['steps_per_s']:.2f} steps/s  "
         f"data-wait {row['data_wait_pct']:.0f}%  lr {row['lr']:.2e}"
     )

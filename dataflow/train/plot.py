@@ -1,4 +1,4 @@
-"""`dataflow plot RUN_DIR`: loss and acc_k curves from metrics.jsonl as one PNG."""
+"""`dataflow plot RUN_DIR`: loss, acc_k and tau-hat curves from metrics.jsonl as one PNG."""
 
 from __future__ import annotations
 
@@ -28,13 +28,15 @@ def plot_metrics(run_dir: Path, out: Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
     acc_names = sorted((n for n in rows[-1] if n.startswith("acc_")), key=lambda n: int(n.split("_")[1]))
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (loss_ax, acc_ax, tau_ax) = plt.subplots(1, 3, figsize=(16, 4))
     loss_ax.plot(steps, [r["loss"] for r in rows], label="loss")
     loss_ax.set(xlabel="step", ylabel="loss", title="TTT loss (weighted)")
     for name in acc_names:
         acc_ax.plot(steps, [r.get(name, 0.0) for r in rows], label=name)
     acc_ax.set(xlabel="step", ylabel="top-1 accuracy", title="acc_k", ylim=(0, 1))
     acc_ax.legend(fontsize="small")
+    tau_ax.plot(steps, [r.get("tau_hat", 1.0) for r in rows])
+    tau_ax.set(xlabel="step", ylabel="tokens per verification", title="expected acceptance tau-hat = 1 + sum prod acc")
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
     fig.savefig(out, dpi=100)

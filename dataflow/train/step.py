@@ -18,7 +18,8 @@ import torch
 
 from dataflow.train.config import TrainConfig
 from dataflow.train.eagle3 import Eagle3Draft
-from dataflow.train.loss import CompiledOrEager, StepSums, draft_target_ids, soft_ce_core, teacher, ttt_sums
+from dataflow.train.loss import (CompiledOrEager, StepSums, draft_target_ids, soft_ce_core, teacher, teacher_core,
+                                 teacher_head, ttt_sums)
 from dataflow.train.schedule import LrSchedule
 from dataflow.train.source import MicroBatch
 
@@ -59,22 +60,23 @@ class TrainStep:
         self.dtype = resolve_dtype(config.dtype, device)
         self.master = master.to(device)
         self.model = master if self.dtype == torch.float32 else copy.deepcopy(master).to(self.dtype)
-        self.lm_head = lm_head.to(device, self.dtype)  # frozen teacher head
-        self.draft_ids = draft_target_ids(master.d2t)
+        self.head = teacher_head(lm_head.to(device), draft_target_ids(master.d2t), self.dtype)  # frozen
         self.params = [p for p in master.parameters() if p.requires_grad]
         self._copies = [c for m, c in zip(master.parameters(), self.model.parameters()) if m.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one pass over each parameter's state instead of ~8 (5x less CPU time at the draft's size)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.schedule = LrSchedule(peak=config.lr, warmup=config.warmup, warmup_steps=config.warmup_steps,
                                    decay=config.decay, min_ratio=config.min_lr_ratio)
-        self.core = CompiledOrEager(soft_ce_core, compile=compile)
+        self.ce_core = CompiledOrEager(soft_ce_core, compile=compile)
+        self.teacher_core = CompiledOrEager(teacher_core, compile=compile)
         self.last_lr = 0.0
 
     def accumulate(self, batch: MicroBatch, n_tokens: float) -> tuple[torch.Tensor, StepSums]:
         """Forward/backward one micro-batch; its gradient, divided by n_tokens, is added to the master grads.
         Returns the weighted loss sum (detached) and the per-step sums."""
-        t = teacher(batch.target_hidden, self.lm_head, batch.loss_mask, t2d=self.model.t2d, draft_ids=self.draft_ids)
+        t = teacher(batch.target_hidden, self.head, batch.loss_mask, self.teacher_core)
         hiddens = self.model.hidden_states(batch.input_ids, batch.aux_hidden, self.config.ttt_length)
-        sums = ttt_sums(self.model, hiddens, t, self.core)
+        sums = ttt_sums(self.model, hiddens, t, self.ce_core)
         weighted = sums.weighted_loss()
         (weighted / n_tokens).backward()
         if self.model is not self.master:

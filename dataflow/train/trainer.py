@@ -216,7 +216,7 @@ class Trainer:
         """Copy a micro-batch out of the store; samples whose bytes changed under us are dropped (LOST)."""
         cfg = self.model.cfg
         for s in samples:
-            check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.step.lm_head.shape[1])
+            check_features(s, aux_width=3 * cfg.target_hidden_size, hidden_width=self.step.head.weight.shape[1])
         batch = collate(samples, self.dist.device, self.target_dtype)
         kept = self.source.confirm(samples)
         if len(kept) < len(samples):
@@ -326,7 +326,8 @@ class Trainer:
     def _heartbeat(self, status: str, force: bool = False) -> None:
         if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
             info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
-            info |= {k: round(v, 4) for k, v in self._last_row.items() if k in ("loss", "acc_0", "samples_per_s")}
+            shown = ("loss", "acc_0", "tau_hat", "samples_per_s", "tokens_per_s")
+            info |= {k: round(v, 4) for k, v in self._last_row.items() if k in shown}
             self.meta.heartbeat(self.process_id, "train", status, info)
             self._last_heartbeat = time.monotonic()
 

@@ -1,0 +1,245 @@
+"""The trainer's optimiser step at SmolLM2 draft shapes, fp32 against bf16, next to the matmul roofline
+measured in the same run at the step's own matmul shapes and threads. Prints one JSON object last.
+
+    .venv/bin/python scripts/bench_train.py [--steps 3] [--warmup 1] [--threads 2] [--modes fp32,bf16]
+
+Shapes: draft H 576, I 1536, 9/3 heads, target vocab 49152, draft vocab 8192, 8 x 256 tokens, TTT 7;
+random weights. The draft vocabulary holds every teacher top-1 of the batch, so every position carries loss
+(the most work a step can have). aux_hidden's third slice is target_hidden, so the draft can learn the
+batch and acc_0 moves; every mode trains the same steps on the same data from the same init.
+
+Per mode: tokens/s and achieved GFLOP/s (FLOPs counted by FlopCounterMode over one forward+backward), the
+roofline (every matmul the step runs, replayed alone with the same shapes, strides and dtype right after
+each timed step: their summed time is the step's matmul-only time; fraction = that / the step's time), a
+torch.profiler split of one step into matmul vs everything else, and `step_working_set_bytes` (peak RSS
+over two steps minus RSS after build, each mode alone in a child process). The modes' steps are
+interleaved in one process, so load from other processes on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+H, INTER, HEADS, KV_HEADS, VOCAB, DRAFT_VOCAB, BATCH, SEQ, TTT = 576, 1536, 9, 3, 49152, 8192, 8, 256, 7
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+PROFILED_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+
+
+def build_problem(dtype: str, compile: bool, seed: int):
+    from dataflow.train.config import TrainConfig
+    from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
+    from dataflow.train.source import MicroBatch
+    from dataflow.train.step import TrainStep
+    from dataflow.train.vocab import vocab_from_target_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    lm_head = torch.randn(VOCAB, H, generator=gen) * 0.05
+    target_hidden = torch.randn(BATCH, SEQ, H, generator=gen)
+    aux = torch.cat([torch.randn(BATCH, SEQ, 2 * H, generator=gen), target_hidden], dim=-1)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    tops = (target_hidden.reshape(-1, H) @ lm_head.T).argmax(-1).unique()
+    others = torch.randperm(VOCAB, generator=gen)
+    others = others[~torch.isin(others, tops)][: DRAFT_VOCAB - tops.numel()]
+    vocab = vocab_from_target_ids(torch.cat([tops, others]), VOCAB)
+    cfg = DraftConfig(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      head_dim=H // HEADS, vocab_size=VOCAB, draft_vocab_size=DRAFT_VOCAB, target_hidden_size=H)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(cfg, embed_tokens=torch.randn(VOCAB, H, generator=gen) * 0.05, d2t=vocab.d2t, t2d=vocab.t2d)
+    config = TrainConfig(lr=1e-3, warmup_steps=0, decay="none", ttt_length=TTT, dtype=dtype)
+    step = TrainStep(draft, lm_head, config, device=torch.device("cpu"), compile=compile)
+    batch = MicroBatch(input_ids=ids, loss_mask=torch.ones(BATCH, SEQ, dtype=torch.bool), aux_hidden=aux,
+                       target_hidden=target_hidden)
+    return step, batch
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def peak_rss_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records every matmul's (op, shapes, strides, dtype) so it can be replayed alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            tensors = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor))
+            self.calls[(func, tensors)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Clock:
+    """Wall and process CPU seconds (all threads). The machine is shared: CPU seconds are the steadier
+    measure when other processes take cores; both are reported."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def replay(calls: Counter) -> tuple[float, float]:
+    """The matmuls' summed (wall, cpu) seconds, each run alone on fresh operands (after one untimed run)."""
+    wall = cpu = 0.0
+    for (func, tensors), count in calls.items():
+        operands = [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in tensors]
+        func(*operands)
+        with Clock() as clock:
+            for _ in range(count):
+                func(*operands)
+        wall, cpu = wall + clock.wall, cpu + clock.cpu
+    return wall, cpu
+
+
+def train_step(step, batch, index: int, n_tokens: float) -> float:
+    _, sums = step.accumulate(batch, n_tokens)
+    step.update(step=index, samples=index * BATCH)
+    return float(sums.correct[0]) / max(sums.count[0], 1)
+
+
+def count_step(step, batch, n_tokens: float) -> tuple[float, Counter]:
+    """FLOPs and matmul calls of one forward+backward (optimizer excluded: no matmuls, <1% of the FLOPs)."""
+    shapes, flops = MatmulShapes(), FlopCounterMode(display=False)
+    with flops, shapes:
+        step.accumulate(batch, n_tokens)
+    step.optimizer.zero_grad(set_to_none=True)
+    return flops.get_total_flops(), shapes.calls
+
+
+def profile_split(step, batch, index: int, n_tokens: float) -> dict:
+    """torch.profiler over one step: self time of the matmul kernels vs the rest of the step's wall time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, Clock() as clock:
+        train_step(step, batch, index, n_tokens)
+    matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PROFILED_MATMULS) / 1e6
+    return {"step_s": clock.wall, "matmul_s": matmul, "other_s": clock.wall - matmul}
+
+
+def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -> dict:
+    """All modes in one process, their steps interleaved round by round, each step followed by its matmul
+    replay: load from other processes hits every mode and its roofline alike."""
+    from dataflow.train.loss import loss_tokens
+    from dataflow.train.step import keep_freed_memory
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    built = {mode: build_problem(mode.partition("-")[0], compile=not mode.endswith("-eager"), seed=seed)
+             for mode in modes}
+    n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
+    acc0 = {mode: [] for mode in modes}
+    rounds = {mode: [] for mode in modes}
+    counted = {}
+    for i in range(warmup + steps):
+        for mode, (step, batch) in built.items():
+            with Clock() as clock:
+                acc0[mode].append(train_step(step, batch, i, n_tokens))
+            if i == warmup - 1 or (warmup == 0 and i == 0):
+                counted[mode] = count_step(step, batch, n_tokens)
+            if i >= warmup:
+                rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1])))
+            print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
+                  + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
+    out = {}
+    for mode, (step, batch) in built.items():
+        flops = counted[mode][0]
+        wall = statistics.median(r[0] for r in rounds[mode])
+        cpu = statistics.median(r[1] for r in rounds[mode])
+        out[mode] = {
+            "step_s": wall,
+            "step_s_range": [min(r[0] for r in rounds[mode]), max(r[0] for r in rounds[mode])],
+            "step_cpu_s": cpu,
+            "tokens_per_s": BATCH * SEQ / wall,
+            "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / wall / 1e9,
+            "roofline_gflop_per_s": statistics.median(flops / r[2] / 1e9 for r in rounds[mode]),
+            "fraction_of_roofline": statistics.median(r[2] / r[0] for r in rounds[mode]),
+            "fraction_of_roofline_cpu_time": statistics.median(r[3] / r[1] for r in rounds[mode]),
+            "profile": profile_split(step, batch, warmup + steps, n_tokens),
+            "acc0": acc0[mode],
+        }
+    return out
+
+
+def working_set(mode: str, steps: int, threads: int, seed: int, queue) -> None:
+    """Peak RSS over `steps` steps minus RSS after build, alone in this process."""
+    from dataflow.train.loss import loss_tokens
+    from dataflow.train.step import keep_freed_memory
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    step, batch = build_problem(mode.partition("-")[0], compile=not mode.endswith("-eager"), seed=seed)
+    n_tokens = float(loss_tokens(batch.loss_mask))
+    built = rss_bytes()
+    reset_peak_rss()
+    for i in range(steps):
+        train_step(step, batch, i, n_tokens)
+    queue.put(peak_rss_bytes() - built)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds (one step per mode each)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16, bf16-eager (no torch.compile)")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    ctx = mp.get_context("spawn")
+    memory = {}
+    for mode in modes:  # each alone in a fresh process: nothing else's allocations in its RSS
+        queue = ctx.Queue()
+        child = ctx.Process(target=working_set, args=(mode, 2, args.threads, args.seed, queue))
+        child.start()
+        memory[mode] = queue.get()
+        child.join()
+        print(f"{mode}: working set {memory[mode] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    results = timing(modes, args.steps, args.warmup, args.threads, args.seed)
+    for mode, r in results.items():
+        r["step_working_set_bytes"] = memory[mode]
+        print(f"{mode}: {r['tokens_per_s']:.0f} tokens/s, {r['gflop_per_s']:.0f} GFLOP/s "
+              f"({r['fraction_of_roofline']:.0%} of its {r['roofline_gflop_per_s']:.0f} GFLOP/s matmul roofline; "
+              f"{r['fraction_of_roofline_cpu_time']:.0%} in CPU time); profiled step: matmul "
+              f"{r['profile']['matmul_s']:.2f}s + other {r['profile']['other_s']:.2f}s; "
+              f"working set {r['step_working_set_bytes'] / 2**30:.2f} GiB", flush=True)
+    summary = {"shapes": {"hidden": H, "intermediate": INTER, "heads": [HEADS, KV_HEADS], "vocab": VOCAB,
+                          "draft_vocab": DRAFT_VOCAB, "batch": [BATCH, SEQ], "ttt": TTT, "threads": args.threads},
+               "modes": results}
+    if "fp32" in results and "bf16" in results:
+        fp32, bf16 = results["fp32"], results["bf16"]
+        summary |= {
+            "bf16_speedup_vs_fp32": fp32["step_s"] / bf16["step_s"],
+            "bf16_speedup_vs_fp32_cpu_time": fp32["step_cpu_s"] / bf16["step_cpu_s"],
+            "bf16_fraction_of_roofline": bf16["fraction_of_roofline"],
+            "bf16_fraction_of_roofline_cpu_time": bf16["fraction_of_roofline_cpu_time"],
+            "acc0_diff_bf16_vs_fp32": max(abs(a - b) for a, b in zip(fp32["acc0"], bf16["acc0"])),
+            "step_working_set_bytes": bf16["step_working_set_bytes"],
+        }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
