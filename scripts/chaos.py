@@ -278,7 +278,7 @@ def main() -> None:
     start_time = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dataflow-chaos-") as tmp:
         work = args.work or Path(tmp)
-        target = build_tiny_target(work / "target", hidden_size=64, num_layers=4, seed=args.seed)
+        target = build_tiny_target(work / "target", hidden_size=64, seed=args.seed)
         results = {}
         for i, name in enumerate(chosen):
             samples = args.samples if name == "random-kills" else args.scenario_samples
