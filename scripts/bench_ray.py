@@ -97,7 +97,7 @@ def bench_fetch(workdir: Path, iters: int) -> dict:
     tokens, hidden, dtype = SIZES["48MiB_bf16"]
     producer = ray.remote(SampleProducer).options(name=PRODUCER, namespace=NAMESPACE, num_cpus=0).remote(
         make_sample(tokens, hidden, dtype), str(workdir / "features.sqlite"), 128 << 20)
-    reader = open_reader()
+    reader = open_reader(None)
     result = {}
     try:
         for kind in ("ray", "shm"):

@@ -74,7 +74,7 @@ def commit(refs, handle: dict) -> None:
 
 
 def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_what_the_ledger_freed(ledger):
-    refs, reader = Remote(ledger, "refs"), open_reader()
+    refs, reader = Remote(ledger, "refs"), open_reader(None)
     one_sample = plan_layout(sample(0))[1]
     producer = rollout(ledger, "rollout-a", capacity=one_sample * 3 // 2)  # room for one sample, not two
     first = ray.get(producer.write.remote("a", sample(0)), timeout=60)
@@ -97,7 +97,7 @@ def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_
 
 
 def test_the_samples_of_a_rollout_that_died_are_lost_at_once(ledger):
-    reader = open_reader()
+    reader = open_reader(None)
     producer = rollout(ledger, "rollout-b", capacity=1 << 20)
     handle = ray.get(producer.write.remote("c", sample(2)), timeout=60)
     assert torch.equal(reader.open(handle)["input_ids"], sample(2)["input_ids"])
