@@ -32,10 +32,20 @@ export HF_HUB_OFFLINE=1
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts 8 --num-draft-tokens "$K" \
     --max-new-tokens 64 --json | tee "$RUN_DIR/eval.json"
+# The same draft judged by vLLM's own spec-decode counters, when the vllm extra is installed.
+if .venv/bin/python -c "import vllm" 2>/dev/null; then
+  .venv/bin/dataflow eval --engine vllm --draft "$RUN_DIR/run.train/final" --num-prompts 8 --num-draft-tokens "$K" \
+      --max-new-tokens 64 --json | tee "$RUN_DIR/eval_vllm.json"
+fi
 echo "checkpoint: $RUN_DIR/run.train/final (loads in SGLang/vLLM as an EAGLE3 draft; see README)"
-.venv/bin/python - "$RUN_DIR/eval.json" <<'PY'
-import json, sys
+.venv/bin/python - "$RUN_DIR/eval.json" "$RUN_DIR/eval_vllm.json" <<'PY'
+import json, os, sys
 r = json.load(open(sys.argv[1]))
 print(f"acceptance length tau = {r['tau']:.2f} with the trained draft, {r['tau_untrained']:.2f} untrained "
       f"(K = {r['num_draft_tokens']}, held-out prompts); output identical to greedy decoding: {r['exact_match']}")
+if os.path.exists(sys.argv[2]):
+    v = json.load(open(sys.argv[2]))
+    print(f"measured by vLLM: tau = {v['tau']:.2f}, per-position acceptance "
+          f"{' / '.join(f'{a:.2f}' for a in v['accept_rate_per_position'])}; output identical to vLLM's greedy: "
+          f"{v['exact_match']}")
 PY
