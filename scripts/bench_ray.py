@@ -107,7 +107,6 @@ def bench_fetch(workdir: Path, iters: int) -> dict:
                 start = time.perf_counter()
                 touch(reader.open(handle))
                 elapsed = time.perf_counter() - start
-                reader.release(handle)
                 ray.get(producer.free.remote(kind, handle))
                 if i:
                     times.append(elapsed)

@@ -77,7 +77,6 @@ def test_bf16_features_travel_through_both_stores_as_bf16(tmp_path, engine):
         read = reader.open(handle)
         assert all(torch.equal(read[name], features[name]) for name in features)
         assert read["aux_hidden"].dtype == torch.bfloat16
-        reader.release(handle)
         reader.close()
         writer.close()
 

@@ -40,7 +40,6 @@ def test_features_read_back_through_the_store_equal_the_forward(tmp_path, engine
         # batched (padded) vs alone: same values up to float reduction order
         torch.testing.assert_close(features["aux_hidden"], expected["aux_hidden"], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(features["target_hidden"], expected["target_hidden"], atol=1e-4, rtol=1e-4)
-        reader.release(lease.handle)
     reader.close()
 
 

@@ -142,8 +142,6 @@ class RefSource:
 
     def ack(self, samples: list[Sample]) -> list[int]:
         """Ack after the optimiser step; returns the ref ids acked (a lapsed lease is not ours to ack)."""
-        for s in samples:
-            self.reader.release(s.lease.handle)
         tokens = [s.lease.token for s in samples]
         stale = set(self.queue.ack(tokens))
         for t in tokens:

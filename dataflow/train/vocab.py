@@ -27,11 +27,6 @@ class VocabMap:
     def vocab_size(self) -> int:
         return self.t2d.numel()
 
-    @property
-    def target_ids(self) -> torch.Tensor:
-        """(Vd,) int64: the target id of each draft id, ascending."""
-        return self.d2t + torch.arange(self.draft_vocab_size)
-
 
 def vocab_from_target_ids(target_ids: list[int] | torch.Tensor, vocab_size: int) -> VocabMap:
     """The mapping that keeps `target_ids` (any order, no duplicates) out of a vocabulary of `vocab_size`."""

@@ -4,8 +4,7 @@
     handle, nbytes = writer.write(key, tensors, on_wait=...)   # then commit RefItem(key, handle, nbytes, handle["store"])
     reader = open_reader(conn)
     tensors = reader.open(handle)   # zero-copy views; FeaturesLost if the bytes are gone or were reused
-    reader.check(handle)            # optional re-check after reading the views
-    reader.release(handle)
+    reader.check(handle)            # optional re-check after reading the views; the ack frees the bytes
 
 torch is imported only by open_writer / open_reader, so `sweep` and `usage` keep `dataflow status` fast.
 """

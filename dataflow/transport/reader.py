@@ -32,10 +32,6 @@ class Reader:
         if handle.get("kind") == "shm" and self._shm is not None:
             self._shm.check(handle)
 
-    def release(self, handle: dict) -> None:
-        """Done with this handle's views. The memory itself is freed by the ack (the ref's state in the
-        database); views the caller still holds stay valid memory, but may be overwritten after the ack."""
-
     def retained(self, handle: dict) -> bool:
         """Whether the features outlive an ack (files do, arena ranges do not)."""
         return handle.get("kind") == "files" and self._files.retained(handle)
