@@ -6,6 +6,7 @@ Commands that need torch import it inside their body so `dataflow status` stays 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 
 from dataflow.errors import FULL_DISK, DatabaseError, DataflowError, StoreError, disk_full, sqlite_problem
 
+log = logging.getLogger(__name__)
 app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -41,6 +43,8 @@ DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file 
 AllowNetworkFs = typer.Option(
     False, "--allow-network-fs", help="Use a database on a network filesystem anyway (WAL may corrupt it)."
 )
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug log lines too.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")
 
 
 def one_line_errors(fn):
@@ -304,16 +308,29 @@ def train(
     save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
     keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),
     exit_when_idle: float = typer.Option(0.0, "--exit-when-idle", help="Stop after SECONDS idle with no live rollout."),
+    wait_for_rollout: float = typer.Option(
+        0.0, "--wait-for-rollout", metavar="SECONDS",
+        help="Exit 2 if no rollout has prepared the run after SECONDS (0: wait until Ctrl-C, saying so at once).",
+    ),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
     fill_wait: float = typer.Option(2.0, "--fill-wait", help="Seconds to wait for a full step while streaming."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    log_every: int = typer.Option(10, "--log-every"),
+    log_every: int = typer.Option(
+        10, "--log-every", help="Steps per metrics row (and per log line without a terminal or with --no-progress)."
+    ),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the loss (eager on failure)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A live status line on a terminal."),
+    verbose: bool = VerboseOption,
+    quiet: bool = QuietOption,
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Train the EAGLE3 draft on the run's refs (beside a live rollout or after it); resumable."""
+    from dataflow.ui import configure_logging
+
+    configure_logging(verbose, quiet)
+    if not db.exists():  # said before torch loads (seconds): a mistyped --db must not look like a hang
+        log.info(f"{db}: no such run yet; the trainer creates it, then waits for `dataflow rollout --db {db}`")
     from dataflow.train.trainer import train as run_training
 
     config, limits = train_configs(locals())
@@ -342,7 +359,7 @@ def train_configs(p: dict):
         limits = TrainLimits(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
             **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
-                                          "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
+                                          "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
         )
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None

@@ -1,9 +1,36 @@
-"""Rich renderings shared by the CLI commands (status, the combined run view)."""
+"""Rich renderings shared by the CLI commands (status, the combined run view), and their log lines."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from rich.console import Group
 from rich.table import Table
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is emitted (test runners and CliRunner swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Plain, timestamped lines on stderr from every `dataflow.*` logger: INFO by default, DEBUG with
+    --verbose, warnings only with --quiet. Lines that work without a terminal (nohup, SLURM, log files)."""
+    logger = logging.getLogger("dataflow")
+    if not logger.handlers:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def human_bytes(n: int) -> str:

@@ -1,0 +1,70 @@
+"""What a newcomer sees: no silent waits, log lines without a terminal, inputs checked before work starts."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from dataflow.cli import app
+from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
+
+runner = CliRunner()
+QUICK = ["--lr", "3e-3", "--warmup-steps", "1", "--ttt-length", "2", "--batch-tokens", "64", "--log-every", "1",
+         "--device", "cpu", "--no-compile"]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def samples(target):
+    return tiny_features(target, [20, 24, 16, 28])
+
+
+def seeded(tmp_path, target, samples):
+    db = tmp_path / "run.sqlite"
+    seed_run(db, target, samples, draft_vocab_size=100, store="files", store_dir=tmp_path / "store")
+    return db
+
+
+def dataflow(*args, cwd):
+    """`dataflow ARGS` as a child without a terminal: stdin, stdout and stderr are not TTYs."""
+    return subprocess.Popen([sys.executable, "-m", "dataflow", *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_trainer_on_a_mistyped_db_says_at_once_what_it_waits_for_and_gives_up_when_told(tmp_path):
+    started = time.monotonic()
+    trainer = dataflow("train", "--db", "typo.sqlite", "--wait-for-rollout", "1", cwd=tmp_path)
+    first = trainer.stderr.readline()
+    said_after = time.monotonic() - started
+    rest = trainer.stderr.read()
+    assert trainer.wait(timeout=120) == 2, first + rest
+    assert "typo.sqlite: no such run yet" in first and "dataflow rollout --db typo.sqlite" in first
+    assert said_after < 5.0, f"the first line took {said_after:.1f}s"  # before torch loads; ~0.7s on a busy host
+    assert "Ctrl-C to stop" in rest and "it gives up after 1s" in rest
+    errors = [line for line in rest.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "within --wait-for-rollout 1s; check --db" in errors[0], rest
+
+
+def test_a_trainer_without_a_terminal_logs_a_plain_line_every_log_every_steps(tmp_path, target, samples):
+    db = seeded(tmp_path, target, samples)
+    trainer = dataflow("train", "--db", db, "--out", tmp_path / "out", "--epochs", "2", *QUICK, cwd=tmp_path)
+    out, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, err
+    steps = [line for line in err.splitlines() if " INFO step " in line]
+    assert len(steps) >= 2, err
+    for field in ("loss ", "acc_0 ", "tokens/s", "data-wait "):
+        assert field in steps[0], steps[0]
+    assert any(" INFO finished: step" in line for line in err.splitlines()), err
+
+
+def test_quiet_keeps_the_step_lines_and_messages_out_of_the_log(tmp_path, target, samples):
+    db = seeded(tmp_path, target, samples)
+    result = runner.invoke(app, ["train", "--db", str(db), "--out", str(tmp_path / "out"), "--quiet", *QUICK])
+    assert result.exit_code == 0, result.output
+    assert " step " not in result.output and "finished" not in result.output, result.output
