@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def root(
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
 AllowNetworkFs = typer.Option(
     False, "--allow-network-fs", help="Use a database on a network filesystem anyway (WAL may corrupt it)."
+)
+
+
+def check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r}: pass auto, cpu, cuda or cuda:N")
+    return value
+
+
+DeviceOption = typer.Option(
+    "auto", "--device", callback=check_device, help="auto (cuda if one is visible, else cpu), cpu, cuda or cuda:N."
 )
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug log lines too.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")
@@ -228,7 +240,7 @@ def rollout(
     aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
     engine: str = typer.Option("hf", help="Target engine: hf (transformers) or vllm (needs the vllm extra)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show the engine's own log (vLLM's is hidden otherwise)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    device: str = DeviceOption,
     dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
@@ -245,14 +257,20 @@ def rollout(
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Run the target model over the dataset and stream EAGLE3 features into the run."""
+    from dataflow.rollout.data import load_dataset, split_held_out
     from dataflow.rollout.engines import open_engine
     from dataflow.rollout.producer import run_rollout
     from dataflow.rollout.ui import RolloutView
 
+    # A refused start creates nothing and costs seconds, not a target load: options and dataset are checked
+    # first, and the database is created only once the target has loaded (an existing one is opened first,
+    # so a wrong --db fails fast too).
     config, engine_config = rollout_configs(locals())
-    conn = open_run(db, allow_network_fs)
+    split_held_out(load_dataset(config.dataset, config.on_bad_row).samples, config.held_out)
+    conn = open_run(db, allow_network_fs) if db.exists() else None
     # A vLLM request holds a sample (max_length + the one token it generates) or a regeneration prompt + reply.
     target = open_engine(engine, engine_config, max_model_len=max_length + max_new_tokens, verbose=verbose)
+    conn = conn or open_run(db, allow_network_fs)
     with RolloutView(enabled=progress) as view:
         stats = run_rollout(conn, config, target, view)
     typer.echo(f"rollout: {stats.summary()}")
@@ -314,7 +332,7 @@ def train(
     ),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
     fill_wait: float = typer.Option(2.0, "--fill-wait", help="Seconds to wait for a full step while streaming."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = DeviceOption,
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     log_every: int = typer.Option(
         10, "--log-every", help="Steps per metrics row (and per log line without a terminal or with --no-progress)."

@@ -7,6 +7,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from dataflow import testing as rollout_testing
 from dataflow.cli import app
 from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
 
@@ -68,3 +69,61 @@ def test_quiet_keeps_the_step_lines_and_messages_out_of_the_log(tmp_path, target
     result = runner.invoke(app, ["train", "--db", str(db), "--out", str(tmp_path / "out"), "--quiet", *QUICK])
     assert result.exit_code == 0, result.output
     assert " step " not in result.output and "finished" not in result.output, result.output
+
+
+def error_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def rollout(db, *args):
+    return runner.invoke(app, ["rollout", "--db", str(db), "--no-progress", "--store", "files",
+                               "--store-dir", str(db.parent / "features"), *map(str, args)])
+
+
+def unloadable_target(tmp_path):
+    """Passes the path checks (config.json, weights) but fails in from_pretrained."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text("{not json")
+    (target / "model.safetensors").write_bytes(b"")
+    return target
+
+
+@pytest.mark.parametrize("row, says", [('{"conversations": [', "d.jsonl:2: invalid JSON"),
+                                       (None, "d.jsonl: no such file")])
+def test_a_bad_dataset_is_refused_before_the_target_loads_and_creates_nothing(tmp_path, row, says):
+    broken_target = unloadable_target(tmp_path)  # a dataset error must come before the load fails
+    if row is not None:
+        good = '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+        (tmp_path / "d.jsonl").write_text(good + "\n" + row + "\n")
+    line = error_line(rollout(tmp_path / "r.sqlite", "--target-model", broken_target, "--dataset", tmp_path / "d.jsonl",
+                              "--held-out", 0))
+    assert says in line
+    assert not (tmp_path / "r.sqlite").exists() and not (tmp_path / "features").exists()
+
+
+def test_a_target_that_fails_to_load_creates_no_database(tmp_path):
+    broken_target = unloadable_target(tmp_path)
+    assert "cannot load it" in error_line(rollout(tmp_path / "r.sqlite", "--target-model", broken_target))
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_device_auto_runs_the_rollout_on_what_is_there(tmp_path):
+    target = rollout_testing.build_tiny_target(tmp_path / "tiny")
+    result = rollout(tmp_path / "r.sqlite", "--target-model", target, "--device", "auto", "--num-samples", 2,
+                     "--held-out", 2)
+    assert result.exit_code == 0, result.output
+    assert "rollout: " in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["rollout", "train"])
+def test_an_unknown_device_fails_at_parse_time(tmp_path, command):
+    result = runner.invoke(app, [command, "--db", str(tmp_path / "r.sqlite"), "--device", "gpu"])
+    assert result.exit_code == 2 and "pass auto, cpu, cuda or cuda:N" in result.output, result.output
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_eval_with_zero_draft_tokens_is_one_line(tmp_path):
+    assert "num_draft_tokens must be >= 1" in error_line(runner.invoke(app, ["eval", "--draft", str(tmp_path), "-k", "0"]))

@@ -14,7 +14,8 @@ def open_engine(name: str, config: HFEngineConfig, *, max_model_len: int, verbos
     if name == "hf":
         return HFEngine(config)
     if name == "vllm":
+        from dataflow.rollout.engines.hf import resolved_device
         from dataflow.rollout.engines.vllm import VLLMEngine
 
-        return VLLMEngine(config, max_model_len=max_model_len, verbose=verbose)
+        return VLLMEngine(resolved_device(config), max_model_len=max_model_len, verbose=verbose)
     raise InputError(f"--engine {name!r}: unknown engine; pass one of {', '.join(ENGINES)}")
