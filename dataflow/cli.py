@@ -32,14 +32,6 @@ def print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def root(
-    version: bool = typer.Option(
-        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
-    ),
-) -> None:
-    """Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file."""
-
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
 AllowNetworkFs = typer.Option(
     False, "--allow-network-fs", help="Use a database on a network filesystem anyway (WAL may corrupt it)."
@@ -86,6 +78,46 @@ def one_line_errors(fn):
     return wrapper
 
 
+def file_defaults(ctx: typer.Context, path: Path) -> dict:
+    """The --config file as click's default_map for the whole `dataflow` group (checked in full)."""
+    from dataflow.config_file import CONFIG_KEY, group_defaults
+
+    ctx.meta[CONFIG_KEY] = path  # ctx.meta is shared by every context: `dataflow run` hands the file on
+    return group_defaults(path, typer.main.get_command(app).commands)
+
+
+@one_line_errors
+def use_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """`COMMAND --config FILE`: the file's [COMMAND] section becomes this command's option defaults. Eager,
+    so it runs before the other options take their defaults; flags given on the command line still win."""
+    if path is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **file_defaults(ctx, path).get(ctx.info_name, {})}
+    return path
+
+
+ConfigOption = typer.Option(
+    None, "--config", metavar="FILE.toml", is_eager=True, callback=use_config_file,
+    help="Option defaults from this TOML file's \\[rollout], \\[train], \\[eval] or \\[run] section; flags win.",
+)
+
+
+@app.callback()
+@one_line_errors
+def root(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
+    ),
+    config: Path = typer.Option(
+        None, "--config", metavar="FILE.toml",
+        help="Option defaults for every command from this TOML file (\\[rollout], \\[train], \\[eval], \\[run]); flags win.",
+    ),
+) -> None:
+    """Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file."""
+    if config is not None:
+        ctx.default_map = file_defaults(ctx, config)
+
+
 def open_run(db: Path, allow_network_fs: bool = False):
     from dataflow.control.db import connect
 
@@ -119,7 +151,7 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from dataflow.ui import collect, status_view
+    from dataflow.ui import collect, recorded_view, status_view
 
     conn = open_run(require_run(db), allow_network_fs)
     if as_json and not watch:
@@ -127,7 +159,8 @@ def status(
         return
     console = Console()
     if not watch:
-        console.print(status_view(collect(conn)))
+        snap = collect(conn)
+        console.print(status_view(snap), recorded_view(snap))
         return
     with Live(status_view(collect(conn)), console=console, auto_refresh=False) as live:
         while True:
@@ -179,6 +212,7 @@ def dead(
 def run(
     ctx: typer.Context,
     db: Path = DbOption,
+    config: Path = ConfigOption,
     ray_address: str = typer.Option(None, "--ray", help="Run on Ray: a cluster ADDRESS, auto, or local (throwaway)."),
     rollouts: int = typer.Option(1, "--rollouts", help="With --ray: rollout actors."),
     trainers: int = typer.Option(1, "--trainers", help="With --ray: trainer actors (one torch.distributed group)."),
@@ -193,10 +227,12 @@ def run(
     both cleanly (the run resumes later); exits non-zero if either fails. Logs go to DB-stem.logs/.
     With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays on this node.
     """
+    from dataflow.config_file import CONFIG_KEY
     from dataflow.run import ROLES, route_options, run_pair
 
     group = typer.main.get_command(app)
-    routed = route_options(["--db", str(db), *ctx.args], {role: group.commands[role] for role in ROLES})
+    file_args = ["--config", str(ctx.meta[CONFIG_KEY])] if CONFIG_KEY in ctx.meta else []  # [rollout], [train]
+    routed = route_options(["--db", str(db), *file_args, *ctx.args], {role: group.commands[role] for role in ROLES})
     if ray_address is None:
         if (rollouts, trainers) != (1, 1) or cpus_per_rollout != 1 or cpus_per_trainer != 1 or gpus_per_rollout or gpus_per_trainer:
             raise DataflowError("dataflow run: --rollouts, --trainers and --cpus/gpus-per-* need --ray ADDRESS|auto|local")
@@ -219,6 +255,7 @@ def run(
 @one_line_errors
 def rollout(
     db: Path = DbOption,
+    config: Path = ConfigOption,
     target_model: str = typer.Option(None, help="HF model dir (safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct."),
     dataset: Path = typer.Option(None, help="jsonl of conversations (native, ShareGPT or text rows); default: bundled."),
     on_bad_row: str = typer.Option("fail", help="skip|fail: what to do with malformed dataset rows."),
@@ -304,6 +341,7 @@ def rollout_configs(p: dict):
 @one_line_errors
 def train(
     db: Path = DbOption,
+    config: Path = ConfigOption,
     out: Path = typer.Option(
         None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."
     ),
@@ -400,6 +438,7 @@ def plot(
 @one_line_errors
 def eval_draft(
     draft: Path = typer.Option(..., "--draft", help="Checkpoint dir to evaluate, e.g. OUT/final."),
+    config: Path = ConfigOption,
     target_model: str = typer.Option(None, "--target-model", help="HF dir or .gguf; default SmolLM2-135M-Instruct."),
     data: Path = typer.Option(None, "--data", help="jsonl conversations; default the bundled dataset."),
     num_prompts: int = typer.Option(8, help="Prompts from the held-out rows (the dataset's last ones)."),

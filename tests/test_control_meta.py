@@ -105,8 +105,9 @@ def test_heartbeats_register_processes_with_their_role_status_and_info(conn):
     rollout, train = meta.processes()
     assert (rollout.id, rollout.status, rollout.info) == ("rollout-0", "finished", {"rate": 2.0})
     assert rollout.pid == os.getpid()
-    assert rollout.heartbeat_at >= rollout.started_at and rollout.alive()
-    assert not rollout.alive(now=rollout.heartbeat_at + 3600)
+    assert rollout.heartbeat_at >= rollout.started_at and train.alive()
+    assert not train.alive(now=train.heartbeat_at + 3600)
+    assert not rollout.alive()  # its last heartbeat said it finished: gone at once, not when it goes stale
     assert [p.id for p in meta.processes(role="train")] == ["train-0"]
 
 

@@ -1,5 +1,6 @@
 """What a newcomer sees: no silent waits, log lines without a terminal, inputs checked before work starts."""
 
+import json
 import subprocess
 import sys
 import time
@@ -62,6 +63,9 @@ def test_a_trainer_without_a_terminal_logs_a_plain_line_every_log_every_steps(tm
     for field in ("loss ", "acc_0 ", "tokens/s", "data-wait "):
         assert field in steps[0], steps[0]
     assert any(" INFO finished: step" in line for line in err.splitlines()), err
+    status = json.loads(runner.invoke(app, ["status", "--db", str(db), "--json"]).output)
+    (train,) = [p for p in status["processes"] if p["role"] == "train"]
+    assert train["status"] == "finished" and train["alive"] is False  # at once, not after a stale heartbeat
 
 
 def test_quiet_keeps_the_step_lines_and_messages_out_of_the_log(tmp_path, target, samples):

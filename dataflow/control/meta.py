@@ -15,6 +15,7 @@ from dataflow.errors import ConfigMismatch
 
 WAL_CHECKPOINT_EVERY_S = 30.0
 STALE_AFTER_S = 30.0  # a process whose heartbeat is older than this is presumed dead
+EXIT_STATUSES = ("finished", "stopped", "interrupted")  # a last heartbeat's status on a clean or caught exit
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class Process:
     info: dict
 
     def alive(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> bool:
-        return (now or time.time()) - self.heartbeat_at < stale_after
+        """Heartbeating, and its last heartbeat did not say it exited (then it is gone at once, not 30 s later)."""
+        return not self.status.startswith(EXIT_STATUSES) and (now or time.time()) - self.heartbeat_at < stale_after
 
 
 @dataclass(frozen=True)
