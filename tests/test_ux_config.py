@@ -2,6 +2,8 @@
 shows what the run recorded."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -73,3 +75,14 @@ def test_status_shows_the_recorded_config_and_target(tmp_path):
     assert snap["target"]["model"] == str(target.resolve())
     table = invoke("status", "--db", db).output
     assert "recorded at the run's start" in table and "lr=0.003" in table and str(target.resolve()) in table
+
+
+def test_run_hands_the_file_to_both_children(tmp_path):
+    from dataflow import testing
+
+    target = testing.build_tiny_target(tmp_path / "tiny")
+    config = toml(tmp_path, f'[rollout]\ndataset = "{tmp_path / "missing.jsonl"}"\n[train]\nprogress = false\n')
+    done = subprocess.run([sys.executable, "-m", "dataflow", "--config", config, "run", "--db", tmp_path / "run.sqlite",
+                           "--target-model", target, "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "`dataflow rollout` failed" in done.stderr and "missing.jsonl: no such file" in done.stderr
