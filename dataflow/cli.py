@@ -10,14 +10,36 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from dataflow.errors import FULL_DISK, DatabaseError, DataflowError, StoreError, disk_full, sqlite_problem
 
 log = logging.getLogger(__name__)
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """A mistyped option or a bad value is one line and exit 2 too, like every other refusal (invariant 8)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # Exit(n) comes back as n
+        except typer._click.exceptions.UsageError as e:
+            message = e.format_message().rstrip(".")
+            if message:  # empty when the help was shown instead (no arguments)
+                where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+                typer.echo(f"error: {message}{where}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file.",
@@ -30,6 +52,22 @@ def print_version(value: bool) -> None:
 
         typer.echo(f"dataflow {__version__}")
         raise typer.Exit()
+
+
+# One spelling per dtype across commands, the long names accepted too.
+Dtype = Literal["auto", "fp32", "bf16", "float32", "bfloat16"]
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # train's names
+LONG_DTYPES = {short: long for long, short in SHORT_DTYPES.items()}  # the target engines' (torch's) names
+BYTE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(value: str | int) -> int:
+    """A byte count with an optional unit: 4GiB, 512MiB, 1.5GB, 1073741824."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match[2].lower() not in BYTE_UNITS:
+        raise typer.BadParameter(f"{value!r}: pass bytes with a unit, e.g. 4GiB, 512MiB or 1073741824")
+    return int(float(match[1]) * BYTE_UNITS[match[2].lower()])
 
 
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
@@ -45,7 +83,8 @@ def check_device(value: str) -> str:
 
 
 DeviceOption = typer.Option(
-    "auto", "--device", callback=check_device, help="auto (cuda if one is visible, else cpu), cpu, cuda or cuda:N."
+    "auto", "--device", callback=check_device, metavar="<auto|cpu|cuda|cuda:N>",
+    help="auto: cuda if one is visible, else cpu.",
 )
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug log lines too.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")
@@ -223,9 +262,14 @@ def run(
 ) -> None:
     """Run `dataflow rollout` and `dataflow train` as two child processes on one DB, with one live view.
 
-    Any other option is passed to whichever of the two commands accepts it (--db to both). Ctrl-C stops
-    both cleanly (the run resumes later); exits non-zero if either fails. Logs go to DB-stem.logs/.
-    With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays on this node.
+    Each option goes to the command that has it (see `dataflow rollout -h`, `dataflow train -h`).
+    These go to both: --db --config --device --threads --seed --dtype --lease-ttl --verbose --\\[no-]progress
+    --allow-network-fs. --epochs means dataset passes to one and feature replays to the other: name it
+    --rollout-epochs or --train-epochs. --rollout-X / --train-X sends any X to that command only.
+
+    Ctrl-C stops both cleanly (the run resumes later); exits non-zero if either fails. Logs go to
+    DB-stem.logs/. With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays
+    on this node.
     """
     from dataflow.config_file import CONFIG_KEY
     from dataflow.run import ROLES, route_options, run_pair
@@ -258,7 +302,7 @@ def rollout(
     config: Path = ConfigOption,
     target_model: str = typer.Option(None, help="HF model dir (safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct."),
     dataset: Path = typer.Option(None, help="jsonl of conversations (native, ShareGPT or text rows); default: bundled."),
-    on_bad_row: str = typer.Option("fail", help="skip|fail: what to do with malformed dataset rows."),
+    on_bad_row: Literal["skip", "fail"] = typer.Option("fail", help="What to do with malformed dataset rows."),
     num_samples: int = typer.Option(None, help="Use only the first N dataset rows (held-out rows excluded)."),
     held_out: int = typer.Option(16, help="The dataset's last N conversation rows: never trained on, eval's prompts."),
     self_prompts: int = typer.Option(0, help="Prompts the target writes itself (Magpie), added to the dataset's."),
@@ -278,14 +322,16 @@ def rollout(
     engine: str = typer.Option("hf", help="Target engine: hf (transformers) or vllm (needs the vllm extra)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show the engine's own log (vLLM's is hidden otherwise)."),
     device: str = DeviceOption,
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
+    dtype: Dtype = typer.Option("auto", help="The target's: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
     tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),
     lease_ttl: float = typer.Option(60.0, help="Seconds before a dead rollout's tasks go to others."),
-    store: str = typer.Option("shm", help="Feature store: shm or files."),
+    store: Literal["shm", "files"] = typer.Option("shm", help="Feature store: shared memory, or files in --store-dir."),
     store_dir: Path = typer.Option(None, help="Directory of the files store."),
-    max_inflight_bytes: int = typer.Option(1 << 30, help="Byte watermark of features not yet consumed."),
+    max_inflight_bytes: int = typer.Option(
+        "1GiB", parser=parse_bytes, metavar="BYTES", help="Watermark of features not yet consumed, e.g. 4GiB, 512MiB."
+    ),
     wait_for_trainer: bool = typer.Option(
         False, "--wait-for-trainer", help="After the dataset, stay until the trainer finishes and regenerate lost prompts."
     ),
@@ -328,7 +374,8 @@ def rollout_configs(p: dict):
             "draft_vocab_size", "regenerate", "max_new_tokens", "temperature", "token_budget", "tasks_per_lease",
             "lease_ttl", "store", "store_dir", "max_inflight_bytes", "producer_id", "wait_for_trainer")})
         engine_config = HFEngineConfig(
-            model_dir=resolve_target(p["target_model"]), device=p["device"], dtype=p["dtype"], threads=p["threads"],
+            model_dir=resolve_target(p["target_model"]), device=p["device"], threads=p["threads"],
+            dtype=LONG_DTYPES.get(p["dtype"], p["dtype"]),
             aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
             chat_template=p["chat_template"],
         )
@@ -348,15 +395,15 @@ def train(
     lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate."),
     warmup: float = typer.Option(0.03, "--warmup", help="Warmup as a fraction of the known total (samples or steps)."),
     warmup_steps: int = typer.Option(50, "--warmup-steps", help="Warmup steps when the stream is open-ended."),
-    decay: str = typer.Option("cosine", "--decay", help="cosine, linear or none: lr decay over the known total."),
+    decay: Literal["cosine", "linear", "none"] = typer.Option("cosine", "--decay", help="lr decay over the known total."),
     min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="The decay's floor, as a fraction of --lr."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    grad_clip: float = typer.Option(0.5, "--grad-clip"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    grad_clip: float = typer.Option(0.5, "--grad-clip", help="Clip the gradient norm to this (> 0)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget of a micro-batch, padding included."),
     ttt_length: int = typer.Option(7, "--ttt-length", help="Unrolled training-time-test steps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast), bf16 (fp32 master weights) or fp32."),
-    seed: int = typer.Option(0, "--seed"),
+    dtype: Dtype = typer.Option("auto", "--dtype", help="Compute: auto (bf16 where fast), bf16 (fp32 master weights), fp32."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the draft's initial weights."),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: when the stream drains)."),
@@ -409,8 +456,9 @@ def train_configs(p: dict):
         config = TrainConfig(
             draft_overrides=json.loads(draft_config.read_text()) if draft_config else {},
             **{name: p[name] for name in ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
-                                          "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "dtype", "seed",
+                                          "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "seed",
                                           "export_embed_tokens")},
+            dtype=SHORT_DTYPES.get(p["dtype"], p["dtype"]),
         )
         limits = TrainLimits(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",

@@ -10,27 +10,10 @@ from typer.testing import CliRunner
 
 from dataflow import testing as rollout_testing
 from dataflow.cli import app
-from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
+
+from test_train_cli import QUICK, samples, seeded, target  # noqa: F401 (fixtures shared with the train CLI tests)
 
 runner = CliRunner()
-QUICK = ["--lr", "3e-3", "--warmup-steps", "1", "--ttt-length", "2", "--batch-tokens", "64", "--log-every", "1",
-         "--device", "cpu", "--no-compile"]
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def samples(target):
-    return tiny_features(target, [20, 24, 16, 28])
-
-
-def seeded(tmp_path, target, samples):
-    db = tmp_path / "run.sqlite"
-    seed_run(db, target, samples, draft_vocab_size=100, store="files", store_dir=tmp_path / "store")
-    return db
 
 
 def dataflow(*args, cwd):
@@ -122,11 +105,21 @@ def test_device_auto_runs_the_rollout_on_what_is_there(tmp_path):
     assert "rollout: " in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", ["rollout", "train"])
-def test_an_unknown_device_fails_at_parse_time(tmp_path, command):
-    result = runner.invoke(app, [command, "--db", str(tmp_path / "r.sqlite"), "--device", "gpu"])
-    assert result.exit_code == 2 and "pass auto, cpu, cuda or cuda:N" in result.output, result.output
+@pytest.mark.parametrize("args, says", [
+    (["train", "--device", "gpu"], "Invalid value for '--device': 'gpu': pass auto, cpu, cuda or cuda:N"),
+    (["rollout", "--device", "cuda:x"], "'cuda:x': pass auto, cpu, cuda or cuda:N"),
+    (["rollout", "--dtype", "fp16"], "'fp16' is not one of 'auto', 'fp32', 'bf16', 'float32', 'bfloat16'"),
+    (["rollout", "--max-inflight-bytes", "4XB"], "pass bytes with a unit, e.g. 4GiB"),
+    (["train", "--bogus"], "No such option: --bogus"),
+])
+def test_a_usage_error_is_one_line_and_creates_nothing(tmp_path, args, says):
+    line = error_line(runner.invoke(app, [*args, "--db", str(tmp_path / "r.sqlite")]))
+    assert says in line and line.endswith(f"{args[0]} --help`"), line
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_a_missing_required_option_is_one_line():
+    assert "Missing option '--draft'" in error_line(runner.invoke(app, ["eval"]))
 
 
 def test_eval_with_zero_draft_tokens_is_one_line(tmp_path):

@@ -79,12 +79,12 @@ class RunMeta:
                 self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(config)))
                 return
         recorded = json.loads(row[0])
-        for name in sorted(set(recorded) | set(config)):
-            if recorded.get(name) != config.get(name):
-                raise ConfigMismatch(
-                    f"this run was started with {section} {name}={recorded.get(name)!r}, now {config.get(name)!r}; "
-                    "use the original value or start a new run with another --db"
-                )
+        differing = [name for name in sorted(set(recorded) | set(config)) if recorded.get(name) != config.get(name)]
+        if differing:  # every one at once, named as the flags that set them
+            changes = ", ".join(f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {config.get(name)!r})"
+                                for name in differing)
+            raise ConfigMismatch(f"this run was started with other {section} options: {changes}; use the original "
+                                 "values or start a new run with another --db")
 
     def heartbeat(
         self, process_id: str, role: str, status: str = "running", info: dict | None = None,
