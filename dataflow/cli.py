@@ -6,6 +6,7 @@ Commands that need torch import it inside their body so `dataflow status` stays 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import re
@@ -157,6 +158,27 @@ def root(
         ctx.default_map = file_defaults(ctx, config)
 
 
+def help_panels(panels: dict[str, tuple[str, ...]]):
+    """Group a command's options into `--help` panels by parameter name (kept apart from the option lines;
+    an option shared by commands, like --db, is in the same panel everywhere)."""
+
+    def decorate(fn):
+        params = inspect.signature(fn).parameters
+        for panel, names in panels.items():
+            for name in names:
+                option = params[name].default
+                if option.rich_help_panel not in (None, panel):  # a shared option object: one panel for all
+                    raise ValueError(f"--{name} is in panel {option.rich_help_panel!r} elsewhere, not {panel!r}")
+                option.rich_help_panel = panel
+        return fn
+
+    return decorate
+
+
+RUN_PANEL = ("db", "config", "verbose", "allow_network_fs")
+HARDWARE_PANEL = ("device", "dtype", "threads")
+
+
 def open_run(db: Path, allow_network_fs: bool = False):
     from dataflow.control.db import connect
 
@@ -296,6 +318,16 @@ def run(
 
 
 @app.command()
+@help_panels({
+    "Run": (*RUN_PANEL, "producer_id", "wait_for_trainer", "progress"),
+    "Target": ("target_model", "engine", "aux_layers", "chat_template"),
+    "Hardware": HARDWARE_PANEL,
+    "Data": ("dataset", "on_bad_row", "num_samples", "held_out", "epochs", "seed", "max_length", "train_only_last_turn",
+             "draft_vocab_size"),
+    "Regeneration": ("regenerate", "max_new_tokens", "temperature", "vocab_warmup", "self_prompts",
+                     "prompt_temperature", "samples_per_prompt"),
+    "Throughput and memory": ("token_budget", "tasks_per_lease", "lease_ttl", "store", "store_dir", "max_inflight_bytes"),
+})
 @one_line_errors
 def rollout(
     db: Path = DbOption,
@@ -385,6 +417,14 @@ def rollout_configs(p: dict):
 
 
 @app.command()
+@help_panels({
+    "Run": (*RUN_PANEL, "out", "quiet", "progress", "log_every", "wait_for_rollout", "exit_when_idle"),
+    "Hardware": (*HARDWARE_PANEL, "compile"),
+    "Optimiser": ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
+                  "batch_tokens", "seed"),
+    "Draft": ("ttt_length", "draft_config", "export_embed_tokens"),
+    "Length and checkpoints": ("max_steps", "epochs", "save_every", "keep", "lease_ttl", "fill_wait"),
+})
 @one_line_errors
 def train(
     db: Path = DbOption,

@@ -155,3 +155,9 @@ def test_every_option_of_every_command_has_help():
         for param in command.params:
             if param.param_type_name == "option":
                 assert param.help, f"dataflow {name} {param.opts[0]} has no help"
+
+
+@pytest.mark.parametrize("command", ["rollout", "train"])
+def test_every_rollout_and_train_option_is_in_a_named_help_panel(command):
+    params = real_commands()[command].params
+    assert [p.name for p in params if p.param_type_name == "option" and not p.rich_help_panel] == []
