@@ -71,11 +71,11 @@ def rollout(db, *args):
 
 def unloadable_target(tmp_path):
     """Passes the path checks (config.json, weights) but fails in from_pretrained."""
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text("{not json")
-    (target / "model.safetensors").write_bytes(b"")
-    return target
+    model_dir = tmp_path / "target"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{not json")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    return model_dir
 
 
 @pytest.mark.parametrize("row, says", [('{"conversations": [', "d.jsonl:2: invalid JSON"),
@@ -98,8 +98,8 @@ def test_a_target_that_fails_to_load_creates_no_database(tmp_path):
 
 
 def test_device_auto_runs_the_rollout_on_what_is_there(tmp_path):
-    target = rollout_testing.build_tiny_target(tmp_path / "tiny")
-    result = rollout(tmp_path / "r.sqlite", "--target-model", target, "--device", "auto", "--num-samples", 2,
+    tiny = rollout_testing.build_tiny_target(tmp_path / "tiny")
+    result = rollout(tmp_path / "r.sqlite", "--target-model", tiny, "--device", "auto", "--num-samples", 2,
                      "--held-out", 2)
     assert result.exit_code == 0, result.output
     assert "rollout: " in result.output and "Traceback" not in result.output
