@@ -6,15 +6,20 @@ Commands that need torch import it inside their body so `dataflow status` stays 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from dataflow.errors import FULL_DISK, DatabaseError, DataflowError, StoreError, disk_full, sqlite_problem
+from dataflow.options import LONG_DTYPES, SHORT_DTYPES, Dtype, OneLineUsageErrors, check_device, help_panels, parse_bytes
 
+log = logging.getLogger(__name__)
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file.",
@@ -29,18 +34,16 @@ def print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def root(
-    version: bool = typer.Option(
-        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
-    ),
-) -> None:
-    """Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file."""
-
 DbOption = typer.Option(Path("run.sqlite"), "--db", help="The run's SQLite file (created on first use).")
 AllowNetworkFs = typer.Option(
     False, "--allow-network-fs", help="Use a database on a network filesystem anyway (WAL may corrupt it)."
 )
+DeviceOption = typer.Option(
+    "auto", "--device", callback=check_device, metavar="<auto|cpu|cuda|cuda:N>",
+    help="auto: cuda if one is visible, else cpu.",
+)
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Debug log lines too.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")
 
 
 def one_line_errors(fn):
@@ -68,6 +71,50 @@ def one_line_errors(fn):
             raise typer.Exit(130)
 
     return wrapper
+
+
+def file_defaults(ctx: typer.Context, path: Path) -> dict:
+    """The --config file as click's default_map for the whole `dataflow` group (checked in full)."""
+    from dataflow.config_file import CONFIG_KEY, group_defaults
+
+    ctx.meta[CONFIG_KEY] = path  # ctx.meta is shared by every context: `dataflow run` hands the file on
+    return group_defaults(path, typer.main.get_command(app).commands)
+
+
+@one_line_errors
+def use_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """`COMMAND --config FILE`: the file's [COMMAND] section becomes this command's option defaults. Eager,
+    so it runs before the other options take their defaults; flags given on the command line still win."""
+    if path is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **file_defaults(ctx, path).get(ctx.info_name, {})}
+    return path
+
+
+ConfigOption = typer.Option(
+    None, "--config", metavar="FILE.toml", is_eager=True, callback=use_config_file,
+    help="Option defaults from this TOML file's \\[rollout], \\[train], \\[eval] or \\[run] section; flags win.",
+)
+
+
+@app.callback()
+@one_line_errors
+def root(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
+    ),
+    config: Path = typer.Option(
+        None, "--config", metavar="FILE.toml",
+        help="Option defaults for every command from this TOML file (\\[rollout], \\[train], \\[eval], \\[run]); flags win.",
+    ),
+) -> None:
+    """Online, disaggregated training of EAGLE3 draft models: `rollout` and `train` share one SQLite file."""
+    if config is not None:
+        ctx.default_map = file_defaults(ctx, config)
+
+
+RUN_PANEL = ("db", "config", "verbose", "allow_network_fs")
+HARDWARE_PANEL = ("device", "dtype", "threads")
 
 
 def open_run(db: Path, allow_network_fs: bool = False):
@@ -103,7 +150,7 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from dataflow.ui import collect, status_view
+    from dataflow.ui import collect, recorded_view, status_view
 
     conn = open_run(require_run(db), allow_network_fs)
     if as_json and not watch:
@@ -111,7 +158,8 @@ def status(
         return
     console = Console()
     if not watch:
-        console.print(status_view(collect(conn)))
+        snap = collect(conn)
+        console.print(status_view(snap), recorded_view(snap))
         return
     with Live(status_view(collect(conn)), console=console, auto_refresh=False) as live:
         while True:
@@ -163,6 +211,7 @@ def dead(
 def run(
     ctx: typer.Context,
     db: Path = DbOption,
+    config: Path = ConfigOption,
     ray_address: str = typer.Option(None, "--ray", help="Run on Ray: a cluster ADDRESS, auto, or local (throwaway)."),
     rollouts: int = typer.Option(1, "--rollouts", help="With --ray: rollout actors."),
     trainers: int = typer.Option(1, "--trainers", help="With --ray: trainer actors (one torch.distributed group)."),
@@ -173,14 +222,21 @@ def run(
 ) -> None:
     """Run `dataflow rollout` and `dataflow train` as two child processes on one DB, with one live view.
 
-    Any other option is passed to whichever of the two commands accepts it (--db to both). Ctrl-C stops
-    both cleanly (the run resumes later); exits non-zero if either fails. Logs go to DB-stem.logs/.
-    With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays on this node.
+    Each option goes to the command that has it (see `dataflow rollout -h`, `dataflow train -h`).
+    These go to both: --db --config --device --threads --seed --dtype --lease-ttl --verbose --\\[no-]progress
+    --allow-network-fs. --epochs means dataset passes to one and feature replays to the other: name it
+    --rollout-epochs or --train-epochs. --rollout-X / --train-X sends any X to that command only.
+
+    Ctrl-C stops both cleanly (the run resumes later); exits non-zero if either fails. Logs go to
+    DB-stem.logs/. With --ray, the rollouts and trainers are Ray actors on a cluster and the database stays
+    on this node.
     """
+    from dataflow.config_file import CONFIG_KEY
     from dataflow.run import ROLES, route_options, run_pair
 
     group = typer.main.get_command(app)
-    routed = route_options(["--db", str(db), *ctx.args], {role: group.commands[role] for role in ROLES})
+    file_args = ["--config", str(ctx.meta[CONFIG_KEY])] if CONFIG_KEY in ctx.meta else []  # [rollout], [train]
+    routed = route_options(["--db", str(db), *file_args, *ctx.args], {role: group.commands[role] for role in ROLES})
     if ray_address is None:
         if (rollouts, trainers) != (1, 1) or cpus_per_rollout != 1 or cpus_per_trainer != 1 or gpus_per_rollout or gpus_per_trainer:
             raise DataflowError("dataflow run: --rollouts, --trainers and --cpus/gpus-per-* need --ray ADDRESS|auto|local")
@@ -200,12 +256,23 @@ def run(
 
 
 @app.command()
+@help_panels({
+    "Run": (*RUN_PANEL, "producer_id", "wait_for_trainer", "progress"),
+    "Target": ("target_model", "engine", "aux_layers", "chat_template"),
+    "Hardware": HARDWARE_PANEL,
+    "Data": ("dataset", "on_bad_row", "num_samples", "held_out", "epochs", "seed", "max_length", "train_only_last_turn",
+             "draft_vocab_size"),
+    "Regeneration": ("regenerate", "max_new_tokens", "temperature", "vocab_warmup", "self_prompts",
+                     "prompt_temperature", "samples_per_prompt"),
+    "Throughput and memory": ("token_budget", "tasks_per_lease", "lease_ttl", "store", "store_dir", "max_inflight_bytes"),
+})
 @one_line_errors
 def rollout(
     db: Path = DbOption,
+    config: Path = ConfigOption,
     target_model: str = typer.Option(None, help="HF model dir (safetensors) or .gguf file; default: bundled SmolLM2-135M-Instruct."),
     dataset: Path = typer.Option(None, help="jsonl of conversations (native, ShareGPT or text rows); default: bundled."),
-    on_bad_row: str = typer.Option("fail", help="skip|fail: what to do with malformed dataset rows."),
+    on_bad_row: Literal["skip", "fail"] = typer.Option("fail", help="What to do with malformed dataset rows."),
     num_samples: int = typer.Option(None, help="Use only the first N dataset rows (held-out rows excluded)."),
     held_out: int = typer.Option(16, help="The dataset's last N conversation rows: never trained on, eval's prompts."),
     self_prompts: int = typer.Option(0, help="Prompts the target writes itself (Magpie), added to the dataset's."),
@@ -224,15 +291,17 @@ def rollout(
     aux_layers: str = typer.Option(None, help="Three HF hidden_states indices, e.g. 2,15,27 (default 2,N//2,N-3)."),
     engine: str = typer.Option("hf", help="Target engine: hf (transformers) or vllm (needs the vllm extra)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show the engine's own log (vLLM's is hidden otherwise)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on CUDA and on CPUs with native bf16)."),
+    device: str = DeviceOption,
+    dtype: Dtype = typer.Option("auto", help="The target's: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."),
     threads: int = typer.Option(None, help="torch CPU threads."),
     token_budget: int = typer.Option(4096, help="Padded tokens per forward batch."),
     tasks_per_lease: int = typer.Option(32, help="Prompt tasks leased at once."),
     lease_ttl: float = typer.Option(60.0, help="Seconds before a dead rollout's tasks go to others."),
-    store: str = typer.Option("shm", help="Feature store: shm or files."),
+    store: Literal["shm", "files"] = typer.Option("shm", help="Feature store: shared memory, or files in --store-dir."),
     store_dir: Path = typer.Option(None, help="Directory of the files store."),
-    max_inflight_bytes: int = typer.Option(1 << 30, help="Byte watermark of features not yet consumed."),
+    max_inflight_bytes: int = typer.Option(
+        "1GiB", parser=parse_bytes, metavar="BYTES", help="Watermark of features not yet consumed, e.g. 4GiB, 512MiB."
+    ),
     wait_for_trainer: bool = typer.Option(
         False, "--wait-for-trainer", help="After the dataset, stay until the trainer finishes and regenerate lost prompts."
     ),
@@ -241,14 +310,20 @@ def rollout(
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Run the target model over the dataset and stream EAGLE3 features into the run."""
+    from dataflow.rollout.data import load_dataset, split_held_out
     from dataflow.rollout.engines import open_engine
     from dataflow.rollout.producer import run_rollout
     from dataflow.rollout.ui import RolloutView
 
+    # A refused start creates nothing and costs seconds, not a target load: options and dataset are checked
+    # first, and the database is created only once the target has loaded (an existing one is opened first,
+    # so a wrong --db fails fast too).
     config, engine_config = rollout_configs(locals())
-    conn = open_run(db, allow_network_fs)
+    split_held_out(load_dataset(config.dataset, config.on_bad_row).samples, config.held_out)
+    conn = open_run(db, allow_network_fs) if db.exists() else None
     # A vLLM request holds a sample (max_length + the one token it generates) or a regeneration prompt + reply.
     target = open_engine(engine, engine_config, max_model_len=max_length + max_new_tokens, verbose=verbose)
+    conn = conn or open_run(db, allow_network_fs)
     with RolloutView(enabled=progress) as view:
         stats = run_rollout(conn, config, target, view)
     typer.echo(f"rollout: {stats.summary()}")
@@ -269,7 +344,8 @@ def rollout_configs(p: dict):
             "draft_vocab_size", "regenerate", "max_new_tokens", "temperature", "token_budget", "tasks_per_lease",
             "lease_ttl", "store", "store_dir", "max_inflight_bytes", "producer_id", "wait_for_trainer")})
         engine_config = HFEngineConfig(
-            model_dir=resolve_target(p["target_model"]), device=p["device"], dtype=p["dtype"], threads=p["threads"],
+            model_dir=resolve_target(p["target_model"]), device=p["device"], threads=p["threads"],
+            dtype=LONG_DTYPES.get(p["dtype"], p["dtype"]),
             aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
             chat_template=p["chat_template"],
         )
@@ -279,24 +355,33 @@ def rollout_configs(p: dict):
 
 
 @app.command()
+@help_panels({
+    "Run": (*RUN_PANEL, "out", "quiet", "progress", "log_every", "wait_for_rollout", "exit_when_idle"),
+    "Hardware": (*HARDWARE_PANEL, "compile"),
+    "Optimiser": ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
+                  "batch_tokens", "seed"),
+    "Draft": ("ttt_length", "draft_config", "export_embed_tokens"),
+    "Length and checkpoints": ("max_steps", "epochs", "save_every", "keep", "lease_ttl", "fill_wait"),
+})
 @one_line_errors
 def train(
     db: Path = DbOption,
+    config: Path = ConfigOption,
     out: Path = typer.Option(
         None, "--out", help="Checkpoints, metrics.jsonl, TensorBoard (default: DB-stem.train/ beside the DB)."
     ),
     lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate."),
     warmup: float = typer.Option(0.03, "--warmup", help="Warmup as a fraction of the known total (samples or steps)."),
     warmup_steps: int = typer.Option(50, "--warmup-steps", help="Warmup steps when the stream is open-ended."),
-    decay: str = typer.Option("cosine", "--decay", help="cosine, linear or none: lr decay over the known total."),
+    decay: Literal["cosine", "linear", "none"] = typer.Option("cosine", "--decay", help="lr decay over the known total."),
     min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="The decay's floor, as a fraction of --lr."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    grad_clip: float = typer.Option(0.5, "--grad-clip"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    grad_clip: float = typer.Option(0.5, "--grad-clip", help="Clip the gradient norm to this (> 0)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Token budget of a micro-batch, padding included."),
     ttt_length: int = typer.Option(7, "--ttt-length", help="Unrolled training-time-test steps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast), bf16 (fp32 master weights) or fp32."),
-    seed: int = typer.Option(0, "--seed"),
+    dtype: Dtype = typer.Option("auto", "--dtype", help="Compute: auto (bf16 where fast), bf16 (fp32 master weights), fp32."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the draft's initial weights."),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: when the stream drains)."),
@@ -304,16 +389,29 @@ def train(
     save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
     keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),
     exit_when_idle: float = typer.Option(0.0, "--exit-when-idle", help="Stop after SECONDS idle with no live rollout."),
+    wait_for_rollout: float = typer.Option(
+        0.0, "--wait-for-rollout", metavar="SECONDS",
+        help="Exit 2 if no rollout has prepared the run after SECONDS (0: wait until Ctrl-C, saying so at once).",
+    ),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a leased ref stays ours without extension."),
     fill_wait: float = typer.Option(2.0, "--fill-wait", help="Seconds to wait for a full step while streaming."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = DeviceOption,
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    log_every: int = typer.Option(10, "--log-every"),
+    log_every: int = typer.Option(
+        10, "--log-every", help="Steps per metrics row (and per log line without a terminal or with --no-progress)."
+    ),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the loss (eager on failure)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A live status line on a terminal."),
+    verbose: bool = VerboseOption,
+    quiet: bool = QuietOption,
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
     """Train the EAGLE3 draft on the run's refs (beside a live rollout or after it); resumable."""
+    from dataflow.ui import configure_logging
+
+    configure_logging(verbose, quiet)
+    if not db.exists():  # said before torch loads (seconds): a mistyped --db must not look like a hang
+        log.info(f"{db}: no such run yet; the trainer creates it, then waits for `dataflow rollout --db {db}`")
     from dataflow.train.trainer import train as run_training
 
     config, limits = train_configs(locals())
@@ -336,13 +434,14 @@ def train_configs(p: dict):
         config = TrainConfig(
             draft_overrides=json.loads(draft_config.read_text()) if draft_config else {},
             **{name: p[name] for name in ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
-                                          "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "dtype", "seed",
+                                          "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "seed",
                                           "export_embed_tokens")},
+            dtype=SHORT_DTYPES.get(p["dtype"], p["dtype"]),
         )
         limits = TrainLimits(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
             **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
-                                          "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
+                                          "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
         )
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
@@ -365,6 +464,7 @@ def plot(
 @one_line_errors
 def eval_draft(
     draft: Path = typer.Option(..., "--draft", help="Checkpoint dir to evaluate, e.g. OUT/final."),
+    config: Path = ConfigOption,
     target_model: str = typer.Option(None, "--target-model", help="HF dir or .gguf; default SmolLM2-135M-Instruct."),
     data: Path = typer.Option(None, "--data", help="jsonl conversations; default the bundled dataset."),
     num_prompts: int = typer.Option(8, help="Prompts from the held-out rows (the dataset's last ones)."),

@@ -41,9 +41,15 @@ def option_arity(command) -> dict[str, bool]:
     return arity
 
 
+# Options both commands have that mean the same to both: given once, they go to both. Any other option both
+# have (--epochs: dataset passes for the rollout, feature replays for the trainer) must name its command.
+TO_BOTH = ("--db", "--config", "--device", "--threads", "--seed", "--dtype", "--lease-ttl", "--verbose",
+           "--progress", "--no-progress", "--allow-network-fs")
+
+
 def route_options(args: list[str], commands: dict) -> dict[str, list[str]]:
-    """Send each `--opt [value]` to every command that knows it (e.g. --db to both); `--train-opt` /
-    `--rollout-opt` go to that command only (for options both have, like --dtype); unknown ones are errors."""
+    """Send each `--opt [value]` to the command that knows it, TO_BOTH ones to both; `--train-opt` /
+    `--rollout-opt` go to that command only; unknown and ambiguous ones are errors."""
     arities = {role: option_arity(cmd) for role, cmd in commands.items()}
     routed: dict[str, list[str]] = {role: [] for role in commands}
     i = 0
@@ -57,6 +63,9 @@ def route_options(args: list[str], commands: dict) -> dict[str, list[str]]:
                 args = [*args[:i], own + (f"={inline_value}" if inline_value else ""), *args[i + 1 :]]
         if not takers:
             raise InputError(f"`dataflow run`: option {args[i]!r} is known to neither `dataflow rollout` nor `dataflow train`")
+        if len(takers) > 1 and name not in TO_BOTH:
+            prefixed = " and/or ".join(f"--{role}-{name[2:]}" for role in takers)
+            raise InputError(f"`dataflow run`: {name} means different things to {' and '.join(takers)}; pass {prefixed}")
         takes_value = any(arities[role][name] for role in takers) and not inline_value
         if takes_value and i + 1 >= len(args):
             raise InputError(f"`dataflow run`: option {name} needs a value")

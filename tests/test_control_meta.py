@@ -84,9 +84,9 @@ def test_the_first_config_is_recorded_and_a_differing_key_is_named(conn):
     meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": (1, 2)})
     meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})  # same once stored as JSON
     meta.check_config("rollout", {"batch": 99})  # sections are independent
-    with pytest.raises(ConfigMismatch, match=r"train batch=8, now 16"):
-        meta.check_config("train", {"lr": 1e-4, "batch": 16, "layers": [1, 2]})
-    with pytest.raises(ConfigMismatch, match=r"seed=None, now 3"):
+    with pytest.raises(ConfigMismatch, match=r"train options: --batch 8 \(now 16\), --lr 0.0001 \(now 0.001\);"):
+        meta.check_config("train", {"lr": 1e-3, "batch": 16, "layers": [1, 2]})  # every differing key at once
+    with pytest.raises(ConfigMismatch, match=r"--seed None \(now 3\)"):
         meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 3})
 
 
@@ -105,8 +105,9 @@ def test_heartbeats_register_processes_with_their_role_status_and_info(conn):
     rollout, train = meta.processes()
     assert (rollout.id, rollout.status, rollout.info) == ("rollout-0", "finished", {"rate": 2.0})
     assert rollout.pid == os.getpid()
-    assert rollout.heartbeat_at >= rollout.started_at and rollout.alive()
-    assert not rollout.alive(now=rollout.heartbeat_at + 3600)
+    assert rollout.heartbeat_at >= rollout.started_at and train.alive()
+    assert not train.alive(now=train.heartbeat_at + 3600)
+    assert not rollout.alive()  # its last heartbeat said it finished: gone at once, not when it goes stale
     assert [p.id for p in meta.processes(role="train")] == ["train-0"]
 
 

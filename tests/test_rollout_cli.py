@@ -53,7 +53,7 @@ def test_a_db_created_for_a_different_target_is_one_line(tmp_path, tiny_target):
     other = tmp_path / "other-target"
     shutil.copytree(tiny_target, other)
     line = error_line(rollout(db, "--target-model", str(other), "--num-samples", "2"))
-    assert "target_model" in line and "start a new run with another --db" in line
+    assert "--target-model" in line and "start a new run with another --db" in line
 
 
 def test_bad_options_are_one_line(tmp_path, tiny_target):

@@ -66,7 +66,7 @@ def test_epochs_produce_one_ref_per_sample_and_epoch_with_epoch_suffixed_keys(tm
 
 def test_a_restart_with_a_different_max_length_is_a_config_mismatch(tmp_path, engine):
     rollout(tmp_path, engine, num_samples=2)
-    with pytest.raises(ConfigMismatch, match="max_length"):
+    with pytest.raises(ConfigMismatch, match="--max-length 2048"):
         rollout(tmp_path, engine, num_samples=2, max_length=100)
 
 

@@ -87,7 +87,7 @@ def test_restarting_with_another_learning_rate_is_refused(tmp_path, target, samp
     db = seeded(tmp_path, target, samples)
     assert invoke("train", "--db", db, "--out", tmp_path / "out", *QUICK).exit_code == 0
     result = invoke("train", "--db", db, "--out", tmp_path / "out", *QUICK, "--lr", "1e-3")
-    assert result.exit_code != 0 and "train lr=0.003" in result.output, result.output
+    assert result.exit_code != 0 and "--lr 0.003 (now 0.001)" in result.output, result.output
 
 
 def test_bf16_training_exports_bf16_weights_and_the_plot_shows_the_curves(tmp_path, target, samples):

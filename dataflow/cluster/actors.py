@@ -93,7 +93,9 @@ class TrainerActor:
         import torch
 
         from dataflow.train.dist import close_dist, init_dist
+        from dataflow.ui import configure_logging
 
+        configure_logging()  # the trainer's messages and step lines are log records; Ray keeps the actor's stderr
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",  # Ray shows each rank its own GPU
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         if threads:

@@ -16,6 +16,7 @@ from dataflow.errors import ConfigMismatch
 
 WAL_CHECKPOINT_EVERY_S = 30.0
 STALE_AFTER_S = 30.0  # a process whose heartbeat is older than this is presumed dead
+EXIT_STATUSES = ("finished", "stopped", "interrupted")  # a last heartbeat's status on a clean or caught exit
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Process:
     info: dict
 
     def alive(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> bool:
-        return (now or clock.now()) - self.heartbeat_at < stale_after
+        """Heartbeating, and its last heartbeat did not say it exited (then it is gone at once, not 30 s later)."""
+        return not self.status.startswith(EXIT_STATUSES) and (now or clock.now()) - self.heartbeat_at < stale_after
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,12 @@ class RunMeta:
                 self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(config)))
                 return
         recorded = json.loads(row[0])
-        for name in sorted(set(recorded) | set(config)):
-            if recorded.get(name) != config.get(name):
-                raise ConfigMismatch(
-                    f"this run was started with {section} {name}={recorded.get(name)!r}, now {config.get(name)!r}; "
-                    "use the original value or start a new run with another --db"
-                )
+        differing = [name for name in sorted(set(recorded) | set(config)) if recorded.get(name) != config.get(name)]
+        if differing:  # every one at once, named as the flags that set them
+            changes = ", ".join(f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {config.get(name)!r})"
+                                for name in differing)
+            raise ConfigMismatch(f"this run was started with other {section} options: {changes}; use the original "
+                                 "values or start a new run with another --db")
 
     def heartbeat(
         self, process_id: str, role: str, status: str = "running", info: dict | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from dataflow.control.db import database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
@@ -19,15 +21,32 @@ from dataflow.train.target import TargetHead, load_target_head
 from dataflow.train.vocab import VocabMap, vocab_from_meta
 
 POLL_S = 0.5
+log = logging.getLogger(__name__)
 
 
-def wait_for_records(meta: RunMeta, on_wait: Callable[[str, float], None]) -> tuple[dict, dict]:
-    """The run's `target` and `vocab` records; the rollout writes them once it has prepared its data."""
-    started = time.monotonic()
+def wait_for_records(meta: RunMeta, on_wait: Callable[[str, float], None], give_up_s: float = 0.0) -> tuple[dict, dict]:
+    """The run's `target` and `vocab` records; the rollout writes them once it has prepared its data.
+    Starting the trainer first is allowed, so it waits, but it says so at once (a log line, terminal or not:
+    a mistyped --db must not look like a hang), and gives up after `give_up_s` (0: waits until stopped)."""
+    started, said = time.monotonic(), False
     while (target := meta.get("target")) is None or (vocab := meta.get("vocab")) is None:
-        on_wait("waiting for the rollout to record the target and vocab mapping", time.monotonic() - started)
+        waited = time.monotonic() - started
+        if not said:
+            stop = f"it gives up after {give_up_s:g}s" if give_up_s else "--wait-for-rollout SECONDS gives up by itself"
+            log.info(f"waiting for a rollout to prepare the run in {run_location(meta)} (its target and vocabulary): "
+                     f"start `dataflow rollout` with the same --db, or Ctrl-C to stop ({stop})")
+            said = True
+        if give_up_s and waited >= give_up_s:
+            raise InputError(f"{run_location(meta)}: no rollout prepared this run within --wait-for-rollout "
+                             f"{give_up_s:g}s; check --db, or start `dataflow rollout` with the same --db first")
+        on_wait("waiting for the rollout to record the target and vocab mapping", waited)
         time.sleep(POLL_S)
     return target, vocab
+
+
+def run_location(meta: RunMeta) -> str:
+    """The run database's path (in Ray mode the ledger holds it on another node)."""
+    return database_path(meta.conn) if meta.conn is not None else "the run's ledger"
 
 
 def draft_config(head: TargetHead, target: dict, vocab: VocabMap, overrides: dict) -> DraftConfig:

@@ -71,6 +71,8 @@ class TrainLimits:
     """Step checkpoints kept on disk."""
     exit_when_idle: float = 0.0
     """Give up after this many seconds with no data and no live rollout (0: wait forever)."""
+    wait_for_rollout: float = 0.0
+    """Give up (exit 2) if no rollout has prepared the run after this many seconds (0: wait until stopped)."""
     lease_ttl: float = 60.0
     """Seconds a leased ref stays ours without an extension."""
     fill_wait: float = 2.0
@@ -88,5 +90,7 @@ class TrainLimits:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0 or self.save_every < 1 or self.keep < 1 or self.log_every < 1:
             raise ValueError("--max-steps must be >= 0; --save-every, --keep, --log-every >= 1")
+        if self.wait_for_rollout < 0:
+            raise ValueError(f"--wait-for-rollout must be >= 0, got {self.wait_for_rollout}")
         if self.exit_when_idle < 0 or self.lease_ttl <= 0 or self.fill_wait < 0:
             raise ValueError("--exit-when-idle and --fill-wait must be >= 0, --lease-ttl > 0")

@@ -1,14 +1,17 @@
-"""What the trainer reports: metrics.jsonl + TensorBoard events in the output dir, and a live status line."""
+"""What the trainer reports: metrics.jsonl + TensorBoard events in the output dir, and a live status line
+on a terminal or plain log lines without one."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,7 +104,9 @@ class MetricsLog:
 
 
 class StatusLine:
-    """One live line on stderr (rich) when `live` and a terminal; messages only when `speak` (rank 0)."""
+    """One live line on stderr (rich) when `live` and a terminal; otherwise (nohup, SLURM, Kubernetes,
+    `dataflow run`'s log files) every step row and message is a plain line through `logging`. Rank 0 only
+    (`speak`)."""
 
     def __init__(self, *, live: bool, speak: bool):
         self._live, self._speak = None, speak
@@ -113,16 +118,24 @@ class StatusLine:
             self._live.start()
 
     def show(self, text: str) -> None:
+        """A passing state (e.g. what it waits for): on the live line only."""
         if self._live is not None:
             self._live.update(text)
+
+    def step(self, text: str) -> None:
+        """A logged step's figures: the live line, or a log line without one."""
+        if self._live is not None:
+            self._live.update(text)
+        elif self._speak:
+            log.info(text)
 
     def print(self, text: str) -> None:
         if not self._speak:
             return
-        if self._live is not None:
+        if self._live is None:
+            log.info(text)
+        elif log.isEnabledFor(logging.INFO):  # --quiet holds on a terminal too
             self._live.console.print(text)
-        else:
-            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._live is not None:
@@ -130,9 +143,9 @@ class StatusLine:
 
 
 def describe(row: dict) -> str:
+    tau = f"  tau-hat {row['tau_hat']:.2f}" if "tau_hat" in row else ""
     return (
-        f"step {row['step']}  loss {row['loss']:.4f}  acc_0 {row.get('acc_0', 0.0):.3f}  "
-        f"tau-hat {row.get('tau_hat', 1.0):.2f}  "
-        f"{row['samples_per_s']:.1f} samples/s  {row['steps_per_s']:.2f} steps/s  "
+        f"step {row['step']}  loss {row['loss']:.4f}  acc_0 {row.get('acc_0', 0.0):.3f}{tau}  "
+        f"{row['tokens_per_s']:.0f} tokens/s  {row['samples_per_s']:.1f} samples/s  "
         f"data-wait {row['data_wait_pct']:.0f}%  lr {row['lr']:.2e}"
     )

@@ -74,7 +74,7 @@ class Trainer:
         self.reader = open_reader(self.queue.conn)
         self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
                                 partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
-        target, vocab = wait_for_records(self.meta, self._waiting)
+        target, vocab = wait_for_records(self.meta, self._waiting, limits.wait_for_rollout)
         model, head = build_draft(target, vocab, config)
         if dist.device.type == "cpu":
             keep_freed_memory()
@@ -338,7 +338,7 @@ class Trainer:
         self._last_row = row
         if self.metrics is not None:
             self.metrics.write(row)
-            self.status.show(describe(row))
+            self.status.step(describe(row))
         return Window()
 
     def _request_stop(self, signum, frame) -> None:

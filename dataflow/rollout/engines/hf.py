@@ -7,6 +7,7 @@ target_hidden [T, H] = the last hidden state after the final norm.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ class HFEngineConfig:
     model_dir: Path
     """A local HF model directory (see dataflow.target.resolve_target)."""
     device: str = "cpu"
-    """'cpu' or 'cuda[:i]'."""
+    """'cpu', 'cuda[:i]' or 'auto' (cuda if visible, else cpu; see resolved_device)."""
     dtype: str = "auto"
     """'float32', 'bfloat16', or 'auto': bfloat16 on CUDA and on CPUs with native bf16 matmuls (oneDNN
     AVX512-BF16/AMX: the forward measured 3.9x faster than fp32 there, scripts/bench_rollout.py), else
@@ -71,6 +72,14 @@ class HFEngineConfig:
         return DTYPES[self.dtype]
 
 
+def resolved_device(config: HFEngineConfig) -> HFEngineConfig:
+    """--device auto (cuda if this process sees one, else cpu) settled where the engine runs: a Ray actor's
+    node, not the driver's. The trainer's rule (train/dist.py), so both commands read --device alike."""
+    from dataflow.train.dist import pick_device
+
+    return dataclasses.replace(config, device=str(pick_device(config.device, local_rank=0)))
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 matmuls natively on this CPU (without it, bf16 is emulated and slower)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -83,7 +92,7 @@ class HFEngine:
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.config = config
+        self.config = config = resolved_device(config)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
             self.model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=config.torch_dtype)
