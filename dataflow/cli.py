@@ -384,7 +384,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seeds the draft's initial weights."),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
-    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: when the stream drains)."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Pause after this many steps (run again to go on; 0: until the stream drains)."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over a files-store run (later ones replay its features)."),
     save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
     keep: int = typer.Option(2, "--keep", help="Step checkpoints kept on disk."),

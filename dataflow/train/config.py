@@ -62,7 +62,7 @@ class TrainLimits:
     out: Path
     """Checkpoint, metrics and TensorBoard dir."""
     max_steps: int = 0
-    """Stop after this many optimiser steps (0: when the stream ends and the queue drains)."""
+    """Pause after this many optimiser steps: a stop, not the end of the run (0: when the stream drains)."""
     epochs: int = 1
     """Passes over a files-store run: epochs after the first replay the retained features."""
     save_every: int = 500
