@@ -8,6 +8,8 @@ import sys
 from rich.console import Group
 from rich.table import Table
 
+from dataflow.transport.segment import human  # the one byte formatter
+
 
 class StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is when a line is emitted (test runners and CliRunner swap it)."""
@@ -33,14 +35,6 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def collect(conn) -> dict:
     """The control plane's snapshot plus the data plane's per-store use (arena size, disk bytes)."""
     from dataflow.control.status import snapshot
@@ -63,8 +57,8 @@ def vocab_coverage(processes: list[dict]) -> float | None:
 
 def store_line(store: dict) -> str:
     if store["kind"] == "shm":
-        return f"{human_bytes(store['live_bytes'])} of {human_bytes(store['capacity'])} in flight"
-    return f"{store['files']} files, {human_bytes(store['disk_bytes'])} on disk in {store['dir']}"
+        return f"{human(store['live_bytes'])} of {human(store['capacity'])} in flight"
+    return f"{store['files']} files, {human(store['disk_bytes'])} on disk in {store['dir']}"
 
 
 def draft_line(info: dict) -> str:
@@ -79,7 +73,7 @@ def status_view(snap: dict) -> Group:
     refs, tasks = snap["refs"], snap["tasks"]
     run.add_row("prompts", ", ".join(f"{k} {v}" for k, v in tasks.items()))
     run.add_row("refs", ", ".join(f"{k} {v}" for k, v in refs.items()))
-    run.add_row("in flight", human_bytes(snap["in_flight_bytes"]))
+    run.add_row("in flight", human(snap["in_flight_bytes"]))
     for store in snap.get("stores", []):
         run.add_row(f"store {store['store']}", store_line(store))
     run.add_row("rates", f"produced {snap['produced_per_s']:.2f}/s, consumed {snap['acked_per_s']:.2f}/s")
