@@ -401,6 +401,10 @@ def train(
         10, "--log-every", help="Steps per metrics row (and per log line without a terminal or with --no-progress)."
     ),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the loss (eager on failure)."),
+    report_to: str = typer.Option(
+        "tensorboard", "--report-to", help="Trackers beside metrics.jsonl: tensorboard, wandb (pip install wandb), "
+        "comma-separated, or none.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="A live status line on a terminal."),
     verbose: bool = VerboseOption,
     quiet: bool = QuietOption,
@@ -441,7 +445,8 @@ def train_configs(p: dict):
         limits = TrainLimits(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
             **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
-                                          "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress")},
+                                          "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress",
+                                          "report_to")},
         )
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None

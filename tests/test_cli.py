@@ -161,3 +161,30 @@ def test_every_option_of_every_command_has_help():
 def test_every_rollout_and_train_option_is_in_a_named_help_panel(command):
     params = real_commands()[command].params
     assert [p.name for p in params if p.param_type_name == "option" and not p.rich_help_panel] == []
+
+
+def test_every_cli_default_equals_its_config_fields_default():
+    """One default per option: the typer option and the config dataclass field it fills must agree."""
+    import dataclasses
+
+    import typer
+
+    from dataflow.options import parse_bytes
+    from dataflow.rollout.config import RolloutConfig
+    from dataflow.rollout.engines.hf import HFEngineConfig
+    from dataflow.train.config import TrainConfig, TrainLimits
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for command, configs in {"rollout": (RolloutConfig, HFEngineConfig), "train": (TrainConfig, TrainLimits)}.items():
+        cli = {p.name: p.default for p in group.commands[command].params}
+        for config in configs:
+            for field in dataclasses.fields(config):
+                if field.name not in cli or field.default is dataclasses.MISSING:
+                    continue
+                given = cli[field.name]
+                if field.name.endswith("_bytes") and isinstance(given, str):
+                    given = parse_bytes(given)
+                assert given == field.default, (command, config.__name__, field.name, given, field.default)
+                checked += 1
+    assert checked > 30  # the comparison really covers the options

@@ -101,3 +101,20 @@ def test_bf16_training_exports_bf16_weights_and_the_plot_shows_the_curves(tmp_pa
     assert result.exit_code == 0 and os.path.getsize(tmp_path / "out" / "metrics.png") > 10_000
     with safe_open(tmp_path / "out" / "final" / "model.safetensors", framework="pt") as f:
         assert str(f.get_tensor("fc.weight").dtype) == "torch.float32"  # the target's dtype, not the compute dtype
+
+
+def test_report_to_chooses_the_trackers_and_a_missing_or_unknown_one_is_one_line(tmp_path, target, samples):
+    db = seeded(tmp_path, target, samples)
+    result = invoke("train", "--db", db, "--out", tmp_path / "out", "--report-to", "none", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "tensorboard").exists()
+
+    unknown = invoke("train", "--db", db, "--out", tmp_path / "out", "--report-to", "tensorboard,mlflow", *QUICK)
+    assert unknown.exit_code == 2 and "--report-to tensorboard,mlflow: unknown ['mlflow']" in unknown.output
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        (tmp_path / "w").mkdir()
+        fresh = seeded(tmp_path / "w", target, samples)
+        missing = invoke("train", "--db", fresh, "--out", tmp_path / "w" / "out", "--report-to", "wandb", *QUICK)
+        assert missing.exit_code == 2 and "wandb is not installed; `pip install wandb`" in missing.output

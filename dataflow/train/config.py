@@ -10,6 +10,8 @@ from dataflow.train.schedule import DECAYS
 
 DTYPES = ("auto", "fp32", "bf16")
 
+TRACKERS = ("tensorboard", "wandb", "none")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -84,8 +86,13 @@ class TrainLimits:
     """torch.compile the loss's softmax/gradient pass (falls back to eager, with a warning, if that fails)."""
     progress: bool = True
     """Rich progress display on stderr."""
+    report_to: str = "tensorboard"
+    """Trackers beside metrics.jsonl, comma-separated: tensorboard, wandb; or none."""
 
     def __post_init__(self):
+        unknown = set(self.report_to.split(",")) - set(TRACKERS)
+        if unknown:
+            raise ValueError(f"--report-to {self.report_to}: unknown {sorted(unknown)}; pass any of {', '.join(TRACKERS)}")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0 or self.save_every < 1 or self.keep < 1 or self.log_every < 1:

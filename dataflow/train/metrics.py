@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataflow.errors import InputError
+
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,14 @@ def expected_acceptance(accs: list[float]) -> float:
 class MetricsLog:
     """Rank 0 only. On resume, rows past the checkpoint's step (from the killed run) are dropped."""
 
-    def __init__(self, out: Path, *, resume_step: int, tensorboard: bool = True):
+    def __init__(self, out: Path, *, resume_step: int, report_to: str = "tensorboard", run_id: str = ""):
         self.path = out / METRICS_FILE
+        trackers = set(report_to.split(","))
+        self._wandb = start_wandb(out, run_id) if "wandb" in trackers else None  # first: it may refuse
         self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         self._tb = None
-        if tensorboard:
+        if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1)
@@ -96,11 +100,25 @@ class MetricsLog:
                 if name != "step":
                     self._tb.add_scalar(f"train/{name}", value, row["step"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def start_wandb(out: Path, run_id: str):
+    """A wandb run named after the dataflow run, resumed by a restarted trainer (same id)."""
+    try:
+        import wandb
+    except ImportError:
+        raise InputError("--report-to wandb: wandb is not installed; `pip install wandb`, or pass --report-to "
+                         "tensorboard") from None
+    return wandb.init(dir=str(out), id=f"dataflow-{run_id[:12]}", name=out.name, resume="allow")
 
 
 class StatusLine:

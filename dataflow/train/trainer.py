@@ -107,7 +107,8 @@ class Trainer:
             torch.set_rng_state(state["rng"])
             self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
             self.status.print(f"resumed from {last.path} (step {last.step})")
-        self.metrics = MetricsLog(self.out, resume_step=self.progress.step) if self.dist.is_main else None
+        self.metrics = MetricsLog(self.out, resume_step=self.progress.step, report_to=self.limits.report_to,
+                                  run_id=self.meta.run_id) if self.dist.is_main else None
 
     def _put_back_acked(self) -> None:
         """Refs acked after the last recorded checkpoint never counted: back to the queue, or LOST (their

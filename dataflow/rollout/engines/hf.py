@@ -44,7 +44,7 @@ def choose_aux_layers(chosen: tuple[int, ...] | None, num_layers: int, model_dir
 class HFEngineConfig:
     model_dir: Path
     """A local HF model directory (see dataflow.target.resolve_target)."""
-    device: str = "cpu"
+    device: str = "auto"
     """'cpu', 'cuda[:i]' or 'auto' (cuda if visible, else cpu; see resolved_device)."""
     dtype: str = "auto"
     """'float32', 'bfloat16', or 'auto': bfloat16 on CUDA and on CPUs with native bf16 matmuls (oneDNN

