@@ -356,7 +356,7 @@ def rollout_configs(p: dict):
 
 @app.command()
 @help_panels({
-    "Run": (*RUN_PANEL, "out", "quiet", "progress", "log_every", "wait_for_rollout", "exit_when_idle"),
+    "Run": (*RUN_PANEL, "out", "quiet", "progress", "log_every", "report_to", "wait_for_rollout", "exit_when_idle"),
     "Hardware": (*HARDWARE_PANEL, "compile"),
     "Optimiser": ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
                   "batch_tokens", "seed"),
