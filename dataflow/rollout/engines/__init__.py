@@ -18,8 +18,7 @@ def open_engine(name: str, config: HFEngineConfig, *, max_model_len: int, verbos
     """The engine called `name`. `max_model_len` bounds a vLLM request (prompt + generated tokens)."""
     check_engine(name)
     if name == "vllm":
-        from dataflow.rollout.engines.hf import resolved_device
         from dataflow.rollout.engines.vllm import VLLMEngine
 
-        return VLLMEngine(resolved_device(config), max_model_len=max_model_len, verbose=verbose)
+        return VLLMEngine(config, max_model_len=max_model_len, verbose=verbose)
     return HFEngine(config)

@@ -74,7 +74,7 @@ class VLLMEngine:
             os.environ["OMP_NUM_THREADS"] = str(config.threads)
         from transformers import AutoConfig, AutoTokenizer
 
-        self.config = config
+        self.config = config = resolved_device(config)  # like HFEngine: --device auto settled where it runs
         try:
             model_config = AutoConfig.from_pretrained(config.model_dir)
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
