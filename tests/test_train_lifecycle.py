@@ -3,6 +3,7 @@ writes interrupted by kill -9, signals while waiting, checkpoints that belong to
 
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -74,15 +75,29 @@ def killed_during_checkpoint(where: str, step: int, args: list[str]) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S)
 
 
+def age_heartbeats_while_stopped(process, conn, attempts: int = 50) -> None:
+    """SIGSTOP the process, then age every heartbeat by an hour. A stop that lands inside one of its write
+    transactions would freeze the database's write lock: then let it run a moment and stop it again."""
+    conn.execute("PRAGMA busy_timeout = 200")
+    for _ in range(attempts):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with conn:
+                conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 3600")
+            return
+        except sqlite3.OperationalError:
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError("the trainer always held the write lock when stopped")
+
+
 def test_a_second_trainer_is_refused_at_once_even_while_the_first_looks_dead(tmp_path, target, samples):
     db = new_run(tmp_path, target, samples)
     first = run_cli(train_args(db, tmp_path / "out", **{"--epochs": 200, "--save-every": 1000}))
     meta = RunMeta(connect(db))
     wait_until(lambda: RefQueue(meta.conn).counts()["acked"] > 0, "the first trainer trains", first)
-    first.send_signal(signal.SIGSTOP)  # one very long step: no heartbeat for an hour
     try:
-        with meta.conn:
-            meta.conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 3600")
+        age_heartbeats_while_stopped(first, meta.conn)  # one very long step: no heartbeat for an hour
         second = run_cli_plain(train_args(db, tmp_path / "out-2"))
         assert second.returncode == 2, second.stdout + second.stderr
         (line,) = second.stderr.strip().splitlines()
