@@ -86,8 +86,12 @@ def test_the_first_config_is_recorded_and_a_differing_key_is_named(conn):
     meta.check_config("rollout", {"batch": 99})  # sections are independent
     with pytest.raises(ConfigMismatch, match=r"train options: --batch 8 \(now 16\), --lr 0.0001 \(now 0.001\);"):
         meta.check_config("train", {"lr": 1e-3, "batch": 16, "layers": [1, 2]})  # every differing key at once
-    with pytest.raises(ConfigMismatch, match=r"--seed None \(now 3\)"):
-        meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 3})
+    # An option added after the run started (a newer dataflow resuming it) is recorded, then held to.
+    meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 3})
+    with pytest.raises(ConfigMismatch, match=r"--seed 3 \(now 4\)"):
+        meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 4})
+    with pytest.raises(ConfigMismatch, match=r"--seed 3 \(now None\)"):  # and dropping a recorded one is refused
+        meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})
 
 
 def test_the_recorded_config_is_checked_from_another_connection(tmp_path):

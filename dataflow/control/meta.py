@@ -71,7 +71,8 @@ class RunMeta:
         return self.get(key)
 
     def check_config(self, section: str, config: dict) -> None:
-        """Record `config` the first time a section is seen; afterwards refuse any differing key."""
+        """Record `config` the first time a section is seen; afterwards refuse any differing key. A key the
+        record lacks is an option added after the run started: it is accepted and recorded."""
         key = f"config.{section}"
         config = json.loads(json.dumps(config))  # normalise tuples, paths-as-str, etc. as stored
         with immediate(self.conn):
@@ -79,8 +80,11 @@ class RunMeta:
             if row is None:
                 self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(config)))
                 return
-        recorded = json.loads(row[0])
-        differing = [name for name in sorted(set(recorded) | set(config)) if recorded.get(name) != config.get(name)]
+            recorded = json.loads(row[0])
+            if set(config) - set(recorded):  # options added since the run started: recorded as they are now
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(config | recorded), key))
+        differing = [name for name in sorted(set(recorded) | set(config)) if recorded.get(name) != config.get(name)
+                     and name in recorded]
         if differing:  # every one at once, named as the flags that set them
             changes = ", ".join(f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {config.get(name)!r})"
                                 for name in differing)
