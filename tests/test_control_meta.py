@@ -14,13 +14,6 @@ from dataflow.errors import ConfigMismatch
 from test_control_support import item
 
 
-@pytest.fixture
-def conn(tmp_path):
-    connection = connect(tmp_path / "run.sqlite")
-    yield connection
-    connection.close()
-
-
 def test_adding_tasks_is_idempotent_by_key(conn):
     tasks = TaskQueue(conn)
     assert tasks.add_many([("a", {"i": 0}), ("b", {"i": 1})]) == 2

@@ -175,9 +175,8 @@ def run_all(processes: list) -> None:
 
 
 def wait_for(path: Path, timeout: float = JOIN_TIMEOUT_S) -> None:
-    """Poll for a file a worker writes when it reached a point (no timing assertion: a hang fails)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists() or path.stat().st_size == 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"worker never wrote {path}")
-        time.sleep(0.01)
+    """Wait for a file a worker writes when it reached a point (no timing assertion: a hang fails)."""
+    from conftest import wait_until  # here, not at the top: spawned workers import this module, not pytest's
+
+    wait_until(lambda: path.exists() and path.stat().st_size > 0, f"a worker writes {path}", timeout=timeout,
+               every=0.01)
