@@ -24,6 +24,7 @@ import torch
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
+from dataflow.records import TargetRecord, read_vocab, write_target, write_vocab_once
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample, default_dataset_path, load_dataset, split_held_out
 from dataflow.rollout.engines.hf import HFEngine
@@ -82,9 +83,9 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     dataset = load_dataset(config.dataset, config.on_bad_row)
     rows, held_out = split_held_out(dataset.samples, config.held_out)
     meta.check_config("rollout", run_identity(config, engine, draft_vocab_size))
-    meta.set("target", {**engine.describe(), "max_length": config.max_length})
+    write_target(meta, TargetRecord(**engine.describe(), max_length=config.max_length))
     summary = {"bad_rows_skipped": len(dataset.skipped), "held_out": len(held_out)}
-    if meta.get("vocab") is not None and sum(tasks.counts().values()):
+    if read_vocab(meta) is not None and sum(tasks.counts().values()):
         return {**summary, "tasks_added": 0}  # a restart: the run's prompts are its tasks already
     prompts, duplicates = training_prompts(engine, rows, held_out, config, view)
     order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
@@ -93,7 +94,7 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         f"x{config.samples_per_prompt} replies x{config.epochs} epochs = {len(order)} samples"
     )
     warm = {}
-    if meta.get("vocab") is None:
+    if read_vocab(meta) is None:
         warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
     added = tasks.add_many(
         [(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)]
@@ -163,12 +164,12 @@ def record_vocab(
     seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
     vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(seen, likely))
     source = "regenerated replies" if config.regenerate else "dataset replies"
-    recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
-    if recorded.get("coverage") is not None:
+    recorded = write_vocab_once(meta, dataclasses.replace(vocab, counted_samples=len(counted), source=source))
+    if recorded.coverage is not None:
         view.message(
-            f"draft vocabulary: {size} ids from {recorded['counted_samples']} samples' {recorded['source']}; "
-            f"covers {recorded['coverage']:.1%} of their {recorded['counted_tokens']} trained tokens "
-            f"({recorded['distinct_counted']} distinct)"
+            f"draft vocabulary: {size} ids from {recorded.counted_samples} samples' {recorded.source}; "
+            f"covers {recorded.coverage:.1%} of their {recorded.counted_tokens} trained tokens "
+            f"({recorded.distinct_counted} distinct)"
         )
     return warm
 

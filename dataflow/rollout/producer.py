@@ -28,6 +28,7 @@ from dataflow.control.db import connect, database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
 from dataflow.control.tasks import TaskLease, TaskQueue
+from dataflow.records import read_vocab
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Sample
 from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
@@ -35,7 +36,7 @@ from dataflow.rollout.prepare import prepare_run
 from dataflow.rollout.regenerate import regenerate_replies
 from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
-from dataflow.rollout.vocab import covered, target_ids_of
+from dataflow.rollout.vocab import covered
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
@@ -160,7 +161,7 @@ class Producer:
         self.process_id = f"rollout-{producer_id}"
         self.lease_owner = f"{producer_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this incarnation (control/leases.py)
         self.stats = RolloutStats()
-        self.vocab_ids = frozenset(target_ids_of(self.meta.get("vocab")))
+        self.vocab_ids = frozenset(read_vocab(self.meta).target_ids())
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
         self._last_heartbeat = 0.0

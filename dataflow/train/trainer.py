@@ -82,8 +82,8 @@ class Trainer:
         self.model = self.step.master  # fp32: checkpointed and exported
         # The target's dtype: features are collated in it and the export is written in it.
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-        self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
-        self.aux_layers = target["aux_layers"]  # exported, so that servers capture the layers it was trained on
+        self.target_dtype = dtypes.get(target.dtype, torch.float32)
+        self.aux_layers = list(target.aux_layers)  # exported, so that servers capture the layers it was trained on
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
