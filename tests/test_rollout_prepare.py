@@ -6,7 +6,7 @@ import pytest
 
 from dataflow.control.meta import RunMeta
 from dataflow.rollout.config import RolloutConfig
-from dataflow.rollout.data import Sample, load_dataset, split_held_out
+from dataflow.rollout.data import Conversation, load_dataset, split_held_out
 from dataflow.rollout.regenerate import normalised, user_header
 from dataflow.rollout.template import tokenize_sample
 from dataflow.rollout.testing import rollout_in_process
@@ -19,12 +19,12 @@ def rollout(tmp_path, engine, **options):
     return conn, stats
 
 
-def task_samples(conn) -> dict[str, tuple[Sample, dict]]:
+def task_samples(conn) -> dict[str, tuple[Conversation, dict]]:
     rows = conn.execute("SELECT key, payload FROM tasks").fetchall()
-    return {r["key"]: (Sample.from_payload(json.loads(r["payload"])), json.loads(r["payload"])) for r in rows}
+    return {r["key"]: (Conversation.from_payload(json.loads(r["payload"])), json.loads(r["payload"])) for r in rows}
 
 
-def trained_tokens(engine, sample: Sample) -> set[int]:
+def trained_tokens(engine, sample: Conversation) -> set[int]:
     tokenized = tokenize_sample(engine.tokenizer, sample, max_length=2048)
     return {t for t, m in zip(tokenized.input_ids, tokenized.loss_mask) if m}
 

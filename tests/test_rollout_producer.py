@@ -13,6 +13,7 @@ from dataflow.rollout.data import load_dataset
 from dataflow.rollout.template import tokenize_sample
 from dataflow.rollout import testing as rollout_testing
 from dataflow.rollout.testing import rollout_in_process
+from dataflow.keys import epoch_key
 from dataflow.records import read_target, read_vocab
 from dataflow.transport import open_reader
 
@@ -58,7 +59,7 @@ def test_epochs_produce_one_ref_per_sample_and_epoch_with_epoch_suffixed_keys(tm
     conn, _, stats = rollout(tmp_path, tiny_engine, num_samples=3, epochs=2)
     keys = sorted(lease.key for lease in RefQueue(conn).lease("test", n=100))
     ids = [s.id for s in load_dataset().samples[:3]]
-    assert keys == sorted(ids + [f"{i}#e1" for i in ids]) and stats.samples == 6
+    assert keys == sorted(ids + [epoch_key(i, 1) for i in ids]) and stats.samples == 6
 
 
 def test_a_restart_with_a_different_max_length_is_a_config_mismatch(tmp_path, tiny_engine):

@@ -18,7 +18,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.errors import InputError
 from dataflow.train.checkpoint import STATE_FILE, read_training_state
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.trainer import train
 from test_train_loop import new_run, run_cli, samples, train_args  # noqa: F401 (samples: a fixture)
 
@@ -106,13 +106,13 @@ def test_a_second_trainer_is_refused_at_once_even_while_the_first_looks_dead(tmp
 def test_max_steps_pauses_the_run_and_training_again_finishes_it(tmp_path, tiny_train_target, samples):
     db = new_run(tmp_path, tiny_train_target, samples, store="shm")  # an arena: freed bytes cannot come back
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    paused = train(db, config, TrainLimits(out=tmp_path / "out", max_steps=1, progress=False))
+    paused = train(db, config, TrainOptions(out=tmp_path / "out", max_steps=1, progress=False))
     meta, queue = RunMeta(connect(db)), RefQueue(connect(db))
     assert paused == "max-steps" and not meta.run_finished()
     assert queue.counts()["lost"] == 0 and queue.counts()["pending"] > 0
     assert trainer_row(meta).status == "stopped (max-steps)"
 
-    assert train(db, config, TrainLimits(out=tmp_path / "out", progress=False)) == "finished"
+    assert train(db, config, TrainOptions(out=tmp_path / "out", progress=False)) == "finished"
     counts = queue.counts()
     assert counts["trained"] == len(samples) and counts["lost"] == counts["pending"] == 0, counts
     assert meta.run_finished() and (tmp_path / "out" / "final" / STATE_FILE).exists()
@@ -165,17 +165,17 @@ def test_sigterm_ends_the_wait_for_another_holders_leases(tmp_path, tiny_train_t
 def test_a_second_run_writing_the_same_out_dir_is_refused(tmp_path, tiny_train_target, samples):
     out = tmp_path / "out"
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    train(new_run(tmp_path, tiny_train_target, samples, name="a"), config, TrainLimits(out=out, progress=False))
+    train(new_run(tmp_path, tiny_train_target, samples, name="a"), config, TrainOptions(out=out, progress=False))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("step-*")}
     with pytest.raises(InputError, match="belongs to run .* two runs share this --out"):
-        train(new_run(tmp_path, tiny_train_target, samples, name="b"), config, TrainLimits(out=out, progress=False))
+        train(new_run(tmp_path, tiny_train_target, samples, name="b"), config, TrainOptions(out=out, progress=False))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("step-*")} == before
 
 
 def test_checkpoints_are_private_and_load_tensors_and_plain_data_only(tmp_path, tiny_train_target, samples):
     out = tmp_path / "out"
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    train(new_run(tmp_path, tiny_train_target, samples), config, TrainLimits(out=out, progress=False))
+    train(new_run(tmp_path, tiny_train_target, samples), config, TrainOptions(out=out, progress=False))
     step = (out / "latest").resolve()
     assert stat.S_IMODE(step.stat().st_mode) == 0o700
     assert {stat.S_IMODE(f.stat().st_mode) for f in step.iterdir()} == {0o600}

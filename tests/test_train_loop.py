@@ -15,7 +15,7 @@ from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.train.checkpoint import read_export
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.plot import read_metrics
 from dataflow.train.testing import seed_run, tiny_features
 from dataflow.train.trainer import train, wait_reason
@@ -52,7 +52,7 @@ def max_difference(a: dict, b: dict) -> float:
 def test_the_draft_overfits_a_handful_of_samples(tmp_path, tiny_train_target, samples):
     db = new_run(tmp_path, tiny_train_target, samples[:4])
     config = TrainConfig(lr=3e-3, warmup_steps=5, ttt_length=2, batch_tokens=256)
-    ending = train(db, config, TrainLimits(out=tmp_path / "out", epochs=80, log_every=10, progress=False))
+    ending = train(db, config, TrainOptions(out=tmp_path / "out", epochs=80, log_every=10, progress=False))
     assert ending == "finished"
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
@@ -67,8 +67,8 @@ def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, tiny
     outs = {}
     for store in ("shm", "files"):
         db = new_run(tmp_path, tiny_train_target, samples, store=store, name=store)
-        limits = TrainLimits(out=tmp_path / f"out-{store}", progress=False)
-        train(db, TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=64, grad_accum=2), limits)
+        options = TrainOptions(out=tmp_path / f"out-{store}", progress=False)
+        train(db, TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=64, grad_accum=2), options)
         outs[store] = final_weights(tmp_path / f"out-{store}")
     assert max_difference(outs["shm"], outs["files"]) <= 1e-6
 
@@ -107,7 +107,7 @@ def test_training_beside_a_live_producer_trains_every_ref_once(tmp_path, tiny_tr
     seed_run(db, tiny_train_target, samples[:1], draft_vocab_size=DRAFT_VOCAB, store="shm", end_of_stream=False)
     producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(db), str(tiny_train_target)])
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    ending = train(db, config, TrainLimits(out=tmp_path / "out", fill_wait=0.1, log_every=1, progress=False))
+    ending = train(db, config, TrainOptions(out=tmp_path / "out", fill_wait=0.1, log_every=1, progress=False))
     assert producer.wait(timeout=120) == 0 and ending == "finished"
     counts = RefQueue(connect(db)).counts()
     assert counts["trained"] == 9 and counts["lost"] == counts["dead"] == counts["pending"] == 0
@@ -167,7 +167,7 @@ def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, tiny_train_
         db = new_run(tmp_path, tiny_train_target, samples, name=f"b{budget}")
         config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=budget, grad_accum=accum,
                              dtype="fp32")
-        train(db, config, TrainLimits(out=tmp_path / f"out-{budget}", progress=False))
+        train(db, config, TrainOptions(out=tmp_path / f"out-{budget}", progress=False))
         outs[budget] = final_weights(tmp_path / f"out-{budget}")
         assert RunMeta(connect(db)).last_checkpoint().step == 2
     assert max_difference(outs[64], outs[128]) <= 1e-5

@@ -16,7 +16,7 @@ from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import ConfigMismatch, InputError
 from dataflow.records import TargetRecord, VocabRecord, read_target, read_vocab
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
 from dataflow.train.target import TargetHead, load_target_head
 from dataflow.train.vocab import VocabMap, vocab_from_record
@@ -85,15 +85,15 @@ def build_draft(target: TargetRecord, vocab_record: VocabRecord, config: TrainCo
     return model, head
 
 
-def schedule_total(meta: RunMeta, tasks: TaskQueue, queue: RefQueue, limits: TrainLimits) -> tuple[int, str]:
+def schedule_total(meta: RunMeta, tasks: TaskQueue, queue: RefQueue, options: TrainOptions) -> tuple[int, str]:
     """The learning-rate schedule's total and its unit (schedule.py): --max-steps, else the samples the run
     will bring (its prompt tasks, or its refs once the stream has ended) times --epochs; 0 when open-ended."""
-    if limits.max_steps:
-        return limits.max_steps, "steps"
+    if options.max_steps:
+        return options.max_steps, "steps"
     known = sum(tasks.counts().values())
     if not known and meta.end_of_stream():
         known = sum(queue.counts().values())
-    return known * limits.epochs, "samples"
+    return known * options.epochs, "samples"
 
 
 def check_out_dir(out: Path) -> Path:
