@@ -34,6 +34,18 @@ def start(db, target, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def start_blocked(db, target, producer_id):
+    """A rollout whose small arena fills: it blocks on the watermark, waiting for a trainer to ack."""
+    proc = start(db, target, "--producer-id", producer_id, "--max-inflight-bytes", SMALL_ARENA)
+    conn = connect(db)
+    def blocked() -> bool:
+        row = rollout_status(conn, producer_id)
+        return row is not None and row.status.startswith("waiting for trainer")
+
+    wait_until(blocked, "the rollout blocks on the watermark", process=proc)
+    return proc, conn
+
+
 def rollout_status(conn, producer_id):
     return {p.id: p for p in RunMeta(conn).processes("rollout")}.get(f"rollout-{producer_id}")
 
@@ -67,10 +79,7 @@ def test_two_rollout_processes_on_one_db_produce_every_prompt_exactly_once(db, t
 
 
 def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_target):
-    first = start(db, tiny_target, "--producer-id", "r", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "r")) is not None and s.status.startswith("waiting for trainer"),
-               "the rollout blocks on the watermark", process=first)
+    first, conn = start_blocked(db, tiny_target, "r")
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = set(all_ref_keys(conn))
@@ -85,10 +94,7 @@ def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_targ
 
 
 def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_finished(db, tiny_target):
-    proc = start(db, tiny_target, "--producer-id", "w", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "w")) is not None and s.status.startswith("waiting for trainer"),
-               "the rollout blocks on the watermark", process=proc)
+    proc, conn = start_blocked(db, tiny_target, "w")
     meta = RunMeta(conn)
     meta.heartbeat("train-0", "train", "running")
     conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 600 WHERE id = 'train-0'")  # a dead trainer
@@ -100,10 +106,7 @@ def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_fin
 
 
 def test_ctrl_c_leaves_the_run_resumable(db, tiny_target):
-    proc = start(db, tiny_target, "--producer-id", "c", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "c")) is not None and s.status.startswith("waiting for trainer"),
-               "the rollout blocks on the watermark", process=proc)
+    proc, conn = start_blocked(db, tiny_target, "c")
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "resumable" in output
