@@ -38,6 +38,7 @@ def start_blocked(db, target, producer_id):
     """A rollout whose small arena fills: it blocks on the watermark, waiting for a trainer to ack."""
     proc = start(db, target, "--producer-id", producer_id, "--max-inflight-bytes", SMALL_ARENA)
     conn = connect(db)
+
     def blocked() -> bool:
         row = rollout_status(conn, producer_id)
         return row is not None and row.status.startswith("waiting for trainer")
