@@ -26,17 +26,12 @@ def _decode(cls, key: str, value: Any) -> dict:
     if version != cls.VERSION:
         raise InputError(f"run meta {key!r}: record version {version!r}, but this dataflow reads version "
                          f"{cls.VERSION}; use the dataflow that started this run, or start a new run with a fresh --db")
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "version"]
-    missing = [n for n in names if n not in value and _required(cls, n)]
+    fields = [f for f in dataclasses.fields(cls) if f.name != "version"]
+    missing = [f.name for f in fields if f.name not in value and f.default is dataclasses.MISSING]
     if missing:
         raise InputError(f"run meta {key!r}: the record lacks {', '.join(missing)}; it was not written by the "
                          "rollout of this dataflow: start a new run with a fresh --db")
-    return {n: value[n] for n in names if n in value}
-
-
-def _required(cls, name: str) -> bool:
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field.default is dataclasses.MISSING
+    return {f.name: value[f.name] for f in fields if f.name in value}
 
 
 @dataclass(frozen=True, kw_only=True)
