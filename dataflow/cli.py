@@ -418,20 +418,20 @@ def train(
         log.info(f"{db}: no such run yet; the trainer creates it, then waits for `dataflow rollout --db {db}`")
     from dataflow.train.trainer import train as run_training
 
-    config, limits = train_configs(locals())
+    config, options = train_configs(locals())
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    run_training(db, config, limits, allow_network_fs=allow_network_fs)
+    run_training(db, config, options, allow_network_fs=allow_network_fs)
 
 
 def train_configs(p: dict):
-    """`dataflow train`'s options (by parameter name) -> (TrainConfig, TrainLimits)."""
+    """`dataflow train`'s options (by parameter name) -> (TrainConfig, TrainOptions)."""
     import json
 
     from dataflow.errors import InputError
-    from dataflow.train.config import TrainConfig, TrainLimits
+    from dataflow.train.config import TrainConfig, TrainOptions
 
     try:
         draft_config = p["draft_config"]
@@ -442,7 +442,7 @@ def train_configs(p: dict):
                                           "export_embed_tokens")},
             dtype=SHORT_DTYPES.get(p["dtype"], p["dtype"]),
         )
-        limits = TrainLimits(
+        options = TrainOptions(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
             **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
                                           "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress",
@@ -450,7 +450,7 @@ def train_configs(p: dict):
         )
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None
-    return config, limits
+    return config, options
 
 
 @app.command()

@@ -32,8 +32,19 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 Dtype = Literal["auto", "fp32", "bf16", "float32", "bfloat16"]
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # train's names
 LONG_DTYPES = {short: long for long, short in SHORT_DTYPES.items()}  # the target engines' (torch's) names
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # torch's names of the dtypes features may have
 BYTE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def torch_dtype(name: str):
+    """The torch dtype a name stands for, in either spelling (fp32 or float32, bf16 or bfloat16), or float16."""
+    import torch  # here: the CLI's parsing stays torch-free
+
+    long = LONG_DTYPES.get(name, name)
+    if long not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {name!r}: pick one of {', '.join(FLOAT_DTYPES)}")
+    return getattr(torch, long)
 
 
 def parse_bytes(value: str | int) -> int:

@@ -41,11 +41,13 @@ def collect(conn) -> dict:
     from dataflow.transport.gc import usage
 
     from dataflow.control.meta import RunMeta
+    from dataflow.records import read_target
 
     snap = snapshot(conn)
     meta = RunMeta(conn)
+    target = read_target(meta)
     return {**snap, "stores": usage(conn), "vocab_coverage": vocab_coverage(snap["processes"]),
-            "target": meta.get("target"), "config": meta.with_prefix("config.")}
+            "target": target and target.to_meta(), "config": meta.with_prefix("config.")}
 
 
 def vocab_coverage(processes: list[dict]) -> float | None:
@@ -106,8 +108,8 @@ def recorded_view(snap: dict) -> Table:
     table = Table(title="recorded at the run's start", show_header=False, box=None)
     target = snap.get("target")
     if target:
-        table.add_row("target", f"{target['model']} ({target.get('dtype')}, {target.get('num_hidden_layers')} layers, "
-                                f"aux layers {target.get('aux_layers')})")
+        table.add_row("target", f"{target['model']} ({target['dtype']}, {target['num_hidden_layers']} layers, "
+                                f"aux layers {target['aux_layers']})")
     for section, values in sorted(snap.get("config", {}).items()):
         table.add_row(section, ", ".join(f"{key}={value}" for key, value in values.items()))
     return table

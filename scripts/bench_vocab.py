@@ -33,12 +33,13 @@ from dataflow.rollout.data import DEFAULT_HELD_OUT, load_dataset, split_held_out
 from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
 from dataflow.rollout.prepare import renderable
 from dataflow.rollout.regenerate import regenerate_replies
-from dataflow.rollout.vocab import count_tokens, draft_vocab, target_ids_of
+from dataflow.records import VocabRecord
+from dataflow.rollout.vocab import count_tokens, draft_vocab
 from dataflow.target import resolve_target
 
 
-def coverage(vocab: dict, counts: Counter) -> float:
-    ids = set(target_ids_of(vocab))
+def coverage(vocab: VocabRecord, counts: Counter) -> float:
+    ids = set(vocab.target_ids())
     return round(sum(n for t, n in counts.items() if t in ids) / sum(counts.values()), 4)
 
 

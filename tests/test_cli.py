@@ -132,13 +132,24 @@ def test_every_option_both_commands_have_is_routed_as_run_help_says():
 @pytest.mark.parametrize("spelling", ["bf16", "bfloat16", "fp32", "float32", "auto"])
 def test_one_dtype_vocabulary_for_both_commands(spelling):
     from dataflow.cli import LONG_DTYPES, train_configs
-    from dataflow.rollout.engines.hf import DTYPES
+    from dataflow.rollout.engines.hf import ENGINE_DTYPES
 
     routed = route_options(["--dtype", spelling], real_commands())
     params = {role: command.make_context(role, routed[role]).params for role, command in real_commands().items()}
     short = {"bfloat16": "bf16", "float32": "fp32"}.get(spelling, spelling)
     assert train_configs(params["train"])[0].dtype == short
-    assert LONG_DTYPES.get(params["rollout"]["dtype"], params["rollout"]["dtype"]) in (*DTYPES, "auto")
+    assert LONG_DTYPES.get(params["rollout"]["dtype"], params["rollout"]["dtype"]) in (*ENGINE_DTYPES, "auto")
+
+
+def test_one_table_turns_a_dtype_name_of_either_spelling_into_torchs():
+    import torch
+
+    from dataflow.options import torch_dtype
+
+    assert torch_dtype("bf16") is torch_dtype("bfloat16") is torch.bfloat16
+    assert torch_dtype("fp32") is torch.float32 and torch_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="pick one of float32, bfloat16, float16"):
+        torch_dtype("float64")
 
 
 @pytest.mark.parametrize("text, value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000),
@@ -172,11 +183,11 @@ def test_every_cli_default_equals_its_config_fields_default():
     from dataflow.options import parse_bytes
     from dataflow.rollout.config import RolloutConfig
     from dataflow.rollout.engines.hf import HFEngineConfig
-    from dataflow.train.config import TrainConfig, TrainLimits
+    from dataflow.train.config import TrainConfig, TrainOptions
 
     group = typer.main.get_command(app)
     checked = 0
-    for command, configs in {"rollout": (RolloutConfig, HFEngineConfig), "train": (TrainConfig, TrainLimits)}.items():
+    for command, configs in {"rollout": (RolloutConfig, HFEngineConfig), "train": (TrainConfig, TrainOptions)}.items():
         cli = {p.name: p.default for p in group.commands[command].params}
         for config in configs:
             for field in dataclasses.fields(config):

@@ -14,13 +14,6 @@ from dataflow.errors import ConfigMismatch
 from test_control_support import item
 
 
-@pytest.fixture
-def conn(tmp_path):
-    connection = connect(tmp_path / "run.sqlite")
-    yield connection
-    connection.close()
-
-
 def test_adding_tasks_is_idempotent_by_key(conn):
     tasks = TaskQueue(conn)
     assert tasks.add_many([("a", {"i": 0}), ("b", {"i": 1})]) == 2
@@ -81,24 +74,24 @@ def test_a_task_that_keeps_failing_ends_dead(conn):
 
 def test_the_first_config_is_recorded_and_a_differing_key_is_named(conn):
     meta = RunMeta(conn)
-    meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": (1, 2)})
-    meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})  # same once stored as JSON
-    meta.check_config("rollout", {"batch": 99})  # sections are independent
+    meta.record_or_check_config("train", {"lr": 1e-4, "batch": 8, "layers": (1, 2)})
+    meta.record_or_check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})  # same once stored as JSON
+    meta.record_or_check_config("rollout", {"batch": 99})  # sections are independent
     with pytest.raises(ConfigMismatch, match=r"train options: --batch 8 \(now 16\), --lr 0.0001 \(now 0.001\);"):
-        meta.check_config("train", {"lr": 1e-3, "batch": 16, "layers": [1, 2]})  # every differing key at once
+        meta.record_or_check_config("train", {"lr": 1e-3, "batch": 16, "layers": [1, 2]})  # every differing key at once
     # An option added after the run started (a newer dataflow resuming it) is recorded, then held to.
-    meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 3})
+    meta.record_or_check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 3})
     with pytest.raises(ConfigMismatch, match=r"--seed 3 \(now 4\)"):
-        meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 4})
+        meta.record_or_check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2], "seed": 4})
     with pytest.raises(ConfigMismatch, match=r"--seed 3 \(now None\)"):  # and dropping a recorded one is refused
-        meta.check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})
+        meta.record_or_check_config("train", {"lr": 1e-4, "batch": 8, "layers": [1, 2]})
 
 
 def test_the_recorded_config_is_checked_from_another_connection(tmp_path):
     path = tmp_path / "run.sqlite"
-    RunMeta(connect(path)).check_config("rollout", {"model": "/models/a"})
+    RunMeta(connect(path)).record_or_check_config("rollout", {"model": "/models/a"})
     with pytest.raises(ConfigMismatch, match="model"):
-        RunMeta(connect(path)).check_config("rollout", {"model": "/models/b"})
+        RunMeta(connect(path)).record_or_check_config("rollout", {"model": "/models/b"})
 
 
 def test_heartbeats_register_processes_with_their_role_status_and_info(conn):

@@ -18,7 +18,6 @@ from test_control_support import (
     item,
     lease_across_a_clock_jump,
     lease_and_hang,
-    lease_tasks_and_hang,
     lease_wait_ack,
     produce,
     read_acked,
@@ -171,7 +170,7 @@ def test_a_killed_rollout_workers_prompts_come_back_after_the_ttl(tmp_path):
     db, tokens_file = str(tmp_path / "run.sqlite"), tmp_path / "tasks.json"
     tasks = TaskQueue(connect(db))
     tasks.add_many([(f"p{i}", {"prompt": i}) for i in range(6)])
-    worker = SPAWN.Process(target=lease_tasks_and_hang, args=(db, "rollout-a", 4, 0.5, str(tokens_file)))
+    worker = SPAWN.Process(target=lease_and_hang, args=(db, "rollout-a", 4, 0.5, str(tokens_file), "tasks"))
     worker.start()
     held = read_published(tokens_file)
     worker.kill()

@@ -7,18 +7,10 @@ import time
 
 import pytest
 
-from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.control.tasks import TaskQueue
 from test_control_support import item
-
-
-@pytest.fixture
-def conn(tmp_path):
-    connection = connect(tmp_path / "run.sqlite")
-    yield connection
-    connection.close()
 
 
 def states(queue: RefQueue) -> dict[str, int]:

@@ -74,10 +74,11 @@ def consume_limit(db: str, owner: str, out: str, batch: int, limit: int, partiti
     conn.close()
 
 
-def lease_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> None:
-    """Lease n refs, publish the tokens, then hang until killed (a consumer stuck mid-step)."""
+def lease_and_hang(db: str, owner: str, n: int, ttl: float, out: str, queue: str = "refs") -> None:
+    """Lease n refs (a consumer stuck mid-step) or n prompt tasks (queue="tasks": a rollout stuck mid-batch),
+    publish the tokens, then hang until killed."""
     conn = connect(db)
-    leases = RefQueue(conn).lease(owner, n=n, ttl=ttl)
+    leases = (RefQueue if queue == "refs" else TaskQueue)(conn).lease(owner, n=n, ttl=ttl)
     publish(out, {"tokens": [lease.token for lease in leases], "keys": [lease.key for lease in leases]})
     while True:
         time.sleep(1.0)
@@ -93,15 +94,6 @@ def lease_wait_ack(db: str, owner: str, n: int, ttl: float, out: str, go: str) -
         time.sleep(0.01)
     publish(out + ".acked", {"refused": queue.ack([lease.token for lease in leases])})
     conn.close()
-
-
-def lease_tasks_and_hang(db: str, owner: str, n: int, ttl: float, out: str) -> None:
-    """A rollout worker that leased prompts and then hangs until killed."""
-    conn = connect(db)
-    tasks = TaskQueue(conn).lease(owner, n=n, ttl=ttl)
-    publish(out, {"tokens": [task.token for task in tasks], "keys": [task.key for task in tasks]})
-    while True:
-        time.sleep(1.0)
 
 
 def connect_together(dbs: list[str], barrier, out: str) -> None:
@@ -175,9 +167,8 @@ def run_all(processes: list) -> None:
 
 
 def wait_for(path: Path, timeout: float = JOIN_TIMEOUT_S) -> None:
-    """Poll for a file a worker writes when it reached a point (no timing assertion: a hang fails)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists() or path.stat().st_size == 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"worker never wrote {path}")
-        time.sleep(0.01)
+    """Wait for a file a worker writes when it reached a point (no timing assertion: a hang fails)."""
+    from conftest import wait_until  # here, not at the top: spawned workers import this module, not pytest's
+
+    wait_until(lambda: path.exists() and path.stat().st_size > 0, f"a worker writes {path}", timeout=timeout,
+               every=0.01)

@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import wait_until
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -17,10 +17,10 @@ from dataflow.control.db import connect  # noqa: E402
 from dataflow.control.meta import RunMeta  # noqa: E402
 from dataflow.control.queue import RefQueue  # noqa: E402
 from dataflow.control.tasks import TaskQueue  # noqa: E402
-from dataflow.testing import build_tiny_target  # noqa: E402
 
 SAMPLES = 32
 WORKER_NODES = 5  # two rollouts, two trainer ranks, one spare for a trainer group that moves
+WAIT_S = 150.0  # a Ray cluster of six raylets on 2 cores starts slowly
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                    "health_check_failure_threshold": 3}
 
@@ -34,11 +34,6 @@ def cluster():
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def run_command(db, target, address, *extra):
@@ -66,17 +61,6 @@ def assert_trained_exactly_once(conn) -> None:
     assert conn.execute("SELECT count(DISTINCT key) FROM refs WHERE state = 3").fetchone()[0] == SAMPLES
 
 
-def wait_until(predicate, proc, timeout=150.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited {proc.returncode} early: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
-
-
 def one_line_error(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr[-3000:]
@@ -85,15 +69,16 @@ def one_line_error(stderr: str) -> str:
 
 @pytest.mark.slow
 def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resume_to_train_every_sample_once(
-    tmp_path, cluster, target
+    tmp_path, cluster, tiny_target
 ):
     db = tmp_path / "run.sqlite"
-    first = subprocess.Popen(run_command(db, target, cluster.address), stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(run_command(db, tiny_target, cluster.address), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    wait_until(db.exists, first)
+    wait_until(db.exists, "the run database exists", process=first, timeout=WAIT_S)
     conn = connect(db)
     meta, queue = RunMeta(conn), RefQueue(conn)
-    wait_until(lambda: queue.counts()["acked"] + queue.counts()["trained"] > 0, first)
+    wait_until(lambda: queue.counts()["acked"] + queue.counts()["trained"] > 0, "a sample is trained", process=first,
+               timeout=WAIT_S)
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 130, first.stderr.read()[-3000:]
     statuses = {p.id: p.status for p in meta.processes()}
@@ -103,7 +88,7 @@ def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resum
     assert queue.counts()["leased"] == 0 and TaskQueue(conn).counts()["leased"] == 0
     assert not meta.run_finished()
 
-    done = subprocess.run(run_command(db, target, cluster.address), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(run_command(db, tiny_target, cluster.address), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_trained_exactly_once(conn)
     nodes = nodes_of(meta)
@@ -114,14 +99,14 @@ def test_rollouts_and_a_trainer_group_on_separate_nodes_stop_on_ctrl_c_and_resum
 
 @pytest.mark.slow
 def test_losing_rollout_and_trainer_nodes_then_the_ledger_loses_nothing_and_trains_nothing_twice(
-    tmp_path, cluster, target
+    tmp_path, cluster, tiny_target
 ):
     db = tmp_path / "run.sqlite"
-    proc = subprocess.Popen(run_command(db, target, cluster.address),
+    proc = subprocess.Popen(run_command(db, tiny_target, cluster.address),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ray.init(address=cluster.address, namespace="dataflow", log_to_driver=False)
     try:
-        wait_until(db.exists, proc)
+        wait_until(db.exists, "the run database exists", process=proc, timeout=WAIT_S)
         conn = connect(db)
         meta, queue = RunMeta(conn), RefQueue(conn)
         by_id = {node.node_id[:8]: node for node in cluster.list_all_nodes()}
@@ -132,12 +117,15 @@ def test_losing_rollout_and_trainer_nodes_then_the_ledger_loses_nothing_and_trai
             cluster.remove_node(by_id[killed[process_id]], allow_graceful=False)
 
         # r1 has published samples; its node goes with them (and with its leased prompts).
-        wait_until(lambda: conn.execute("SELECT count(*) FROM refs WHERE store LIKE '%-r1'").fetchone()[0] >= 2, proc)
+        wait_until(lambda: conn.execute("SELECT count(*) FROM refs WHERE store LIKE '%-r1'").fetchone()[0] >= 2,
+                   "rollout r1 published two samples", process=proc, timeout=WAIT_S)
         kill("rollout-r1")
         # Training is under way (a checkpoint exists); rank 1's node goes, the group re-forms on the nodes left.
-        wait_until(lambda: queue.counts()["trained"] > 0 and "train-1" in nodes_of(meta), proc)
+        wait_until(lambda: queue.counts()["trained"] > 0 and "train-1" in nodes_of(meta), "a checkpoint with rank 1 up",
+                   process=proc, timeout=WAIT_S)
         kill("train-1")
-        wait_until(lambda: nodes_of(meta)["train-1"] != killed["train-1"], proc)
+        wait_until(lambda: nodes_of(meta)["train-1"] != killed["train-1"], "rank 1 re-forms on another node",
+                   process=proc, timeout=WAIT_S)
         ray.kill(ray.get_actor(f"dataflow-{meta.run_id[:12]}-ledger"))
         assert proc.wait(timeout=120) != 0
         assert "ledger actor" in one_line_error(proc.stderr.read())
@@ -151,7 +139,7 @@ def test_losing_rollout_and_trainer_nodes_then_the_ledger_loses_nothing_and_trai
     assert statuses["rollout-r1"].startswith("stopped"), statuses  # said for it by the driver
 
     # Three nodes are left: one rollout and the trainer group resume from the database.
-    resumed = run_command(db, target, cluster.address, "--rollouts", "1")
+    resumed = run_command(db, tiny_target, cluster.address, "--rollouts", "1")
     done = subprocess.run(resumed, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_trained_exactly_once(conn)

@@ -1,17 +1,10 @@
 """`dataflow rollout` through typer's CliRunner: the one-line refusals."""
 
-import pytest
 from typer.testing import CliRunner
 
 from dataflow.cli import app
-from dataflow.testing import build_tiny_target
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def rollout(db, *args):

@@ -1,12 +1,11 @@
 """Real rollout processes on one DB: sharing the dataset, kill -9 and restart, trainer gone, Ctrl-C."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import wait_until
 from test_transport_support import abandon_run
 
 from dataflow.control.db import connect
@@ -14,15 +13,9 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.rollout.data import load_dataset
-from dataflow.testing import build_tiny_target
 
 N = 40
 SMALL_ARENA = str(600_000)  # room for ~6 samples of the tiny target (max length 256): the rollout blocks
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 @pytest.fixture
@@ -41,14 +34,17 @@ def start(db, target, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_until(condition, proc, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"rollout exited ({proc.returncode}) before {what}: {proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def start_blocked(db, target, producer_id):
+    """A rollout whose small arena fills: it blocks on the watermark, waiting for a trainer to ack."""
+    proc = start(db, target, "--producer-id", producer_id, "--max-inflight-bytes", SMALL_ARENA)
+    conn = connect(db)
+
+    def blocked() -> bool:
+        row = rollout_status(conn, producer_id)
+        return row is not None and row.status.startswith("waiting for trainer")
+
+    wait_until(blocked, "the rollout blocks on the watermark", process=proc)
+    return proc, conn
 
 
 def rollout_status(conn, producer_id):
@@ -58,10 +54,13 @@ def rollout_status(conn, producer_id):
 def consume_until_exit(conn, proc):
     """Act as the trainer: ack whatever is pending so the arena frees, until the rollout exits."""
     queue = RefQueue(conn)
-    while proc.poll() is None:
+
+    def exited_and_all_acked() -> bool:
+        exited = proc.poll() is not None  # read before the ack: what it wrote before exiting is acked below
         queue.ack([lease.token for lease in queue.lease("test-trainer", n=100)])
-        time.sleep(0.05)
-    queue.ack([lease.token for lease in queue.lease("test-trainer", n=100)])
+        return exited
+
+    wait_until(exited_and_all_acked, "the rollout exits", timeout=240)
     return proc.stdout.read()
 
 
@@ -81,10 +80,7 @@ def test_two_rollout_processes_on_one_db_produce_every_prompt_exactly_once(db, t
 
 
 def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_target):
-    first = start(db, tiny_target, "--producer-id", "r", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "r")) is not None and s.status.startswith("waiting for trainer"),
-               first, "the rollout blocks on the watermark")
+    first, conn = start_blocked(db, tiny_target, "r")
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = set(all_ref_keys(conn))
@@ -99,14 +95,11 @@ def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_targ
 
 
 def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_finished(db, tiny_target):
-    proc = start(db, tiny_target, "--producer-id", "w", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "w")) is not None and s.status.startswith("waiting for trainer"),
-               proc, "the rollout blocks on the watermark")
+    proc, conn = start_blocked(db, tiny_target, "w")
     meta = RunMeta(conn)
     meta.heartbeat("train-0", "train", "running")
     conn.execute("UPDATE processes SET heartbeat_at = heartbeat_at - 600 WHERE id = 'train-0'")  # a dead trainer
-    wait_until(lambda: "is it running?" in rollout_status(conn, "w").status, proc, "the stale-trainer status")
+    wait_until(lambda: "is it running?" in rollout_status(conn, "w").status, "the stale-trainer status", process=proc)
     meta.set_run_finished()
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "trainer has finished" in output and "the trainer looks dead" in output
@@ -114,10 +107,7 @@ def test_a_waiting_rollout_reports_a_dead_trainer_and_stops_when_the_trainer_fin
 
 
 def test_ctrl_c_leaves_the_run_resumable(db, tiny_target):
-    proc = start(db, tiny_target, "--producer-id", "c", "--max-inflight-bytes", SMALL_ARENA)
-    conn = connect(db)
-    wait_until(lambda: (s := rollout_status(conn, "c")) is not None and s.status.startswith("waiting for trainer"),
-               proc, "the rollout blocks on the watermark")
+    proc, conn = start_blocked(db, tiny_target, "c")
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "resumable" in output

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -10,30 +11,27 @@ from dataflow.control.tasks import TaskQueue, TaskState
 from dataflow.errors import ConfigMismatch
 from dataflow.rollout.data import load_dataset
 from dataflow.rollout.template import tokenize_sample
-from dataflow.rollout.testing import rollout_in_process, tiny_engine
-from dataflow.rollout.vocab import target_ids_of
+from dataflow.rollout import testing as rollout_testing
+from dataflow.rollout.testing import rollout_in_process
+from dataflow.keys import epoch_key
+from dataflow.records import read_target, read_vocab
 from dataflow.transport import open_reader
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return tiny_engine(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def rollout(tmp_path, engine, **options):
     return rollout_in_process(tmp_path, engine, **options)
 
 
-def test_features_read_back_through_the_store_equal_the_forward(tmp_path, engine):
-    conn, config, stats = rollout(tmp_path, engine, token_budget=512)
+def test_features_read_back_through_the_store_equal_the_forward(tmp_path, tiny_engine):
+    conn, config, stats = rollout(tmp_path, tiny_engine, token_budget=512)
     samples = {s.id: s for s in load_dataset().samples[:12]}
     leases = RefQueue(conn).lease("test", n=100)
     assert sorted(lease.key for lease in leases) == sorted(samples) and stats.samples == 12
     reader = open_reader(conn)
     for lease in leases:
         features = reader.open(lease.handle)
-        tokenized = tokenize_sample(engine.tokenizer, samples[lease.key], max_length=config.max_length)
-        [expected] = engine.features([tokenized])
+        tokenized = tokenize_sample(tiny_engine.tokenizer, samples[lease.key], max_length=config.max_length)
+        [expected] = tiny_engine.features([tokenized])
         assert set(features) == {"input_ids", "loss_mask", "aux_hidden", "target_hidden"}
         assert torch.equal(features["input_ids"], expected["input_ids"])
         assert torch.equal(features["loss_mask"], expected["loss_mask"])
@@ -43,47 +41,47 @@ def test_features_read_back_through_the_store_equal_the_forward(tmp_path, engine
     reader.close()
 
 
-def test_the_run_records_target_vocab_and_end_of_stream(tmp_path, engine):
-    conn, config, _ = rollout(tmp_path, engine, draft_vocab_size=500)
+def test_the_run_records_target_vocab_and_end_of_stream(tmp_path, tiny_engine):
+    conn, config, _ = rollout(tmp_path, tiny_engine, draft_vocab_size=500)
     meta = RunMeta(conn)
-    target = meta.get("target")
-    assert target["model"] == str(engine.config.model_dir.resolve()) and target["max_length"] == config.max_length
-    assert target["aux_layers"] == [2, 3, 4] and target["hidden_size"] == 64 and target["dtype"] == "float32"
-    vocab = meta.get("vocab")
-    ids = target_ids_of(vocab)
-    assert vocab["draft_vocab_size"] == 500 and ids == sorted(set(ids)) and max(ids) < target["vocab_size"]
-    im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    target = read_target(meta)
+    assert target.model == str(tiny_engine.config.model_dir.resolve()) and target.max_length == config.max_length
+    assert target.aux_layers == (2, 3, 4) and target.hidden_size == 64 and target.dtype == "float32"
+    vocab = read_vocab(meta)
+    ids = vocab.target_ids()
+    assert vocab.draft_vocab_size == 500 and ids == sorted(set(ids)) and max(ids) < target.vocab_size
+    im_end = tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in ids  # every reply ends with it: the most frequent masked token
     assert meta.end_of_stream() and TaskQueue(conn).counts()["done"] == 12
 
 
-def test_epochs_produce_one_ref_per_sample_and_epoch_with_epoch_suffixed_keys(tmp_path, engine):
-    conn, _, stats = rollout(tmp_path, engine, num_samples=3, epochs=2)
+def test_epochs_produce_one_ref_per_sample_and_epoch_with_epoch_suffixed_keys(tmp_path, tiny_engine):
+    conn, _, stats = rollout(tmp_path, tiny_engine, num_samples=3, epochs=2)
     keys = sorted(lease.key for lease in RefQueue(conn).lease("test", n=100))
     ids = [s.id for s in load_dataset().samples[:3]]
-    assert keys == sorted(ids + [f"{i}#e1" for i in ids]) and stats.samples == 6
+    assert keys == sorted(ids + [epoch_key(i, 1) for i in ids]) and stats.samples == 6
 
 
-def test_a_restart_with_a_different_max_length_is_a_config_mismatch(tmp_path, engine):
-    rollout(tmp_path, engine, num_samples=2)
+def test_a_restart_with_a_different_max_length_is_a_config_mismatch(tmp_path, tiny_engine):
+    rollout(tmp_path, tiny_engine, num_samples=2)
     with pytest.raises(ConfigMismatch, match="--max-length 2048"):
-        rollout(tmp_path, engine, num_samples=2, max_length=100)
+        rollout(tmp_path, tiny_engine, num_samples=2, max_length=100)
 
 
-def test_regenerated_replies_are_kept_in_the_task_payload(tmp_path, engine):
-    conn, _, stats = rollout(tmp_path, engine, num_samples=3, regenerate=True, max_new_tokens=3, vocab_warmup=1)
+def test_regenerated_replies_are_kept_in_the_task_payload(tmp_path, tiny_engine):
+    conn, _, stats = rollout(tmp_path, tiny_engine, num_samples=3, regenerate=True, max_new_tokens=3, vocab_warmup=1)
     assert stats.regenerated == 2  # the third was regenerated by the vocabulary warm-up, before any feature
     payloads = [r["payload"] for r in conn.execute("SELECT payload FROM tasks")]
     assert all('"regenerated": true' in p for p in payloads)
 
 
-def test_samples_without_assistant_tokens_are_skipped_and_counted(tmp_path, engine):
+def test_samples_without_assistant_tokens_are_skipped_and_counted(tmp_path, tiny_engine):
     dataset = tmp_path / "d.jsonl"
     dataset.write_text(
         '{"id": "a", "conversations": [{"role": "user", "content": "only a prompt"}]}\n'
         '{"id": "b", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
     )
-    conn, _, stats = rollout(tmp_path, engine, dataset=dataset, held_out=0)
+    conn, _, stats = rollout(tmp_path, tiny_engine, dataset=dataset, held_out=0)
     assert stats.skipped_no_assistant == 1 and stats.samples == 1
     assert [lease.key for lease in RefQueue(conn).lease("test", n=10)] == ["b"]
 
@@ -102,7 +100,7 @@ def test_a_restarted_rollout_takes_over_the_id_of_a_dead_one_but_not_of_a_runnin
     assert choose_producer_id(meta) == "r0"
 
 
-def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_rest_is_produced(tmp_path, engine):
+def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_rest_is_produced(tmp_path, tiny_engine):
     dataset = tmp_path / "d.jsonl"
     dataset.write_text(
         '{"id": "twice", "conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},'
@@ -115,7 +113,7 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
         "{{ raise_exception('roles must alternate') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    strict_engine = tiny_engine(engine.config.model_dir, chat_template=strict)
+    strict_engine = rollout_testing.tiny_engine(tiny_engine.config.model_dir, chat_template=strict)
     conn, _, stats = rollout(tmp_path, strict_engine, dataset=dataset, held_out=0)
     assert stats.failed == 1 and stats.samples == 1
     row = conn.execute("SELECT state, last_error FROM tasks WHERE key = 'twice'").fetchone()
@@ -124,8 +122,6 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
 
 
 def test_heartbeat_and_leases_stay_fresh_during_a_long_forward(tmp_path):
-    import time
-
     from dataflow.rollout.producer import beating_during
 
     db = tmp_path / "run.sqlite"
@@ -136,8 +132,8 @@ def test_heartbeat_and_leases_stay_fresh_during_a_long_forward(tmp_path):
     first_deadline = conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0]
     with beating_during(str(db), "rollout-x", "producing", {"samples": 3}, [lease.token], ttl=4.0):
         # the main thread is busy (stands for a forward); the beat and the extension come from the side thread
-        while conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0] == first_deadline:
-            time.sleep(0.1)
+        wait_until(lambda: conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0] != first_deadline,
+                   "the side thread extends the lease", every=0.1)
     [process] = meta.processes("rollout")
     assert process.id == "rollout-x" and process.status == "producing" and process.info == {"samples": 3}
     assert tasks.complete(lease.token)  # still ours

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-import pytest
+from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -12,14 +12,8 @@ from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig
 from dataflow.rollout.producer import run_rollout
 from dataflow.rollout.ui import RolloutView
-from dataflow.testing import build_tiny_target
 
 N = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def regenerating_rollout(db, target, producer_id, store_dir):
@@ -87,8 +81,6 @@ def test_a_task_whose_lease_was_taken_over_mid_regeneration_is_dropped_not_publi
 
 def test_the_rollout_heartbeats_while_it_prepares_the_run(tmp_path, tiny_target, monkeypatch):
     """The vocab pass over a large dataset takes minutes: the rollout must not look dead meanwhile."""
-    import time
-
     import dataflow.rollout.producer as producer
 
     db = tmp_path / "run.sqlite"
@@ -96,10 +88,8 @@ def test_the_rollout_heartbeats_while_it_prepares_the_run(tmp_path, tiny_target,
     real_prepare = producer.prepare_run
 
     def slow_prepare(*args):
-        deadline = time.monotonic() + 30
-        while not any(p.status.startswith("preparing") for p in RunMeta(observer).processes("rollout")):
-            assert time.monotonic() < deadline, "no heartbeat while preparing the run"
-            time.sleep(0.1)
+        wait_until(lambda: any(p.status.startswith("preparing") for p in RunMeta(observer).processes("rollout")),
+                   "a heartbeat says the rollout is preparing the run", timeout=30, every=0.1)
         return real_prepare(*args)
 
     monkeypatch.setattr(producer, "prepare_run", slow_prepare)

@@ -1,7 +1,7 @@
 import pytest
 
 from dataflow.errors import InputError
-from dataflow.rollout.data import Sample
+from dataflow.rollout.data import Conversation
 from dataflow.rollout.template import set_chat_template, tokenize_sample
 from dataflow.rollout.testing import llama3_style_tokenizer, smollm2_tokenizer
 
@@ -29,7 +29,7 @@ def masked_text(tokenizer, tokenized, skip_special_tokens=False):
 
 def test_masked_tokens_decode_to_exactly_the_assistant_replies_and_their_end_of_turn(tokenizer_and_eot):
     tokenizer, eot = tokenizer_and_eot
-    tokenized = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=4096)
+    tokenized = tokenize_sample(tokenizer, Conversation(id="a", messages=CONVERSATION), max_length=4096)
     assert masked_text(tokenizer, tokenized) == "".join(r + eot for r in REPLIES)
     assert masked_text(tokenizer, tokenized, skip_special_tokens=True) == "".join(REPLIES)
     rendered = tokenizer.apply_chat_template(list(CONVERSATION), tokenize=True, return_dict=True)
@@ -38,30 +38,30 @@ def test_masked_tokens_decode_to_exactly_the_assistant_replies_and_their_end_of_
 
 def test_train_only_last_turn_masks_only_the_final_reply(tokenizer_and_eot):
     tokenizer, eot = tokenizer_and_eot
-    tokenized = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=4096,
+    tokenized = tokenize_sample(tokenizer, Conversation(id="a", messages=CONVERSATION), max_length=4096,
                                 train_only_last_turn=True)
     assert masked_text(tokenizer, tokenized) == REPLIES[-1] + eot
 
 
 def test_truncation_cuts_ids_and_mask_together(tokenizer_and_eot):
     tokenizer, eot = tokenizer_and_eot
-    full = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=4096)
+    full = tokenize_sample(tokenizer, Conversation(id="a", messages=CONVERSATION), max_length=4096)
     cut = len(full.input_ids) - 5
-    truncated = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=cut)
+    truncated = tokenize_sample(tokenizer, Conversation(id="a", messages=CONVERSATION), max_length=cut)
     assert truncated.input_ids == full.input_ids[:cut] and truncated.loss_mask == full.loss_mask[:cut]
 
 
 def test_a_sample_without_assistant_tokens_is_none(tokenizer_and_eot):
     tokenizer, _ = tokenizer_and_eot
-    prompt_only = Sample(id="a", messages=CONVERSATION[:2])
+    prompt_only = Conversation(id="a", messages=CONVERSATION[:2])
     assert tokenize_sample(tokenizer, prompt_only, max_length=4096) is None
-    first_reply_cut_off = tokenize_sample(tokenizer, Sample(id="a", messages=CONVERSATION), max_length=10)
+    first_reply_cut_off = tokenize_sample(tokenizer, Conversation(id="a", messages=CONVERSATION), max_length=10)
     assert first_reply_cut_off is None
 
 
 def test_text_rows_train_on_every_token():
     tokenizer = smollm2_tokenizer()
-    tokenized = tokenize_sample(tokenizer, Sample(id="t", text="Plain pre-formatted text."), max_length=64)
+    tokenized = tokenize_sample(tokenizer, Conversation(id="t", text="Plain pre-formatted text."), max_length=64)
     assert all(tokenized.loss_mask) and tokenizer.decode(tokenized.input_ids) == "Plain pre-formatted text."
 
 

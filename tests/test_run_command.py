@@ -4,23 +4,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
-from dataflow.testing import build_tiny_target
 
 SAMPLES = 24
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def run_command(db, target, *extra):
@@ -32,22 +26,13 @@ def run_command(db, target, *extra):
     ]
 
 
-def wait_until(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
-
-
 @pytest.mark.slow
-def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, target):
+def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, tiny_target):
     db = tmp_path / "run.sqlite"
-    first = subprocess.Popen(run_command(db, target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_until(db.exists)
+    first = subprocess.Popen(run_command(db, tiny_target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_until(db.exists, "the run database exists", process=first)
     queue = RefQueue(connect(db))
-    wait_until(lambda: queue.counts()["acked"] + queue.counts()["trained"] > 0)
+    wait_until(lambda: queue.counts()["acked"] + queue.counts()["trained"] > 0, "a sample is trained", process=first)
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 130
     meta = RunMeta(queue.conn)
@@ -58,16 +43,16 @@ def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, 
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
 
-    second = subprocess.run(run_command(db, target), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(run_command(db, tiny_target), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     counts = queue.counts()
     assert counts["trained"] == SAMPLES and counts["dead"] == 0
     assert meta.run_finished()
 
 
-def test_a_failing_child_fails_the_run_with_its_log(tmp_path, target):
+def test_a_failing_child_fails_the_run_with_its_log(tmp_path, tiny_target):
     db = tmp_path / "run.sqlite"
-    done = subprocess.run(run_command(db, target, "--dataset", str(tmp_path / "missing.jsonl")),
+    done = subprocess.run(run_command(db, tiny_target, "--dataset", str(tmp_path / "missing.jsonl")),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "`dataflow rollout` failed" in done.stderr and "rollout.log" in done.stderr
@@ -75,13 +60,14 @@ def test_a_failing_child_fails_the_run_with_its_log(tmp_path, target):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp_path, target, signum):
+def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp_path, tiny_target, signum):
     db = tmp_path / "run.sqlite"
-    parent = subprocess.Popen(run_command(db, target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(db.exists)
+    parent = subprocess.Popen(run_command(db, tiny_target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(db.exists, "the run database exists", process=parent)
     meta = RunMeta(connect(db))
     try:
-        wait_until(lambda: {p.role for p in meta.processes()} == {"rollout", "train"})
+        wait_until(lambda: {p.role for p in meta.processes()} == {"rollout", "train"}, "both children are up",
+                   process=parent)
         parent.send_signal(signum)
         assert parent.wait(timeout=120) == 128 + signum
         assert "resumable" in parent.stderr.read()
@@ -100,12 +86,12 @@ def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp
 
 
 @pytest.mark.slow
-def test_a_run_paused_by_max_steps_returns_and_running_again_finishes_it(tmp_path, target):
+def test_a_run_paused_by_max_steps_returns_and_running_again_finishes_it(tmp_path, tiny_target):
     db = tmp_path / "run.sqlite"
-    paused = subprocess.run(run_command(db, target, "--max-steps", "1"), capture_output=True, text=True, timeout=300)
+    paused = subprocess.run(run_command(db, tiny_target, "--max-steps", "1"), capture_output=True, text=True, timeout=300)
     assert paused.returncode == 0, paused.stderr[-2000:]  # the rollout waiting for the trainer is stopped too
     meta = RunMeta(connect(db))
     assert not meta.run_finished() and {p.role: p.status for p in meta.processes()}["train"] == "stopped (max-steps)"
-    again = subprocess.run(run_command(db, target), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(run_command(db, tiny_target), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert RefQueue(meta.conn).counts()["trained"] == SAMPLES and meta.run_finished()

@@ -15,7 +15,6 @@ import pytest
 
 from dataflow.control.db import connect
 from dataflow.control.tasks import TaskQueue
-from dataflow.testing import build_tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]
 STRANGER = 54321  # a uid no namespace of ours maps
@@ -28,11 +27,6 @@ def namespaces_available() -> bool:
 
 
 needs_namespaces = pytest.mark.skipif(not namespaces_available(), reason="needs user and mount namespaces")
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
 
 
 def in_namespace(script: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -11,25 +11,16 @@ import time
 
 import pytest
 import torch
+from conftest import WAIT_S, wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.errors import InputError
 from dataflow.train.checkpoint import STATE_FILE, read_training_state
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.trainer import train
-from test_train_loop import new_run, run_cli, samples, target, train_args  # noqa: F401 (fixtures)
-
-WAIT_S = 120.0
-
-
-def wait_until(condition, what: str, process: subprocess.Popen | None = None, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process is None or process.poll() is None, f"exited before {what}: " + process.stdout.read()
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
+from test_train_loop import new_run, run_cli, samples, train_args  # noqa: F401 (samples: a fixture)
 
 
 def trainer_row(meta: RunMeta):
@@ -91,11 +82,11 @@ def age_heartbeats_while_stopped(process, conn, attempts: int = 50) -> None:
     raise AssertionError("the trainer always held the write lock when stopped")
 
 
-def test_a_second_trainer_is_refused_at_once_even_while_the_first_looks_dead(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples)
+def test_a_second_trainer_is_refused_at_once_even_while_the_first_looks_dead(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples)
     first = run_cli(train_args(db, tmp_path / "out", **{"--epochs": 200, "--save-every": 1000}))
     meta = RunMeta(connect(db))
-    wait_until(lambda: RefQueue(meta.conn).counts()["acked"] > 0, "the first trainer trains", first)
+    wait_until(lambda: RefQueue(meta.conn).counts()["acked"] > 0, "the first trainer trains", process=first)
     try:
         age_heartbeats_while_stopped(first, meta.conn)  # one very long step: no heartbeat for an hour
         second = run_cli_plain(train_args(db, tmp_path / "out-2"))
@@ -112,23 +103,23 @@ def test_a_second_trainer_is_refused_at_once_even_while_the_first_looks_dead(tmp
     assert counts["leased"] == counts["acked"] == counts["lost"] == 0
 
 
-def test_max_steps_pauses_the_run_and_training_again_finishes_it(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples, store="shm")  # an arena: freed bytes cannot come back
+def test_max_steps_pauses_the_run_and_training_again_finishes_it(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples, store="shm")  # an arena: freed bytes cannot come back
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    paused = train(db, config, TrainLimits(out=tmp_path / "out", max_steps=1, progress=False))
+    paused = train(db, config, TrainOptions(out=tmp_path / "out", max_steps=1, progress=False))
     meta, queue = RunMeta(connect(db)), RefQueue(connect(db))
     assert paused == "max-steps" and not meta.run_finished()
     assert queue.counts()["lost"] == 0 and queue.counts()["pending"] > 0
     assert trainer_row(meta).status == "stopped (max-steps)"
 
-    assert train(db, config, TrainLimits(out=tmp_path / "out", progress=False)) == "finished"
+    assert train(db, config, TrainOptions(out=tmp_path / "out", progress=False)) == "finished"
     counts = queue.counts()
     assert counts["trained"] == len(samples) and counts["lost"] == counts["pending"] == 0, counts
     assert meta.run_finished() and (tmp_path / "out" / "final" / STATE_FILE).exists()
 
 
-def test_a_kill_between_writing_and_recording_a_checkpoint_keeps_the_last_recorded_one(tmp_path, target, samples):
-    db, out = new_run(tmp_path, target, samples), tmp_path / "out"
+def test_a_kill_between_writing_and_recording_a_checkpoint_keeps_the_last_recorded_one(tmp_path, tiny_train_target, samples):
+    db, out = new_run(tmp_path, tiny_train_target, samples), tmp_path / "out"
     args = train_args(db, out, **{"--save-every": 1, "--keep": 1, "--grad-accum": 1})
     killed = killed_during_checkpoint("record", 2, args)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -141,8 +132,8 @@ def test_a_kill_between_writing_and_recording_a_checkpoint_keeps_the_last_record
     assert sorted(p.name for p in out.glob("step-*")) == [os.readlink(out / "latest")]  # --keep 1, after all
 
 
-def test_a_kill_inside_a_checkpoint_write_leaves_no_temp_dir_after_the_restart(tmp_path, target, samples):
-    db, out = new_run(tmp_path, target, samples), tmp_path / "out"
+def test_a_kill_inside_a_checkpoint_write_leaves_no_temp_dir_after_the_restart(tmp_path, tiny_train_target, samples):
+    db, out = new_run(tmp_path, tiny_train_target, samples), tmp_path / "out"
     args = train_args(db, out, **{"--save-every": 2})
     killed = killed_during_checkpoint("save", 2, args)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -153,8 +144,8 @@ def test_a_kill_inside_a_checkpoint_write_leaves_no_temp_dir_after_the_restart(t
     assert not list(out.glob(".tmp-step-*"))
 
 
-def test_sigterm_ends_the_wait_for_another_holders_leases(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples)
+def test_sigterm_ends_the_wait_for_another_holders_leases(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples)
     # A rank of an earlier, larger group died holding two refs, far from their deadline (or the clock jumped back).
     RefQueue(connect(db)).lease("train-1@4242-gone", n=2, ttl=600.0)
     trainer = run_cli(train_args(db, tmp_path / "out"))
@@ -164,27 +155,27 @@ def test_sigterm_ends_the_wait_for_another_holders_leases(tmp_path, target, samp
         row = trainer_row(meta)
         return row is not None and row.status.startswith("waiting for leases of train-1@4242-gone to expire")
 
-    wait_until(waiting, "the trainer says whose leases it waits for", trainer)
+    wait_until(waiting, "the trainer says whose leases it waits for", process=trainer)
     assert "at most" in trainer_row(meta).status  # bounded, and it says so
     trainer.send_signal(signal.SIGTERM)
     assert trainer.wait(timeout=30) == 0
     assert "stopped (SIGTERM)" in trainer.stdout.read()
 
 
-def test_a_second_run_writing_the_same_out_dir_is_refused(tmp_path, target, samples):
+def test_a_second_run_writing_the_same_out_dir_is_refused(tmp_path, tiny_train_target, samples):
     out = tmp_path / "out"
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    train(new_run(tmp_path, target, samples, name="a"), config, TrainLimits(out=out, progress=False))
+    train(new_run(tmp_path, tiny_train_target, samples, name="a"), config, TrainOptions(out=out, progress=False))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("step-*")}
     with pytest.raises(InputError, match="belongs to run .* two runs share this --out"):
-        train(new_run(tmp_path, target, samples, name="b"), config, TrainLimits(out=out, progress=False))
+        train(new_run(tmp_path, tiny_train_target, samples, name="b"), config, TrainOptions(out=out, progress=False))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("step-*")} == before
 
 
-def test_checkpoints_are_private_and_load_tensors_and_plain_data_only(tmp_path, target, samples):
+def test_checkpoints_are_private_and_load_tensors_and_plain_data_only(tmp_path, tiny_train_target, samples):
     out = tmp_path / "out"
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    train(new_run(tmp_path, target, samples), config, TrainLimits(out=out, progress=False))
+    train(new_run(tmp_path, tiny_train_target, samples), config, TrainOptions(out=out, progress=False))
     step = (out / "latest").resolve()
     assert stat.S_IMODE(step.stat().st_mode) == 0o700
     assert {stat.S_IMODE(f.stat().st_mode) for f in step.iterdir()} == {0o600}

@@ -5,32 +5,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.train.checkpoint import read_export
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.plot import read_metrics
-from dataflow.train.testing import build_tiny_target, seed_run, tiny_features
+from dataflow.train.testing import seed_run, tiny_features
 from dataflow.train.trainer import train, wait_reason
 
 DRAFT_VOCAB = 160
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def samples(target):
-    return tiny_features(target, [24, 32, 20, 28, 32, 24, 16, 30])
+def samples(tiny_train_target):
+    return tiny_features(tiny_train_target, [24, 32, 20, 28, 32, 24, 16, 30])
 
 
 def new_run(tmp_path: Path, target, samples, *, store="files", name="run") -> Path:
@@ -54,10 +49,10 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[n].double() - b[n].double()).abs().max().item() for n in a if a[n].is_floating_point())
 
 
-def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples[:4])
+def test_the_draft_overfits_a_handful_of_samples(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples[:4])
     config = TrainConfig(lr=3e-3, warmup_steps=5, ttt_length=2, batch_tokens=256)
-    ending = train(db, config, TrainLimits(out=tmp_path / "out", epochs=80, log_every=10, progress=False))
+    ending = train(db, config, TrainOptions(out=tmp_path / "out", epochs=80, log_every=10, progress=False))
     assert ending == "finished"
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["acc_0"] < 0.5 and rows[-1]["acc_0"] > 0.9, (rows[0]["acc_0"], rows[-1]["acc_0"])
@@ -68,12 +63,12 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, target, samples):
     assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
 
 
-def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, target, samples):
+def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, tiny_train_target, samples):
     outs = {}
     for store in ("shm", "files"):
-        db = new_run(tmp_path, target, samples, store=store, name=store)
-        limits = TrainLimits(out=tmp_path / f"out-{store}", progress=False)
-        train(db, TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=64, grad_accum=2), limits)
+        db = new_run(tmp_path, tiny_train_target, samples, store=store, name=store)
+        options = TrainOptions(out=tmp_path / f"out-{store}", progress=False)
+        train(db, TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=64, grad_accum=2), options)
         outs[store] = final_weights(tmp_path / f"out-{store}")
     assert max_difference(outs["shm"], outs["files"]) <= 1e-6
 
@@ -107,28 +102,27 @@ writer.close()
 """
 
 
-def test_training_beside_a_live_producer_trains_every_ref_once(tmp_path, target, samples):
+def test_training_beside_a_live_producer_trains_every_ref_once(tmp_path, tiny_train_target, samples):
     db = tmp_path / "live.sqlite"
-    seed_run(db, target, samples[:1], draft_vocab_size=DRAFT_VOCAB, store="shm", end_of_stream=False)
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(db), str(target)])
+    seed_run(db, tiny_train_target, samples[:1], draft_vocab_size=DRAFT_VOCAB, store="shm", end_of_stream=False)
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(db), str(tiny_train_target)])
     config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=2, batch_tokens=64, grad_accum=2)
-    ending = train(db, config, TrainLimits(out=tmp_path / "out", fill_wait=0.1, log_every=1, progress=False))
+    ending = train(db, config, TrainOptions(out=tmp_path / "out", fill_wait=0.1, log_every=1, progress=False))
     assert producer.wait(timeout=120) == 0 and ending == "finished"
     counts = RefQueue(connect(db)).counts()
     assert counts["trained"] == 9 and counts["lost"] == counts["dead"] == counts["pending"] == 0
 
 
-def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, target, samples):
+def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, tiny_train_target, samples):
     extra = {"--epochs": 4, "--save-every": 3, "--lease-ttl": 1}
-    reference = run_cli(train_args(new_run(tmp_path, target, samples, name="ref"), tmp_path / "out-ref", **extra))
+    reference = run_cli(train_args(new_run(tmp_path, tiny_train_target, samples, name="ref"), tmp_path / "out-ref", **extra))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
-    db = new_run(tmp_path, target, samples, name="killed")
+    db = new_run(tmp_path, tiny_train_target, samples, name="killed")
     victim = run_cli(train_args(db, tmp_path / "out-killed", **extra))
     meta, queue = RunMeta(connect(db)), RefQueue(connect(db))
-    while not (meta.last_checkpoint() and queue.counts()["acked"] and queue.counts()["leased"]):
-        assert victim.poll() is None, "the trainer finished before it could be killed"
-        time.sleep(0.005)
+    wait_until(lambda: meta.last_checkpoint() and queue.counts()["acked"] and queue.counts()["leased"],
+               "the trainer has a checkpoint, acked and leased refs (to be killed)", process=victim, every=0.005)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not meta.run_finished() and queue.counts()["acked"] > 0
@@ -144,8 +138,8 @@ def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, ta
     assert counts["trained"] == 4 * len(samples) and counts["acked"] == counts["pending"] == counts["leased"] == 0
 
 
-def test_two_ranks_over_gloo_train_every_ref_once(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples)
+def test_two_ranks_over_gloo_train_every_ref_once(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dataflow", "train", *train_args(db, tmp_path / "out", **{"--epochs": 2, "--save-every": 2})]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -164,28 +158,26 @@ def test_waiting_says_how_long_ago_the_rollout_was_last_seen():
     assert wait_reason(now - 95, now) == "waiting for rollout (last seen 95s ago)"
 
 
-def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, target, samples):
+def test_gradient_accumulation_equals_one_big_padded_batch(tmp_path, tiny_train_target, samples):
     # Lengths 24,32,20,28 | 32,24,16,30: a 64-token budget packs each step as two micro-batches, a
     # 128-token budget as one; the steps hold the same samples, so the updates must agree (in fp32: bf16
     # rounds the two layouts' matmuls differently).
     outs = {}
     for budget, accum in ((64, 2), (128, 1)):
-        db = new_run(tmp_path, target, samples, name=f"b{budget}")
+        db = new_run(tmp_path, tiny_train_target, samples, name=f"b{budget}")
         config = TrainConfig(lr=3e-3, warmup_steps=2, ttt_length=3, batch_tokens=budget, grad_accum=accum,
                              dtype="fp32")
-        train(db, config, TrainLimits(out=tmp_path / f"out-{budget}", progress=False))
+        train(db, config, TrainOptions(out=tmp_path / f"out-{budget}", progress=False))
         outs[budget] = final_weights(tmp_path / f"out-{budget}")
         assert RunMeta(connect(db)).last_checkpoint().step == 2
     assert max_difference(outs[64], outs[128]) <= 1e-5
 
 
-def test_sigterm_stops_gracefully_with_a_durable_checkpoint_and_no_held_leases(tmp_path, target, samples):
-    db = new_run(tmp_path, target, samples)
+def test_sigterm_stops_gracefully_with_a_durable_checkpoint_and_no_held_leases(tmp_path, tiny_train_target, samples):
+    db = new_run(tmp_path, tiny_train_target, samples)
     trainer = run_cli(train_args(db, tmp_path / "out", **{"--epochs": 50, "--save-every": 1000}))
     queue, meta = RefQueue(connect(db)), RunMeta(connect(db))
-    while not queue.counts()["acked"]:
-        assert trainer.poll() is None, trainer.stdout.read()
-        time.sleep(0.01)
+    wait_until(lambda: queue.counts()["acked"], "the trainer acks a sample", process=trainer, every=0.01)
     trainer.send_signal(signal.SIGTERM)
     assert trainer.wait(timeout=120) == 0
     assert "stopped (SIGTERM)" in trainer.stdout.read()

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from dataflow.errors import InputError
+from dataflow.records import VocabRecord
 from dataflow.train.checkpoint import draft_from_export, write_export
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft, apply_rotary, rotary_tables
 from dataflow.train.loss import STEP_DECAY, TeacherHead, draft_target_ids, loss_tokens, teacher, teacher_head, ttt_sums
 from dataflow.train.target import load_target_head
 from dataflow.train.testing import build_tiny_target
-from dataflow.train.vocab import vocab_from_meta, vocab_from_target_ids, vocab_to_meta
+from dataflow.train.vocab import vocab_from_record, vocab_from_target_ids
 
 V, VD, H = 50, 20, 16
 
@@ -175,15 +176,15 @@ def test_right_padding_does_not_change_a_samples_loss():
 def test_vocab_mapping_round_trips_through_the_run_record():
     vocab = vocab_from_target_ids([7, 3, 11], 12)
     assert vocab.d2t.tolist() == [3, 6, 9] and vocab.t2d.nonzero().flatten().tolist() == [3, 7, 11]
-    again = vocab_from_meta(vocab_to_meta(vocab), 12)
+    again = vocab_from_record(VocabRecord.from_meta(VocabRecord(d2t=vocab.d2t.tolist()).to_meta()), 12)
     assert torch.equal(again.d2t, vocab.d2t) and torch.equal(again.t2d, vocab.t2d)
 
 
 def test_a_vocab_record_out_of_the_targets_range_is_refused():
     with pytest.raises(InputError, match="must lie in"):
-        vocab_from_meta({"draft_vocab_size": 2, "d2t": [0, 20]}, 12)
-    with pytest.raises(InputError, match="sorted"):
-        vocab_from_meta({"draft_vocab_size": 2, "d2t": [5, -5]}, 12)
+        vocab_from_record(VocabRecord.from_meta({"draft_vocab_size": 2, "d2t": [0, 20]}), 12)
+    with pytest.raises(InputError, match="target ids increase"):
+        VocabRecord.from_meta({"draft_vocab_size": 2, "d2t": [5, -5]})
 
 
 def test_target_head_is_read_from_safetensors_and_falls_back_to_tied_embeddings(tmp_path):

@@ -1,21 +1,18 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from test_transport_support import matches, run_db, sample  # noqa: F401
+from test_transport_support import matches, sample
 
 from safetensors.torch import save_file
 
-from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport import open_reader, open_writer, sweep, usage
-
-
-@pytest.fixture
-def conn(run_db):
-    conn = connect(run_db)
-    yield conn
-    conn.close()
+from dataflow.transport.files_dir import LOCK_FILE, store_id
 
 
 def files_writer(conn, tmp_path, **kw):
@@ -134,3 +131,36 @@ def test_a_crafted_handle_reads_nothing_outside_its_store(conn, tmp_path):
     with pytest.raises(FeaturesLost, match="not one of this run's"):
         reader.open({**a, "store": "files-000000000000-p0"})
     writer.close()
+
+
+HOLD_THE_WRITER_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))  # how long it holds the lock (gc deciding: a moment; a live producer: long)
+"""
+
+
+def hold_writer_lock(directory: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the files store's writer lock, for `seconds`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WRITER_LOCK, str(directory / LOCK_FILE), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_files_writer_waits_out_a_momentary_holder_of_its_lock_and_refuses_a_lasting_one(conn, tmp_path):
+    directory = tmp_path / "features" / store_id(RunMeta(conn).run_id, "p0")
+    holder = hold_writer_lock(directory, 0.5)  # well under LOCK_WAIT_S
+    files_writer(conn, tmp_path).close()
+    assert holder.wait(timeout=30) == 0
+    holder = hold_writer_lock(directory, 60.0)
+    try:
+        with pytest.raises(StoreError, match="another producer is writing this files store"):
+            files_writer(conn, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    files_writer(conn, tmp_path).close()  # the kernel dropped the dead holder's lock

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from test_transport_support import leftover_segments, matches, produce, run_db, sample, spawn, tokens_for  # noqa: F401
+from conftest import leftover_segments
+from test_transport_support import matches, produce, sample, spawn, tokens_for
 from typer.testing import CliRunner
 
 from dataflow.cli import app
@@ -14,13 +15,6 @@ from dataflow.control.queue import RefQueue
 from dataflow.errors import StoreError
 from dataflow.transport import open_reader, open_writer, sweep, usage
 from dataflow.transport.segment import SHM_DIR
-
-
-@pytest.fixture
-def conn(run_db):
-    conn = connect(run_db)
-    yield conn
-    conn.close()
 
 
 def crashed_producer(db, keys):

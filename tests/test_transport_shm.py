@@ -3,9 +3,9 @@ import stat
 
 import pytest
 import torch
-from test_transport_support import leftover_segments, matches, run_db, sample  # noqa: F401
+from conftest import leftover_segments
+from test_transport_support import matches, sample
 
-from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import FeaturesLost, InputError, StoreError
@@ -24,13 +24,6 @@ def consume_all(queue):
     leases = queue.lease("trainer", n=1000)
     assert not queue.ack([lease.token for lease in leases])
     return leases
-
-
-@pytest.fixture
-def conn(run_db):
-    conn = connect(run_db)
-    yield conn
-    conn.close()
 
 
 def test_a_sample_comes_back_bit_exact_in_every_dtype_as_zero_copy_views(conn):

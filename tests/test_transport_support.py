@@ -1,7 +1,4 @@
-"""Shared fixtures and sample helpers for the transport tests (no tests here).
-
-Every test gets its own run database; on teardown the run must have left nothing in /dev/shm (checked
-by run prefix, so helpers' tests running beside ours on the same machine never interfere)."""
+"""Sample helpers and worker processes for the transport tests (no tests here; the run_db fixture is in conftest)."""
 
 from __future__ import annotations
 
@@ -9,33 +6,12 @@ import functools
 import zlib
 from pathlib import Path
 
-import pytest
 import torch
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
-from dataflow.transport.gc import run_prefix
-from dataflow.transport.segment import SHM_DIR
 
 H = 8  # tiny hidden size: a sample of T tokens is T * (8 + 1 + 3*8*4 + 8*4) bytes in fp32
-
-
-def leftover_segments(run_id: str) -> list[Path]:
-    return sorted(SHM_DIR.glob(run_prefix(run_id) + "*"))
-
-
-@pytest.fixture
-def run_db(tmp_path):
-    """The path of a fresh run database; fails the test if the run leaks an arena (and cleans it up)."""
-    path = tmp_path / "run.sqlite"
-    conn = connect(path)
-    run_id = RunMeta(conn).run_id
-    conn.close()
-    yield path
-    leaked = leftover_segments(run_id)
-    for p in leaked:
-        p.unlink(missing_ok=True)
-    assert not leaked, f"leaked shared-memory segments: {leaked}"
 
 
 def sample(key: str, tokens: int = 16, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dataflow import testing as rollout_testing
 from dataflow.cli import app
 
-from test_train_cli import QUICK, samples, seeded, target  # noqa: F401 (fixtures shared with the train CLI tests)
+from test_train_cli import QUICK, samples, seeded  # noqa: F401 (samples: a fixture shared with the train CLI tests)
 
 runner = CliRunner()
 
@@ -36,8 +36,8 @@ def test_a_trainer_on_a_mistyped_db_says_at_once_what_it_waits_for_and_gives_up_
     assert len(errors) == 1 and "within --wait-for-rollout 1s; check --db" in errors[0], rest
 
 
-def test_a_trainer_without_a_terminal_logs_a_plain_line_every_log_every_steps(tmp_path, target, samples):
-    db = seeded(tmp_path, target, samples)
+def test_a_trainer_without_a_terminal_logs_a_plain_line_every_log_every_steps(tmp_path, tiny_train_target, samples):
+    db = seeded(tmp_path, tiny_train_target, samples)
     trainer = dataflow("train", "--db", db, "--out", tmp_path / "out", "--epochs", "2", *QUICK, cwd=tmp_path)
     out, err = trainer.communicate(timeout=300)
     assert trainer.returncode == 0, err
@@ -51,8 +51,8 @@ def test_a_trainer_without_a_terminal_logs_a_plain_line_every_log_every_steps(tm
     assert train["status"] == "finished" and train["alive"] is False  # at once, not after a stale heartbeat
 
 
-def test_quiet_keeps_the_step_lines_and_messages_out_of_the_log(tmp_path, target, samples):
-    db = seeded(tmp_path, target, samples)
+def test_quiet_keeps_the_step_lines_and_messages_out_of_the_log(tmp_path, tiny_train_target, samples):
+    db = seeded(tmp_path, tiny_train_target, samples)
     result = runner.invoke(app, ["train", "--db", str(db), "--out", str(tmp_path / "out"), "--quiet", *QUICK])
     assert result.exit_code == 0, result.output
     assert " step " not in result.output and "finished" not in result.output, result.output

@@ -89,7 +89,7 @@ class TrainerActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def run(self, ledger, rank: int, world: int, master: tuple[str, int], config, limits, threads: int | None) -> str:
+    def run(self, ledger, rank: int, world: int, master: tuple[str, int], config, options, threads: int | None) -> str:
         import torch
 
         from dataflow.train.dist import close_dist, init_dist
@@ -100,11 +100,11 @@ class TrainerActor:
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         if threads:
             torch.set_num_threads(threads)
-        dist = init_dist(limits.device)
+        dist = init_dist(options.device)
         done = threading.Event()
         try:
             control = (RemoteMeta(ledger), Remote(ledger, "refs"), Remote(ledger, "tasks"))
-            trainer = ClusterTrainer(None, config, limits, dist, control=control)
+            trainer = ClusterTrainer(None, config, options, dist, control=control)
             threading.Thread(target=_forward_stop, args=(ledger, trainer, done), daemon=True).start()
             return trainer.run()
         finally:

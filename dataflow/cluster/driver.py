@@ -61,16 +61,16 @@ def cluster_settings(rollout: tuple, train: tuple) -> tuple[tuple, tuple]:
     """The single-host settings, adjusted for actors on other nodes: absolute paths, the Ray store, no
     terminal progress, and rollouts that stay until the trainers finish (to regenerate lost samples)."""
     rollout_config, engine_config = rollout
-    config, limits = train
+    config, options = train
     if rollout_config.store != "shm" or rollout_config.store_dir is not None:
         raise InputError("--ray: features go through Ray's object store; drop --store and --store-dir")
-    if limits.epochs > 1 and limits.epochs != rollout_config.epochs:
+    if options.epochs > 1 and options.epochs != rollout_config.epochs:
         raise InputError(f"--ray: the Ray store frees features once trained, so the trainer cannot replay them "
-                         f"(--train-epochs {limits.epochs}); pass --epochs {limits.epochs} to the rollouts instead")
+                         f"(--train-epochs {options.epochs}); pass --epochs {options.epochs} to the rollouts instead")
     dataset = rollout_config.dataset and rollout_config.dataset.resolve()
     rollout_config = replace(rollout_config, wait_for_trainer=True, dataset=dataset)
-    limits = replace(limits, out=limits.out.resolve(), progress=False, epochs=1)  # the rollouts make every epoch
-    return (rollout_config, engine_config), (config, limits)
+    options = replace(options, out=options.out.resolve(), progress=False, epochs=1)  # the rollouts make every epoch
+    return (rollout_config, engine_config), (config, options)
 
 
 def run_on_ray(db: Path, cluster: ClusterConfig, rollout: tuple, train: tuple, *, threads: int | None = None,
@@ -159,8 +159,8 @@ class Supervisor:
             for r in range(world)
         ]
         master = actors[0].address.remote()  # resolved by Ray before any rank's run starts
-        config, limits = self.train
-        runs = [a.run.remote(self.ledger, r, world, master, config, limits, self.threads) for r, a in enumerate(actors)]
+        config, options = self.train
+        runs = [a.run.remote(self.ledger, r, world, master, config, options, self.threads) for r, a in enumerate(actors)]
         return TrainerGroup(pg, actors, runs)
 
     # ---- watch ----

@@ -70,7 +70,7 @@ class RunMeta:
             self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
         return self.get(key)
 
-    def check_config(self, section: str, config: dict) -> None:
+    def record_or_check_config(self, section: str, config: dict) -> None:
         """Record `config` the first time a section is seen; afterwards refuse any differing key. A key the
         record lacks is an option added after the run started: it is accepted and recorded."""
         key = f"config.{section}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dataflow.train.eagle3 import Eagle3Draft, rotary_tables
+from dataflow.train.loss import draft_target_ids
 
 
 @dataclass
@@ -46,10 +47,10 @@ def propose(draft: Eagle3Draft, tokens: torch.Tensor, aux: torch.Tensor, k: int)
     # Step 0 over every position: token t+1 with the target's features at t.
     hidden = draft.midlayer(draft.embed_tokens(tokens[:, 1:]), draft.fc(aux), cos[:T], sin[:T], cache)
     hidden = hidden[:, -1:]  # (1, 1, H): only the last position drafts forward
-    guesses = []
+    to_target, guesses = draft_target_ids(draft.d2t), []  # (Vd,): the target id of each draft id
     for step in range(k):
         draft_id = draft.logits(hidden)[0, -1].argmax().item()  # host sync: the next step needs the token
-        guesses.append(draft_id + int(draft.d2t[draft_id]))
+        guesses.append(int(to_target[draft_id]))
         if step + 1 < k:
             pos = T - 1 + step + 1  # step s sits at rotary position t + s
             embeds = draft.embed_tokens(torch.tensor([[guesses[-1]]]))

@@ -1,5 +1,5 @@
 """Settings of one rollout process. The keys that must not change between restarts of a run are
-recorded with RunMeta.check_config("rollout", config.run_identity(...))."""
+recorded with RunMeta.record_or_check_config("rollout", config.run_identity(...))."""
 
 from __future__ import annotations
 

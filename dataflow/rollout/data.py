@@ -35,7 +35,7 @@ ROLE_ALIASES = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sample:
+class Conversation:
     """One dataset row: either `messages` (role/content dicts) or `text` (pre-formatted), never both."""
 
     id: str
@@ -46,13 +46,13 @@ class Sample:
         return {"id": self.id, "messages": list(self.messages), "text": self.text}
 
     @classmethod
-    def from_payload(cls, payload: dict) -> Sample:
+    def from_payload(cls, payload: dict) -> Conversation:
         return cls(id=payload["id"], messages=tuple(payload["messages"]), text=payload["text"])
 
 
 @dataclass(frozen=True)
 class LoadedDataset:
-    samples: list[Sample]
+    samples: list[Conversation]
     skipped: list[str]  # "file:line: why" for each bad row dropped
 
 
@@ -68,7 +68,7 @@ def load_dataset(path: Path | None = None, on_bad_row: Literal["skip", "fail"] =
     path = default_dataset_path() if path is None else Path(path)
     if not path.is_file():
         raise InputError(f"dataset {path}: no such file; pass --dataset a .jsonl file of conversations")
-    samples: list[Sample] = []
+    samples: list[Conversation] = []
     problems: list[str] = []
     seen: set[str] = set()
     with open(path, "rb") as f:
@@ -101,7 +101,7 @@ def decode_line(raw: bytes) -> str:
         raise BadRow(f"invalid UTF-8 at byte {e.start} of the line ({raw[e.start:e.start + 4]!r})") from None
 
 
-def split_held_out(samples: list[Sample], held_out: int) -> tuple[list[Sample], list[Sample]]:
+def split_held_out(samples: list[Conversation], held_out: int) -> tuple[list[Conversation], list[Conversation]]:
     """(rows to train on, the eval's rows): the last `held_out` conversation rows are held out."""
     conversations = [i for i, s in enumerate(samples) if s.messages]
     if held_out and held_out >= len(conversations):
@@ -113,7 +113,7 @@ def split_held_out(samples: list[Sample], held_out: int) -> tuple[list[Sample], 
     return [s for i, s in enumerate(samples) if i not in kept_out], [samples[i] for i in sorted(kept_out)]
 
 
-def parse_row(line: str, default_id: str) -> Sample:
+def parse_row(line: str, default_id: str) -> Conversation:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -126,11 +126,11 @@ def parse_row(line: str, default_id: str) -> Sample:
     if isinstance(row.get("text"), str):
         if not row["text"].strip():
             raise BadRow("empty text")
-        return Sample(id=sample_id, text=row["text"])
+        return Conversation(id=sample_id, text=row["text"])
     turns = row.get("conversations", row.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise BadRow('no "conversations" list (or "text") or it is empty')
-    return Sample(id=sample_id, messages=tuple(normalise_turn(t) for t in turns))
+    return Conversation(id=sample_id, messages=tuple(normalise_turn(t) for t in turns))
 
 
 def normalise_turn(turn) -> dict:

@@ -24,8 +24,10 @@ import torch
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
+from dataflow.keys import epoch_key
+from dataflow.records import TargetRecord, read_vocab, write_target, write_vocab_once
 from dataflow.rollout.config import RolloutConfig
-from dataflow.rollout.data import Sample, default_dataset_path, load_dataset, split_held_out
+from dataflow.rollout.data import Conversation, default_dataset_path, load_dataset, split_held_out
 from dataflow.rollout.engines.hf import HFEngine
 from dataflow.rollout.regenerate import (
     first_user_turn,
@@ -39,10 +41,6 @@ from dataflow.rollout.vocab import count_tokens, draft_vocab
 
 DEFAULT_DRAFT_VOCAB = 32000
 PROMPT_MAX_NEW_TOKENS = 96  # a self-written prompt is a question or an instruction, not an essay
-
-
-def task_key(sample_id: str, epoch: int) -> str:
-    return sample_id if epoch == 0 else f"{sample_id}#e{epoch}"
 
 
 def run_identity(config: RolloutConfig, engine: HFEngine, draft_vocab_size: int) -> dict:
@@ -81,10 +79,10 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         )
     dataset = load_dataset(config.dataset, config.on_bad_row)
     rows, held_out = split_held_out(dataset.samples, config.held_out)
-    meta.check_config("rollout", run_identity(config, engine, draft_vocab_size))
-    meta.set("target", {**engine.describe(), "max_length": config.max_length})
+    meta.record_or_check_config("rollout", run_identity(config, engine, draft_vocab_size))
+    write_target(meta, TargetRecord(**engine.describe(), max_length=config.max_length))
     summary = {"bad_rows_skipped": len(dataset.skipped), "held_out": len(held_out)}
-    if meta.get("vocab") is not None and sum(tasks.counts().values()):
+    if read_vocab(meta) is not None and sum(tasks.counts().values()):
         return {**summary, "tasks_added": 0}  # a restart: the run's prompts are its tasks already
     prompts, duplicates = training_prompts(engine, rows, held_out, config, view)
     order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
@@ -93,17 +91,17 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
         f"x{config.samples_per_prompt} replies x{config.epochs} epochs = {len(order)} samples"
     )
     warm = {}
-    if meta.get("vocab") is None:
+    if read_vocab(meta) is None:
         warm = record_vocab(meta, engine, order, rows, config, draft_vocab_size, view)
     added = tasks.add_many(
-        [(task_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)]
+        [(epoch_key(s.id, epoch), task_payload(s, epoch, warm.get(i))) for i, (epoch, s) in enumerate(order)]
     )
     return {**summary, "prompts": len(prompts), "duplicates_dropped": duplicates, "tasks_added": added}
 
 
 def training_prompts(
-    engine: HFEngine, rows: list[Sample], held_out: list[Sample], config: RolloutConfig, view: RolloutView
-) -> tuple[list[Sample], int]:
+    engine: HFEngine, rows: list[Conversation], held_out: list[Conversation], config: RolloutConfig, view: RolloutView
+) -> tuple[list[Conversation], int]:
     """The dataset's rows (first --num-samples) without repeats or eval prompts, plus self-written prompts;
     and how many rows were dropped as repeats."""
     eval_prompts = [p for p in map(first_user_turn, held_out) if p is not None]
@@ -121,12 +119,12 @@ def training_prompts(
     return seeds + own, duplicates
 
 
-def with_copies(samples: list[Sample], copies: int) -> list[Sample]:
+def with_copies(samples: list[Conversation], copies: int) -> list[Conversation]:
     """Each sample `copies` times; copy k > 0 is keyed "<id>@<k>" (its own task, its own sampled replies)."""
     return [s if k == 0 else dataclasses.replace(s, id=f"{s.id}@{k}") for s in samples for k in range(copies)]
 
 
-def epoch_order(samples: list[Sample], config: RolloutConfig) -> list[tuple[int, Sample]]:
+def epoch_order(samples: list[Conversation], config: RolloutConfig) -> list[tuple[int, Conversation]]:
     """Each epoch's samples in their own seeded shuffle, epoch after epoch."""
     order = []
     for epoch in range(config.epochs):
@@ -136,7 +134,7 @@ def epoch_order(samples: list[Sample], config: RolloutConfig) -> list[tuple[int,
     return order
 
 
-def task_payload(sample: Sample, epoch: int, regenerated: Sample | None) -> dict:
+def task_payload(sample: Conversation, epoch: int, regenerated: Conversation | None) -> dict:
     """A task's payload; a warm-up sample carries the replies the target already wrote for it."""
     if regenerated is None:
         return {**sample.to_payload(), "epoch": epoch}
@@ -144,9 +142,9 @@ def task_payload(sample: Sample, epoch: int, regenerated: Sample | None) -> dict
 
 
 def record_vocab(
-    meta: RunMeta, engine: HFEngine, order: list[tuple[int, Sample]], rows: list[Sample],
+    meta: RunMeta, engine: HFEngine, order: list[tuple[int, Conversation]], rows: list[Conversation],
     config: RolloutConfig, size: int, view: RolloutView,
-) -> dict[int, Sample]:
+) -> dict[int, Conversation]:
     """Count the replies, record the draft vocabulary (first writer wins); returns the warm-up samples
     regenerated for it, by position in `order`."""
     contenders, started = torch.zeros(engine.vocab_size), time.monotonic()
@@ -163,24 +161,24 @@ def record_vocab(
     seen = Counter(t for s in rows if (tokenized := renderable(engine, s, config)) for t in tokenized.input_ids)
     vocab = draft_vocab(counts, engine.vocab_size, size, fallbacks=(seen, likely))
     source = "regenerated replies" if config.regenerate else "dataset replies"
-    recorded = meta.set_once("vocab", {**vocab, "counted_samples": len(counted), "source": source})
-    if recorded.get("coverage") is not None:
+    recorded = write_vocab_once(meta, dataclasses.replace(vocab, counted_samples=len(counted), source=source))
+    if recorded.coverage is not None:
         view.message(
-            f"draft vocabulary: {size} ids from {recorded['counted_samples']} samples' {recorded['source']}; "
-            f"covers {recorded['coverage']:.1%} of their {recorded['counted_tokens']} trained tokens "
-            f"({recorded['distinct_counted']} distinct)"
+            f"draft vocabulary: {size} ids from {recorded.counted_samples} samples' {recorded.source}; "
+            f"covers {recorded.coverage:.1%} of their {recorded.counted_tokens} trained tokens "
+            f"({recorded.distinct_counted} distinct)"
         )
     return warm
 
 
 def regenerate_warmup(
-    engine: HFEngine, warmup: list[tuple[int, Sample]], config: RolloutConfig, view: RolloutView,
+    engine: HFEngine, warmup: list[tuple[int, Conversation]], config: RolloutConfig, view: RolloutView,
     contenders: torch.Tensor,
-) -> dict[int, Sample]:
+) -> dict[int, Conversation]:
     """The warm-up conversations with the target's replies, in batches of --tasks-per-lease (counting the
     target's top next-token candidates while writing them into `contenders`)."""
     todo = [i for i, (_, s) in enumerate(warmup) if s.text is None]
-    out: dict[int, Sample] = {}
+    out: dict[int, Conversation] = {}
     with view.stage("vocabulary warm-up (regenerating)", len(todo)) as advance:
         for start in range(0, len(todo), config.tasks_per_lease):
             batch = todo[start : start + config.tasks_per_lease]
@@ -193,7 +191,7 @@ def regenerate_warmup(
     return out
 
 
-def renderable(engine: HFEngine, sample: Sample, config: RolloutConfig) -> TokenizedSample | None:
+def renderable(engine: HFEngine, sample: Conversation, config: RolloutConfig) -> TokenizedSample | None:
     """The tokenised sample, or None where the chat template refuses it (the producer reports those)."""
     try:
         return tokenize_sample(

@@ -28,14 +28,15 @@ from dataflow.control.db import connect, database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
 from dataflow.control.tasks import TaskLease, TaskQueue
+from dataflow.records import read_vocab
 from dataflow.rollout.config import RolloutConfig
-from dataflow.rollout.data import Sample
+from dataflow.rollout.data import Conversation
 from dataflow.rollout.engines.hf import HFEngine, token_budget_batches
 from dataflow.rollout.prepare import prepare_run
 from dataflow.rollout.regenerate import regenerate_replies
 from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sample
 from dataflow.rollout.ui import RolloutView
-from dataflow.rollout.vocab import covered, target_ids_of
+from dataflow.rollout.vocab import covered
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
@@ -160,7 +161,7 @@ class Producer:
         self.process_id = f"rollout-{producer_id}"
         self.lease_owner = f"{producer_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this incarnation (control/leases.py)
         self.stats = RolloutStats()
-        self.vocab_ids = frozenset(target_ids_of(self.meta.get("vocab")))
+        self.vocab_ids = frozenset(read_vocab(self.meta).target_ids())
         self.held: dict[str, TaskLease] = {}  # token -> lease not yet completed
         self.status = "starting"
         self._last_heartbeat = 0.0
@@ -223,7 +224,7 @@ class Producer:
             return True
         self.held = {lease.token: lease for lease in leases}
         self._last_extend = time.monotonic()
-        samples = {lease.token: Sample.from_payload(lease.payload) for lease in leases}
+        samples = {lease.token: Conversation.from_payload(lease.payload) for lease in leases}
         if self.config.regenerate:
             self.regenerate(samples)
         tokenized = self.timed("tokenize_s", self.tokenize, {t: s for t, s in samples.items() if t in self.held})
@@ -242,7 +243,7 @@ class Producer:
             self.keep_leases()
         return True
 
-    def tokenize(self, samples: dict[str, Sample]) -> list[TokenizedSample]:
+    def tokenize(self, samples: dict[str, Conversation]) -> list[TokenizedSample]:
         """Tokenised samples keyed by lease token (in .id); samples without assistant tokens are closed."""
         out = []
         for token, sample in samples.items():
@@ -308,7 +309,7 @@ class Producer:
         self.keep_leases()
         self.heartbeat(self.status)
 
-    def regenerate(self, samples: dict[str, Sample]) -> None:
+    def regenerate(self, samples: dict[str, Conversation]) -> None:
         """Replace the assistant replies with the target's own (kept in the task payload for restarts).
         A task whose lease was lost meanwhile is dropped: its new payload would land nowhere."""
         todo = [t for t in samples if not self.held[t].payload.get("regenerated") and samples[t].text is None]

@@ -16,16 +16,16 @@ from typing import Callable, Iterable
 
 import torch
 
-from dataflow.rollout.data import Sample
+from dataflow.rollout.data import Conversation
 
 USER_SENTINEL = "\x00user-turn\x00"
 MIN_PROMPT_CHARS = 8  # shorter self-written prompts are mostly "Hi" or a stray fragment
 
 
 def regenerate_replies(
-    engine, samples: list[Sample], *, max_new_tokens: int, temperature: float, seed: int,
+    engine, samples: list[Conversation], *, max_new_tokens: int, temperature: float, seed: int,
     contenders: torch.Tensor | None = None,
-) -> list[Sample]:
+) -> list[Conversation]:
     """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
     turn by turn, batched across conversations. Sampling is seeded by `seed` and the samples' ids, so a
     batch regenerated again (after a restart) gets the same replies and copies of one prompt differ.
@@ -57,11 +57,11 @@ def normalised(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def first_user_turn(sample: Sample) -> str | None:
+def first_user_turn(sample: Conversation) -> str | None:
     return next((m["content"] for m in sample.messages if m["role"] == "user"), None)
 
 
-def prompt_key(sample: Sample) -> str:
+def prompt_key(sample: Conversation) -> str:
     """What makes two conversations the same prompt: their user turns, normalised."""
     return "\n".join(normalised(m["content"]) for m in sample.messages if m["role"] == "user")
 
@@ -76,7 +76,7 @@ def self_written_prompts(
     seed: int,
     batch_size: int = 32,
     on_batch: Callable[[int], None] = lambda n: None,
-) -> list[Sample]:
+) -> list[Conversation]:
     """`count` distinct user prompts sampled by the target from its bare user header (ids "@self<i>"),
     none equal to a text in `avoid`. Gives up after 4x`count` attempts and returns what it has."""
     header = user_header(engine.tokenizer)
@@ -93,10 +93,10 @@ def self_written_prompts(
                 seen.add(key)
                 prompts.append(text)
         on_batch(len(prompts))
-    return [Sample(id=f"@self{i}", messages=({"role": "user", "content": p},)) for i, p in enumerate(prompts)]
+    return [Conversation(id=f"@self{i}", messages=({"role": "user", "content": p},)) for i, p in enumerate(prompts)]
 
 
-def without_duplicate_prompts(samples: list[Sample], avoid: Iterable[str]) -> tuple[list[Sample], int]:
+def without_duplicate_prompts(samples: list[Conversation], avoid: Iterable[str]) -> tuple[list[Conversation], int]:
     """The samples minus repeats (same user turns as an earlier sample) and minus those whose first user
     turn is in `avoid` (the eval's prompts); and how many were dropped. Text rows are kept."""
     avoided = {normalised(t) for t in avoid}

@@ -16,7 +16,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 
 from dataflow.errors import InputError
-from dataflow.rollout.data import Sample
+from dataflow.rollout.data import Conversation
 
 UNRENDERABLE = (TemplateError, ValueError)  # what a chat template raises for a conversation it refuses
 
@@ -73,7 +73,7 @@ def assistant_spans(tokenizer, messages, only_last: bool = False) -> tuple[str, 
 
 
 def tokenize_sample(
-    tokenizer, sample: Sample, *, max_length: int, train_only_last_turn: bool = False
+    tokenizer, sample: Conversation, *, max_length: int, train_only_last_turn: bool = False
 ) -> TokenizedSample | None:
     """input_ids and the assistant loss mask, truncated together; None if no assistant token is left."""
     if sample.text is not None:

@@ -4,9 +4,10 @@ Ranked by (1) how often a token is a trained (loss-masked) token of the replies 
 --regenerate are the target's own; for the slots the replies do not fill, (2) how often it occurs
 anywhere in the run's conversations (words the target reads and echoes: the best predictor of the
 replies still to come, measured by scripts/bench_vocab.py); (3) with --regenerate, how often it was among
-the target's top-5 candidates while writing the counted replies; only then (4) the lowest ids. Recorded in the run as {"draft_vocab_size", "d2t", ...} with d2t[i] = target_id -
-draft_id for draft id i, draft ids sorted by target id (the EAGLE3 checkpoint layout), plus how well it
-covers the counted replies; t2d is derived from d2t by the reader.
+the target's top-5 candidates while writing the counted replies; only then (4) the lowest ids. Recorded in
+the run as a VocabRecord (dataflow/records.py): d2t[i] = target_id - draft_id for draft id i, draft ids
+sorted by target id (the EAGLE3 checkpoint layout), plus how well it covers the counted replies; t2d is
+derived from d2t by the reader.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Iterable, Sequence
 
+from dataflow.records import VocabRecord
 from dataflow.rollout.template import TokenizedSample
 
 
@@ -30,7 +32,9 @@ def count_tokens(samples: Iterable[TokenizedSample | None], on_sample: Callable[
     return masked or everything
 
 
-def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int, fallbacks: Sequence[Counter] = ()) -> dict:
+def draft_vocab(
+    counts: Counter, vocab_size: int, draft_vocab_size: int, fallbacks: Sequence[Counter] = ()
+) -> VocabRecord:
     """The top tokens by `counts`, then by each of `fallbacks` in turn (ties: lower id first), topped up
     with the lowest ids seen in none; with the share of the counted tokens it covers."""
     if not 0 < draft_vocab_size <= vocab_size:
@@ -43,20 +47,11 @@ def draft_vocab(counts: Counter, vocab_size: int, draft_vocab_size: int, fallbac
     filler = (t for t in range(vocab_size) if t not in chosen)
     while len(chosen) < draft_vocab_size:
         chosen.add(next(filler))
-    target_ids = sorted(chosen)
     total = sum(counts.values())
-    return {
-        "draft_vocab_size": draft_vocab_size,
-        "d2t": [t - d for d, t in enumerate(target_ids)],
-        "counted_tokens": total,
-        "distinct_counted": len(counts),
-        "coverage": round(sum(counts[t] for t in chosen) / total, 5) if total else None,
-    }
-
-
-def target_ids_of(vocab: dict) -> list[int]:
-    """Inverse view of d2t: the target id of each draft id."""
-    return [d + offset for d, offset in enumerate(vocab["d2t"])]
+    return VocabRecord.from_target_ids(
+        list(chosen), counted_tokens=total, distinct_counted=len(counts),
+        coverage=round(sum(counts[t] for t in chosen) / total, 5) if total else None,
+    )
 
 
 def covered(input_ids: Iterable[int], loss_mask: Iterable[bool], vocab_ids: frozenset[int]) -> tuple[int, int]:

@@ -15,21 +15,24 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import ConfigMismatch, InputError
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.records import TargetRecord, VocabRecord, read_target, read_vocab
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
 from dataflow.train.target import TargetHead, load_target_head
-from dataflow.train.vocab import VocabMap, vocab_from_meta
+from dataflow.train.vocab import VocabMap, vocab_from_record
 
 POLL_S = 0.5
 log = logging.getLogger(__name__)
 
 
-def wait_for_records(meta: RunMeta, on_wait: Callable[[str, float], None], give_up_s: float = 0.0) -> tuple[dict, dict]:
+def wait_for_records(
+    meta: RunMeta, on_wait: Callable[[str, float], None], give_up_s: float = 0.0
+) -> tuple[TargetRecord, VocabRecord]:
     """The run's `target` and `vocab` records; the rollout writes them once it has prepared its data.
     Starting the trainer first is allowed, so it waits, but it says so at once (a log line, terminal or not:
     a mistyped --db must not look like a hang), and gives up after `give_up_s` (0: waits until stopped)."""
     started, said = time.monotonic(), False
-    while (target := meta.get("target")) is None or (vocab := meta.get("vocab")) is None:
+    while (target := read_target(meta)) is None or (vocab := read_vocab(meta)) is None:
         waited = time.monotonic() - started
         if not said:
             stop = f"it gives up after {give_up_s:g}s" if give_up_s else "--wait-for-rollout SECONDS gives up by itself"
@@ -49,7 +52,7 @@ def run_location(meta: RunMeta) -> str:
     return database_path(meta.conn) if meta.conn is not None else "the run's ledger"
 
 
-def draft_config(head: TargetHead, target: dict, vocab: VocabMap, overrides: dict) -> DraftConfig:
+def draft_config(head: TargetHead, target: TargetRecord, vocab: VocabMap, overrides: dict) -> DraftConfig:
     try:
         cfg = DraftConfig.from_target(head.config, draft_vocab_size=vocab.draft_vocab_size, overrides=overrides)
     except (ValueError, KeyError) as e:
@@ -59,38 +62,38 @@ def draft_config(head: TargetHead, target: dict, vocab: VocabMap, overrides: dic
             f"--draft-config hidden_size={cfg.hidden_size} but the target's embeddings are "
             f"{head.embed_tokens.shape[1]} wide (the draft shares them); drop the override"
         )
-    if cfg.target_hidden_size != target["hidden_size"] or cfg.vocab_size != vocab.vocab_size:
+    if cfg.target_hidden_size != target.hidden_size or cfg.vocab_size != vocab.vocab_size:
         raise InputError(
             f"--draft-config target_hidden_size={cfg.target_hidden_size}, vocab_size={cfg.vocab_size} but the run's "
-            f"features are {target['hidden_size']} wide over a {vocab.vocab_size}-token vocab; drop the override"
+            f"features are {target.hidden_size} wide over a {vocab.vocab_size}-token vocab; drop the override"
         )
     return cfg
 
 
-def build_draft(target: dict, vocab_record: dict, config: TrainConfig) -> tuple[Eagle3Draft, TargetHead]:
+def build_draft(target: TargetRecord, vocab_record: VocabRecord, config: TrainConfig) -> tuple[Eagle3Draft, TargetHead]:
     """The draft on CPU, seeded (identical on every rank), plus the frozen target head."""
-    head = load_target_head(Path(target["model"]))
-    if head.lm_head.shape[0] != target["vocab_size"]:
+    head = load_target_head(Path(target.model))
+    if head.lm_head.shape[0] != target.vocab_size:
         raise InputError(
-            f"target {target['model']}: lm_head has {head.lm_head.shape[0]} rows but the run recorded "
-            f"vocab_size {target['vocab_size']}; the model dir changed since the rollout started"
+            f"target {target.model}: lm_head has {head.lm_head.shape[0]} rows but the run recorded "
+            f"vocab_size {target.vocab_size}; the model dir changed since the rollout started"
         )
-    vocab = vocab_from_meta(vocab_record, head.lm_head.shape[0])
+    vocab = vocab_from_record(vocab_record, head.lm_head.shape[0])
     cfg = draft_config(head, target, vocab, config.draft_overrides)
     torch.manual_seed(config.seed)
     model = Eagle3Draft(cfg, embed_tokens=head.embed_tokens.float(), d2t=vocab.d2t, t2d=vocab.t2d)
     return model, head
 
 
-def schedule_total(meta: RunMeta, tasks: TaskQueue, queue: RefQueue, limits: TrainLimits) -> tuple[int, str]:
+def schedule_total(meta: RunMeta, tasks: TaskQueue, queue: RefQueue, options: TrainOptions) -> tuple[int, str]:
     """The learning-rate schedule's total and its unit (schedule.py): --max-steps, else the samples the run
     will bring (its prompt tasks, or its refs once the stream has ended) times --epochs; 0 when open-ended."""
-    if limits.max_steps:
-        return limits.max_steps, "steps"
+    if options.max_steps:
+        return options.max_steps, "steps"
     known = sum(tasks.counts().values())
     if not known and meta.end_of_stream():
         known = sum(queue.counts().values())
-    return known * limits.epochs, "samples"
+    return known * options.epochs, "samples"
 
 
 def check_out_dir(out: Path) -> Path:

@@ -1,5 +1,5 @@
 """Trainer settings. `TrainConfig` shapes the result and is recorded in the run (a restart must match);
-`TrainLimits` only says where and how long to run, and may change between restarts."""
+`TrainOptions` only says where and how long to run, and may change between restarts."""
 
 from __future__ import annotations
 
@@ -60,7 +60,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainLimits:
+class TrainOptions:
+    """How this trainer process runs: where it writes, how long it runs, what it shows. Not recorded in the
+    run, so a restart may change them."""
+
     out: Path
     """Checkpoint, metrics and TensorBoard dir."""
     max_steps: int = 0

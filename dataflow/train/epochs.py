@@ -1,6 +1,6 @@
 """`--epochs N` offline: replay the run's retained features (files store) N-1 more times.
 
-Once the stream is drained, every epoch-0 ref (key without '#') is put again as `KEY#e{epoch}` with the
+Once the stream is drained, every epoch-0 ref is put again under its epoch key (dataflow/keys.py) with the
 same handle, each epoch in its own seeded shuffle. Puts are idempotent by key, so a restarted trainer
 adds nothing twice. Arena (shm) features are freed on ack and cannot be replayed: the rollout's own
 `--epochs` regenerates them instead.
@@ -13,6 +13,7 @@ import sqlite3
 
 from dataflow.control.queue import RefItem, RefQueue
 from dataflow.errors import InputError
+from dataflow.keys import EPOCH_MARK, epoch_key
 
 
 def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -> int:
@@ -20,12 +21,12 @@ def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -
     if epochs <= 1:
         return 0
     queue = RefQueue(conn)
-    existing = queue.keys_containing("#e")
-    base = queue.consumed_items(without="#")  # the trained (or acked) first-epoch refs, in id order
-    wanted = {f"{r.key}#e{e}" for r in base for e in range(1, epochs)} - existing
+    existing = queue.keys_containing(EPOCH_MARK)
+    base = queue.consumed_items(without=EPOCH_MARK)  # the trained (or acked) first-epoch refs, in id order
+    wanted = {epoch_key(r.key, e) for r in base for e in range(1, epochs)} - existing
     if not wanted:  # all replayed already (or the rollout ran its own epochs)
         return 0
-    gone = [r.key for r in base if not reader.retained(r.handle) and f"{r.key}#e{epochs - 1}" in wanted]
+    gone = [r.key for r in base if not reader.retained(r.handle) and epoch_key(r.key, epochs - 1) in wanted]
     if gone:
         raise InputError(
             f"--epochs {epochs}: features of {len(gone)} refs (e.g. {gone[0]!r}) were freed after training "
@@ -35,6 +36,6 @@ def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -
     for epoch in range(1, epochs):
         order = list(base)
         random.Random(seed + epoch).shuffle(order)
-        items += [RefItem(key=f"{r.key}#e{epoch}", handle=r.handle, nbytes=r.nbytes, store=r.store)
-                  for r in order if f"{r.key}#e{epoch}" in wanted]
+        items += [RefItem(key=epoch_key(r.key, epoch), handle=r.handle, nbytes=r.nbytes, store=r.store)
+                  for r in order if epoch_key(r.key, epoch) in wanted]
     return sum(queue.put_many(items))

@@ -21,7 +21,9 @@ FILL_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
-class Sample:
+class LeasedSample:
+    """A leased ref and its sample's features, opened from the store."""
+
     lease: Lease
     features: dict[str, torch.Tensor]  # zero-copy views until collated
 
@@ -38,12 +40,12 @@ class MicroBatch:
     target_hidden: torch.Tensor  # (B, T, H)
 
 
-def fits(batch: list[Sample], sample: Sample, budget: int) -> bool:
+def fits(batch: list[LeasedSample], sample: LeasedSample, budget: int) -> bool:
     longest = max([s.length for s in batch] + [sample.length])
     return not batch or (len(batch) + 1) * longest <= budget
 
 
-def check_features(sample: Sample, *, aux_width: int, hidden_width: int) -> None:
+def check_features(sample: LeasedSample, *, aux_width: int, hidden_width: int) -> None:
     f = sample.features
     missing = [name for name in FEATURES if name not in f]
     if missing:
@@ -57,7 +59,7 @@ def check_features(sample: Sample, *, aux_width: int, hidden_width: int) -> None
         )
 
 
-def collate(samples: list[Sample], device: torch.device, float_dtype: torch.dtype) -> MicroBatch:
+def collate(samples: list[LeasedSample], device: torch.device, float_dtype: torch.dtype) -> MicroBatch:
     """Right-pad and copy onto the device (the copy ends the zero-copy views' use)."""
     B, T = len(samples), max(s.length for s in samples)
     first = samples[0].features
@@ -76,12 +78,12 @@ class RefSource:
     def __init__(self, queue: RefQueue, reader, *, owner: str, partition: tuple[int, int], lease_ttl: float):
         self.queue, self.reader = queue, reader
         self.owner, self.partition, self.lease_ttl = owner, partition, lease_ttl
-        self.carry: Sample | None = None  # leased and opened, first of the next step
+        self.carry: LeasedSample | None = None  # leased and opened, first of the next step
         self.held: dict[str, Lease] = {}  # token -> lease, everything leased and not yet acked
         self.lost = 0
         self._last_extend = time.monotonic()
 
-    def next_sample(self) -> Sample | None:
+    def next_sample(self) -> LeasedSample | None:
         """The next readable ref, or None when nothing is pending. Unreadable refs become LOST."""
         if self.carry is not None:
             sample, self.carry = self.carry, None
@@ -93,7 +95,7 @@ class RefSource:
             lease = leases[0]
             self.held[lease.token] = lease
             try:
-                return Sample(lease=lease, features=self.reader.open(lease.handle))
+                return LeasedSample(lease=lease, features=self.reader.open(lease.handle))
             except FeaturesLost as e:
                 self.drop(lease, str(e))
 
@@ -103,11 +105,11 @@ class RefSource:
         self.lost += 1
 
     def step_batch(self, *, grad_accum: int, batch_tokens: int, fill_wait_s: float = 0.0,
-                   stream_open: Callable[[], bool] = lambda: False) -> list[list[Sample]]:
+                   stream_open: Callable[[], bool] = lambda: False) -> list[list[LeasedSample]]:
         """Up to grad_accum micro-batches. When the queue runs dry mid-step while the stream is open, wait
         up to fill_wait_s for more, then train on what there is (a producer held back by the byte
         watermark may be waiting for our acks)."""
-        micro: list[list[Sample]] = [[]]
+        micro: list[list[LeasedSample]] = [[]]
         deadline = None
         while True:
             sample = self.next_sample()
@@ -129,7 +131,7 @@ class RefSource:
                 break
         return [mb for mb in micro if mb]
 
-    def confirm(self, samples: list[Sample]) -> list[Sample]:
+    def confirm(self, samples: list[LeasedSample]) -> list[LeasedSample]:
         """After collation: drop samples whose bytes were reused meanwhile (only if our lease lapsed)."""
         kept = []
         for s in samples:
@@ -140,7 +142,7 @@ class RefSource:
                 self.drop(s.lease, str(e))
         return kept
 
-    def ack(self, samples: list[Sample]) -> list[int]:
+    def ack(self, samples: list[LeasedSample]) -> list[int]:
         """Ack after the optimiser step; returns the ref ids acked (a lapsed lease is not ours to ack)."""
         tokens = [s.lease.token for s in samples]
         stale = set(self.queue.ack(tokens))

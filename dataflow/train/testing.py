@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dataflow import testing
+from dataflow.records import TargetRecord, VocabRecord, write_target, write_vocab_once
 from dataflow.rollout.engines.hf import default_aux_layers as aux_layers
 
 
@@ -40,32 +41,26 @@ def tiny_features(model_dir: Path, lengths: list[int], *, seed: int = 0) -> list
     return samples
 
 
-def target_record(model_dir: Path, max_length: int = 512) -> dict:
-    """The run's RunMeta 'target' entry for a tiny target."""
+def target_record(model_dir: Path, max_length: int = 512) -> TargetRecord:
+    """The run's target record for a tiny target."""
     import json
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     n = cfg["num_hidden_layers"]
-    return {
-        "model": str(Path(model_dir).resolve()),
-        "hidden_size": cfg["hidden_size"],
-        "vocab_size": cfg["vocab_size"],
-        "num_hidden_layers": n,
-        "aux_layers": aux_layers(n),
-        "dtype": "float32",
-        "max_length": max_length,
-    }
+    return TargetRecord(model=str(Path(model_dir).resolve()), hidden_size=cfg["hidden_size"],
+                        vocab_size=cfg["vocab_size"], num_hidden_layers=n, aux_layers=aux_layers(n), dtype="float32",
+                        max_length=max_length)
 
 
-def draft_vocab_for(samples: list[dict[str, torch.Tensor]], lm_head: torch.Tensor, draft_vocab_size: int) -> dict:
+def draft_vocab_for(
+    samples: list[dict[str, torch.Tensor]], lm_head: torch.Tensor, draft_vocab_size: int
+) -> VocabRecord:
     """A vocab record holding every token the target predicts on `samples`, topped up with low ids."""
-    from dataflow.train.vocab import vocab_from_target_ids, vocab_to_meta
-
     predicted = {int(t) for s in samples for t in (s["target_hidden"] @ lm_head.T).argmax(-1)}
     filler = (t for t in range(lm_head.shape[0]) if t not in predicted)
     while len(predicted) < draft_vocab_size:
         predicted.add(next(filler))
-    return vocab_to_meta(vocab_from_target_ids(sorted(predicted)[:draft_vocab_size], lm_head.shape[0]))
+    return VocabRecord.from_target_ids(sorted(predicted)[:draft_vocab_size])
 
 
 def seed_run(db: Path, model_dir: Path, samples: list[dict[str, torch.Tensor]], *, draft_vocab_size: int,
@@ -79,8 +74,8 @@ def seed_run(db: Path, model_dir: Path, samples: list[dict[str, torch.Tensor]], 
 
     conn = connect(db)
     meta = RunMeta(conn)
-    meta.set("target", target_record(model_dir))
-    meta.set("vocab", draft_vocab_for(samples, load_target_head(model_dir).lm_head, draft_vocab_size))
+    write_target(meta, target_record(model_dir))
+    write_vocab_once(meta, draft_vocab_for(samples, load_target_head(model_dir).lm_head, draft_vocab_size))
     writer = open_writer(conn, store=store, producer_id="rollout-0", max_inflight_bytes=64 << 20, store_dir=store_dir)
     keys = [str(i) for i in range(len(samples))]
     for key, sample in zip(keys, samples):

@@ -23,15 +23,16 @@ from dataflow.control import clock
 from dataflow.control.meta import STALE_AFTER_S, RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
+from dataflow.options import torch_dtype
 from dataflow.train import checkpoint as ckpt
 from dataflow.train.build import build_draft, check_draft_matches, check_out_dir, schedule_total, wait_for_records
-from dataflow.train.config import TrainConfig, TrainLimits
+from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, sum_gradients
 from dataflow.train.epochs import replay_epochs
 from dataflow.train.lock import hold_trainer_lock, refuse_unless_all_locked
 from dataflow.train.loss import loss_tokens
 from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
-from dataflow.train.source import MicroBatch, RefSource, Sample, check_features, collate
+from dataflow.train.source import LeasedSample, MicroBatch, RefSource, check_features, collate
 from dataflow.train.step import TrainStep, keep_freed_memory
 
 HEARTBEAT_EVERY_S = 2.0
@@ -47,16 +48,16 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, conn: sqlite3.Connection | None, config: TrainConfig, limits: TrainLimits, dist: Dist,
+    def __init__(self, conn: sqlite3.Connection | None, config: TrainConfig, options: TrainOptions, dist: Dist,
                  *, control: tuple | None = None):
         """control: (meta, queue, tasks) to use instead of ones on conn (Ray mode: ledger actor proxies)."""
-        self.config, self.limits, self.dist = config, limits, dist
+        self.config, self.options, self.dist = config, options, dist
         self.meta, self.queue, self.tasks = control or (RunMeta(conn), RefQueue(conn), TaskQueue(conn))
         self.process_id = f"train-{dist.rank}"
         # Leases are owned by this incarnation: a restart is another owner (see control/leases.py).
         self.lease_owner = f"{self.process_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.out = check_out_dir(limits.out)
-        self.status = StatusLine(live=limits.progress, speak=dist.is_main)
+        self.out = check_out_dir(options.out)
+        self.status = StatusLine(live=options.progress, speak=dist.is_main)
         self.stop_requested = False
         self._last_heartbeat, self._last_row = 0.0, {}
         self.progress, self.metrics = Progress(), None
@@ -69,21 +70,20 @@ class Trainer:
     def _build(self) -> None:
         from dataflow.transport import open_reader
 
-        config, limits, dist = self.config, self.limits, self.dist
-        self.meta.check_config("train", config.recorded())
+        config, options, dist = self.config, self.options, self.dist
+        self.meta.record_or_check_config("train", config.recorded())
         self.reader = open_reader(self.queue.conn)
         self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
-                                partition=(dist.rank, dist.world), lease_ttl=limits.lease_ttl)
-        target, vocab = wait_for_records(self.meta, self._waiting, limits.wait_for_rollout)
+                                partition=(dist.rank, dist.world), lease_ttl=options.lease_ttl)
+        target, vocab = wait_for_records(self.meta, self._waiting, options.wait_for_rollout)
         model, head = build_draft(target, vocab, config)
         if dist.device.type == "cpu":
             keep_freed_memory()
-        self.step = TrainStep(model, head.lm_head, config, device=dist.device, compile=limits.compile)
+        self.step = TrainStep(model, head.lm_head, config, device=dist.device, compile=options.compile)
         self.model = self.step.master  # fp32: checkpointed and exported
         # The target's dtype: features are collated in it and the export is written in it.
-        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-        self.target_dtype = dtypes.get(target.get("dtype"), torch.float32)
-        self.aux_layers = target["aux_layers"]  # exported, so that servers capture the layers it was trained on
+        self.target_dtype = torch_dtype(target.dtype)
+        self.aux_layers = list(target.aux_layers)  # exported, so that servers capture the layers it was trained on
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
@@ -107,7 +107,7 @@ class Trainer:
             torch.set_rng_state(state["rng"])
             self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
             self.status.print(f"resumed from {last.path} (step {last.step})")
-        self.metrics = MetricsLog(self.out, resume_step=self.progress.step, report_to=self.limits.report_to,
+        self.metrics = MetricsLog(self.out, resume_step=self.progress.step, report_to=self.options.report_to,
                                   run_id=self.meta.run_id) if self.dist.is_main else None
 
     def _put_back_acked(self) -> None:
@@ -124,7 +124,7 @@ class Trainer:
         back once they expire: wait for that, so refs are leased in the same order as before a crash. Bounded
         on the monotonic clock (a consumer we do not know of may hold some legitimately, and a wall clock that
         jumped back would stretch the deadlines); SIGTERM ends the wait."""
-        give_up = time.monotonic() + 3 * self.limits.lease_ttl + 10 * HEARTBEAT_EVERY_S
+        give_up = time.monotonic() + 3 * self.options.lease_ttl + 10 * HEARTBEAT_EVERY_S
         while not self.stop_requested and time.monotonic() < give_up:
             self.queue.reclaim()
             deadlines = self.queue.lease_deadlines()
@@ -134,7 +134,7 @@ class Trainer:
             self._waiting(f"waiting for leases of {', '.join(sorted(deadlines))} to expire (the last, of {owner}, "
                           f"in {deadline - clock.now():.0f}s by the wall clock; at most "
                           f"{give_up - time.monotonic():.0f}s more)", 0.0)
-            time.sleep(min(self.limits.lease_ttl / 4, 1.0))
+            time.sleep(min(self.options.lease_ttl / 4, 1.0))
 
     # ---- the loop ----
 
@@ -159,13 +159,13 @@ class Trainer:
     def _loop(self) -> str:
         window, idle_since, sleep = Window(), None, IDLE_SLEEP_S[0]
         while True:
-            if self.limits.max_steps and self.progress.step >= self.limits.max_steps:
+            if self.options.max_steps and self.progress.step >= self.options.max_steps:
                 return "max-steps"
             if self.stop_requested:
                 return "SIGTERM"
             wait_start = time.monotonic()
             micro = self.source.step_batch(grad_accum=self.config.grad_accum, batch_tokens=self.config.batch_tokens,
-                                           fill_wait_s=self.limits.fill_wait, stream_open=self._stream_open)
+                                           fill_wait_s=self.options.fill_wait, stream_open=self._stream_open)
             window.data_wait_s += time.monotonic() - wait_start
             if not all_true(self.dist, not micro):  # some rank has data: everyone steps
                 self._train_step(micro, window)
@@ -184,7 +184,7 @@ class Trainer:
             window.data_wait_s += sleep
             sleep = min(sleep * 2, IDLE_SLEEP_S[1])
 
-    def _train_step(self, micro: list[list[Sample]], window: Window) -> None:
+    def _train_step(self, micro: list[list[LeasedSample]], window: Window) -> None:
         batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
         samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
         local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
@@ -194,7 +194,7 @@ class Trainer:
         sums = self._accumulate(batches, max(n_tokens, 1.0))
         sum_gradients(self.dist, self.step.params)
         if self.progress.step == 0:  # fixed once; a resumed run reads it from the checkpoint
-            total = schedule_total(self.meta, self.tasks, self.queue, self.limits)
+            total = schedule_total(self.meta, self.tasks, self.queue, self.options)
             self.step.schedule.total, self.step.schedule.unit = total
         self.step.update(step=self.progress.step, samples=self.progress.samples)
         acked = self.source.ack(samples)
@@ -208,12 +208,12 @@ class Trainer:
         self.progress.uncovered += acked
         window.add(loss=totals[2] / max(n_tokens, 1.0), loss_sum=totals[3 : 3 + k], correct=totals[3 + k : 3 + 2 * k],
                    count=totals[3 + 2 * k :], samples=int(totals[0]), tokens=int(totals[1]))
-        if self.progress.step % self.limits.save_every == 0:
+        if self.progress.step % self.options.save_every == 0:
             self._checkpoint()
         self.source.keep_alive()
         self._heartbeat("training")
 
-    def _collate(self, samples: list[Sample]) -> MicroBatch | None:
+    def _collate(self, samples: list[LeasedSample]) -> MicroBatch | None:
         """Copy a micro-batch out of the store; samples whose bytes changed under us are dropped (LOST)."""
         cfg = self.model.cfg
         for s in samples:
@@ -258,7 +258,7 @@ class Trainer:
             path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=self.target_dtype,
                                          include_embed=self.config.export_embed_tokens, aux_layers=self.aux_layers)
             self.meta.record_checkpoint(self.progress.step, str(path), covered)
-            ckpt.publish(self.out, path, keep=self.limits.keep)  # only now: a kill before the record prunes nothing
+            ckpt.publish(self.out, path, keep=self.options.keep)  # only now: a kill before the record prunes nothing
         barrier(self.dist)
         self.progress.uncovered = []
         return path
@@ -284,7 +284,7 @@ class Trainer:
         """--epochs: once drained, rank 0 puts the later epochs' refs; whether any were new."""
         new = 0
         if self.dist.is_main:
-            new = replay_epochs(self.queue.conn, self.reader, epochs=self.limits.epochs, seed=self.config.seed)
+            new = replay_epochs(self.queue.conn, self.reader, epochs=self.options.epochs, seed=self.config.seed)
         return all_sum(self.dist, [new])[0] > 0
 
     def _sweep(self) -> None:
@@ -315,10 +315,10 @@ class Trainer:
         return wait_reason(self._rollout_last_seen(), clock.now())
 
     def _idle_too_long(self, idle_s: float) -> bool:
-        if not self.limits.exit_when_idle or idle_s < self.limits.exit_when_idle:
+        if not self.options.exit_when_idle or idle_s < self.options.exit_when_idle:
             return False
         last = self._rollout_last_seen()
-        return last is None or clock.now() - last > self.limits.exit_when_idle
+        return last is None or clock.now() - last > self.options.exit_when_idle
 
     def _waiting(self, reason: str, waited_s: float) -> None:
         self.status.show(f"{reason} ({waited_s:.0f}s)")
@@ -333,7 +333,7 @@ class Trainer:
             self._last_heartbeat = time.monotonic()
 
     def _log(self, window: Window) -> Window:
-        if self.progress.step % self.limits.log_every:
+        if self.progress.step % self.options.log_every:
             return window
         row = window.summary(self.progress.step, self.step.last_lr)
         self._last_row = row
@@ -354,19 +354,19 @@ def wait_reason(rollout_last_seen: float | None, now: float) -> str:
     return f"waiting for rollout (last seen {now - rollout_last_seen:.0f}s ago)"
 
 
-def train(db: Path, config: TrainConfig, limits: TrainLimits, *, allow_network_fs: bool = False) -> str:
+def train(db: Path, config: TrainConfig, options: TrainOptions, *, allow_network_fs: bool = False) -> str:
     """`dataflow train`: one rank (or one torchrun rank) on the run at `db`."""
     from dataflow.control.db import connect
     from dataflow.train.dist import close_dist, init_dist
 
-    dist = init_dist(limits.device)
+    dist = init_dist(options.device)
     try:
         lock, refusal = hold_trainer_lock(db, dist.rank)  # before anything writes, heartbeats included
         refuse_unless_all_locked(refusal, all_true(dist, lock is not None))
         try:
             conn = connect(db, allow_network_fs=allow_network_fs)
             try:
-                return Trainer(conn, config, limits, dist).run()
+                return Trainer(conn, config, options, dist).run()
             finally:
                 conn.close()
         finally:

@@ -2,7 +2,7 @@
 
 EAGLE3 drafts predict over `draft_vocab_size` ids only. Two buffers travel with the checkpoint:
 `d2t[i] = target_id - i` for draft id i (SGLang/vLLM add it to the draft's argmax) and `t2d[v]` = whether
-target id v is in the draft vocabulary. The run records `{"draft_vocab_size": n, "d2t": [...]}` in RunMeta.
+target id v is in the draft vocabulary. The run records d2t as a VocabRecord (dataflow/records.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dataflow.errors import InputError
+from dataflow.records import VocabRecord
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,6 @@ def vocab_from_target_ids(target_ids: list[int] | torch.Tensor, vocab_size: int)
     return VocabMap(d2t=ids - torch.arange(ids.numel()), t2d=t2d)
 
 
-def vocab_from_meta(value: dict, vocab_size: int) -> VocabMap:
-    """Read the run's recorded `vocab` entry, checking it against the target's vocabulary size."""
-    d2t = value.get("d2t")
-    if not isinstance(d2t, list) or len(d2t) != value.get("draft_vocab_size"):
-        raise InputError("run meta 'vocab': d2t must be a list of draft_vocab_size ints; restart the rollout")
-    target_ids = torch.as_tensor(d2t, dtype=torch.int64) + torch.arange(len(d2t))
-    if len(d2t) > 1 and not bool((target_ids[1:] > target_ids[:-1]).all()):
-        raise InputError("run meta 'vocab': draft ids must be sorted by target id; restart the rollout")
-    return vocab_from_target_ids(target_ids, vocab_size)
-
-
-def vocab_to_meta(vocab: VocabMap) -> dict:
-    """The JSON value the rollout records as RunMeta 'vocab'."""
-    return {"draft_vocab_size": vocab.draft_vocab_size, "d2t": vocab.d2t.tolist()}
+def vocab_from_record(record: VocabRecord, vocab_size: int) -> VocabMap:
+    """The run's recorded vocabulary (its decoder checked d2t), checked against the target's vocabulary size."""
+    return vocab_from_target_ids(record.target_ids(), vocab_size)

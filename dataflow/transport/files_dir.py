@@ -9,17 +9,15 @@ sample file is a bare `<16 hex>.safetensors` name inside it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import sqlite3
-import time
 from pathlib import Path
 
 from dataflow.errors import FULL_DISK, FeaturesLost, StoreError
 from dataflow.transport.owner import Owner
 from dataflow.transport.refs import files_stores
-from dataflow.transport.segment import LOCK_WAIT_S
+from dataflow.transport.segment import LOCK_WAIT_S, hold_lock
 
 LOCK_FILE = ".writer.lock"
 OWNER_FILE = ".owner"
@@ -94,18 +92,12 @@ def disk_usage(directory: Path) -> tuple[int, int]:
 def lock_writer(directory: Path, owner: str) -> int | None:
     """An fd holding the directory's writer lock; None when a live writer holds it (owner=None: gc asks)."""
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + (LOCK_WAIT_S if owner else 0)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                if owner is None:
-                    return None
-                raise StoreError(
-                    f"{directory}: another producer is writing this files store; give each rollout its own "
-                    f"--producer-id (this one is {owner!r})"
-                ) from None
-            time.sleep(0.05)
+    if hold_lock(fd, LOCK_WAIT_S if owner else 0.0):
+        return fd
+    os.close(fd)
+    if owner is None:
+        return None
+    raise StoreError(
+        f"{directory}: another producer is writing this files store; give each rollout its own "
+        f"--producer-id (this one is {owner!r})"
+    )

@@ -16,13 +16,14 @@ full /dev/shm is still a clear error at the write, not a SIGBUS on first touch.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import secrets
 import struct
 import time
 from pathlib import Path
+
+from filelock import lock_descriptor
 
 from dataflow.errors import FeaturesLost, StoreError
 from dataflow.transport.owner import Owner
@@ -36,6 +37,7 @@ SEGMENT_MAGIC = b"DFARENA1"
 PATH_AT, OWNER_AT = 64, 2048
 BLOCK_MAX = HEADER_BYTES - OWNER_AT - 2
 LOCK_WAIT_S = 2.0  # gc holds a segment's lock for a moment while it decides; wait that out
+LOCK_POLL_S = 0.05
 
 
 def human(n: float) -> str:
@@ -140,18 +142,11 @@ class Segment:
     def lock(self, owner: str) -> None:
         """Exclusive writer lock, held for the writer's life; the kernel drops it when the process dies,
         which is how gc tells a live producer from a dead one on this host."""
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"{self.path}: another producer is writing this arena; give each rollout its own "
-                        f"--producer-id (this one is {owner!r})"
-                    ) from None
-                time.sleep(0.05)
+        if not hold_lock(self.fd, LOCK_WAIT_S):
+            raise StoreError(
+                f"{self.path}: another producer is writing this arena; give each rollout its own "
+                f"--producer-id (this one is {owner!r})"
+            )
 
     def close(self) -> bool:
         """Unmap if no tensor views remain; returns False (and stays mapped) while views exist."""
@@ -191,6 +186,18 @@ def read_header(fd: int) -> tuple[bool, int, Owner | None]:
     return magic == SEGMENT_MAGIC, nonce, _owner_at(raw)
 
 
+def hold_lock(fd: int, wait_s: float = 0.0) -> bool:
+    """Take the exclusive writer lock of an open file, waiting up to `wait_s` for a momentary holder (gc
+    deciding); False when it is still held. filelock's flock on our own fd, not a FileLock on the path: the
+    lock must be on the very inode this process mapped or opened, and the kernel drops it when we die."""
+    deadline = time.monotonic() + wait_s
+    while not lock_descriptor(fd, blocking=False):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(LOCK_POLL_S)
+    return True
+
+
 def try_lock(path: Path) -> int | None:
     """For gc: an fd holding the writer lock of `path` (nobody writes it), or None (a producer does).
     PermissionError: the file is not ours to open (another user's)."""
@@ -198,9 +205,7 @@ def try_lock(path: Path) -> int | None:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if hold_lock(fd):
         return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
+    os.close(fd)
+    return None

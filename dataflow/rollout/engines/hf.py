@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import InputError
+from dataflow.options import torch_dtype
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ENGINE_DTYPES = ("float32", "bfloat16")
 
 CONTENDERS_TOP_K = 5  # candidates counted per written position when the vocabulary is learnt from replies
 
@@ -60,8 +61,8 @@ class HFEngineConfig:
     """A Jinja file or string replacing the tokenizer's chat template."""
 
     def __post_init__(self):
-        if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
+        if self.dtype not in (*ENGINE_DTYPES, "auto"):
+            raise ValueError(f"dtype must be one of {[*ENGINE_DTYPES, 'auto']}, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.aux_layers is not None and len(self.aux_layers) != 3:
@@ -71,7 +72,7 @@ class HFEngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") or cpu_has_fast_bf16() else torch.float32
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 def resolved_device(config: HFEngineConfig) -> HFEngineConfig:

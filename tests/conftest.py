@@ -1,0 +1,97 @@
+"""What several test modules share: one bounded wait, the tiny target, and a fresh run database.
+
+Every test gets its own run database; on teardown the run must have left nothing in /dev/shm (checked
+by run prefix, so helpers' tests running beside ours on the same machine never interfere)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dataflow.control.db import connect
+from dataflow.control.meta import RunMeta
+from dataflow.transport.gc import run_prefix
+from dataflow.transport.segment import SHM_DIR
+
+WAIT_S = 120.0  # generous: 2 shared cores, real processes loading a model
+
+
+def wait_until(predicate: Callable[[], object], what: str, *, timeout: float = WAIT_S,
+               process: subprocess.Popen | multiprocessing.Process | None = None, every: float = 0.05) -> None:
+    """Poll `predicate` until it is true: a wait, never a timing assertion. Fails the test after `timeout`
+    seconds, or at once when `process` (the one that should make it true) exits first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and exit_code(process) is not None:
+            raise AssertionError(f"the process exited ({exit_code(process)}) before {what}: {output_of(process)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        time.sleep(every)
+
+
+def exit_code(process: subprocess.Popen | multiprocessing.Process) -> int | None:
+    return process.poll() if isinstance(process, subprocess.Popen) else process.exitcode
+
+
+def output_of(process: subprocess.Popen | multiprocessing.Process) -> str:
+    """The tail of what an exited subprocess wrote to its captured pipe (stdout, else stderr)."""
+    pipe = getattr(process, "stdout", None) or getattr(process, "stderr", None)
+    if pipe is None:
+        return "(output not captured)"
+    text = pipe.read()
+    return (text.decode(errors="replace") if isinstance(text, bytes) else text)[-3000:]
+
+
+def leftover_segments(run_id: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(run_prefix(run_id) + "*"))
+
+
+@pytest.fixture
+def run_db(tmp_path):
+    """The path of a fresh run database; fails the test if the run leaks an arena (and cleans it up)."""
+    path = tmp_path / "run.sqlite"
+    conn = connect(path)
+    run_id = RunMeta(conn).run_id
+    conn.close()
+    yield path
+    leaked = leftover_segments(run_id)
+    for p in leaked:
+        p.unlink(missing_ok=True)
+    assert not leaked, f"leaked shared-memory segments: {leaked}"
+
+
+@pytest.fixture
+def conn(run_db):
+    """A connection to this test's fresh run database."""
+    connection = connect(run_db)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """The tiny Llama target (SmolLM2's tokenizer), built once per module."""
+    from dataflow.testing import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("tiny") / "t")
+
+
+@pytest.fixture(scope="module")
+def tiny_train_target(tmp_path_factory):
+    """The trainer's tiny target: no tokenizer, a confident teacher head, built once per module."""
+    from dataflow.train.testing import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_target):
+    """An fp32 HF engine on one thread over the tiny target."""
+    from dataflow.rollout.testing import tiny_engine
+
+    return tiny_engine(tiny_target)
