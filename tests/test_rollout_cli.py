@@ -69,3 +69,11 @@ def test_copies_without_sampling_are_one_line(tmp_path, tiny_target):
 def test_more_eval_prompts_than_held_out_rows_is_one_line(tmp_path):
     result = runner.invoke(app, ["eval", "--draft", str(tmp_path), "--num-prompts", "9", "--held-out", "8"])
     assert "num_prompts 9 > held_out 8" in error_line(result)
+
+
+def test_a_files_store_without_its_directory_is_refused_before_anything_runs(tmp_path):
+    db = tmp_path / "r.sqlite"
+    result = runner.invoke(app, ["rollout", "--db", str(db), "--no-progress", "--store", "files",
+                                 "--target-model", str(tmp_path / "not-even-looked-at")])
+    assert "--store files needs --store-dir" in error_line(result)
+    assert not db.exists()  # refused from the options alone: no run was started

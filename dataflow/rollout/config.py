@@ -90,3 +90,5 @@ class RolloutConfig:
             raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {self.on_bad_row!r}")
         if self.store not in ("shm", "files"):
             raise ValueError(f"store must be 'shm' or 'files', got {self.store!r}")
+        if self.store == "files" and self.store_dir is None:  # said before the model loads, not after the vocab pass
+            raise ValueError("--store files needs --store-dir DIR (where the sample files go)")
