@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 import zlib
 
 import pytest
 
 from dataflow.control import db as control_db
-from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, SHARDS, connect, immediate
+from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, SHARDS, connect, immediate, truncate_wal, wal_bytes
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem, RefQueue, shard_of
 from dataflow.control.tasks import TaskQueue
@@ -175,25 +176,40 @@ def test_the_expiry_sweep_is_served_by_an_index(tmp_path):
     assert "refs_expiry" in plan, plan
 
 
-def test_the_wal_stays_under_the_journal_limit_through_many_writes(tmp_path, monkeypatch):
-    limit = 256 * 1024  # a small limit, so a few MiB of writes show whether the WAL is bounded
-    monkeypatch.setattr(control_db, "JOURNAL_SIZE_LIMIT", limit)
+def test_a_heartbeat_truncates_the_wal_once_it_is_past_its_bound(tmp_path, monkeypatch):
+    bound = 256 * 1024  # small, so a few MiB of writes show whether the WAL is bounded
+    monkeypatch.setattr(control_db, "WAL_BOUND_BYTES", bound)
     path = tmp_path / "run.sqlite"
     conn = connect(path)
     queue, meta = RefQueue(conn), RunMeta(conn)
-    wal = path.with_name(path.name + "-wal")
     written = largest = 0
     for batch in range(40):
         queue.put_many([item(f"{batch}-{i}") for i in range(100)])
         for lease in queue.lease("t", n=100):  # one transaction per ack: the worst case for WAL growth
             queue.ack([lease.token])
-        written += wal.stat().st_size
-        largest = max(largest, wal.stat().st_size)
-        meta.maybe_checkpoint_wal(force=True)
-        meta.heartbeat("t", "train")  # the next write restarts the checkpointed WAL and truncates it
-        assert wal.stat().st_size <= limit
+        written += wal_bytes(conn)
+        largest = max(largest, wal_bytes(conn))
+        meta.heartbeat("t", "train")
+        assert wal_bytes(conn) <= bound
     assert queue.counts()["acked"] == 4000
     assert largest * 5 < written  # the peak is one interval's writes, not the run's total
+
+
+def test_the_wal_bound_gives_way_to_a_reader_stuck_in_a_transaction_and_catches_up_after(tmp_path):
+    path = tmp_path / "run.sqlite"
+    writer, reader = connect(path), connect(path)
+    queue = RefQueue(writer)
+    queue.put_many([item(f"a{i}") for i in range(200)])
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM refs").fetchone()[0] == 200  # holds its snapshot, like a SIGSTOP
+    queue.put_many([item(f"b{i}") for i in range(200)])
+    started = time.monotonic()
+    assert not truncate_wal(writer, above=0)  # it cannot copy what the reader still reads: it gives up, briefly
+    assert time.monotonic() - started < control_db.BUSY_TIMEOUT_MS / 1000 / 10
+    queue.put_many([item(f"c{i}") for i in range(10)])  # writers go on meanwhile
+    reader.execute("COMMIT")
+    assert truncate_wal(writer, above=0) and wal_bytes(writer) == 0
+    assert queue.counts()["pending"] == 410
 
 
 def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
@@ -223,3 +239,29 @@ def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
     assert all(shard_of(lease.key) % 2 == 1 for lease in own[: sum(shard_of(k) % 2 for k in keys[:30])])
     assert queue.counts()["leased"] == 30 and queue.live_bytes() == 30 * 4096  # the counters keep counting
     assert RunMeta(conn).run_id == "0123456789abcdef0123456789abcdef"
+
+def test_a_schema_3_database_with_trained_refs_is_carried_forward_and_compacts(tmp_path):
+    """Schema 3 as the previous release wrote it: trained refs, counters kept by its triggers, no compaction."""
+    db = tmp_path / "run.sqlite"
+    raw = sqlite3.connect(db, isolation_level=None)
+    for migration in control_db.MIGRATIONS[:3]:
+        for statement in control_db._statements(migration):
+            raw.execute(statement)
+    raw.execute(f"PRAGMA application_id = {control_db.APPLICATION_ID}")
+    raw.execute("PRAGMA user_version = 3")
+    raw.execute("""INSERT INTO meta VALUES ('run_id', '"0123456789abcdef0123456789abcdef"')""")
+    raw.execute("INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (10, 'ckpt', 0, 20)")
+    for i in range(30):  # 20 trained by checkpoint 1, 10 pending
+        raw.execute("""INSERT INTO refs(key, shard, state, store, handle, nbytes, created_at, checkpoint_id)
+                       VALUES (?, ?, ?, 'shm', '{}', 4096, 0, ?)""",
+                    (f"k{i}", shard_of(f"k{i}"), 3 if i < 20 else 0, 1 if i < 20 else None))
+    raw.close()
+
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    queue = RefQueue(conn)
+    counts = {"pending": 10, "leased": 0, "acked": 0, "trained": 20, "dead": 0, "lost": 0}
+    assert queue.counts() == counts and queue.compacted() == 0
+    assert queue.compact(before=1.0).compacted == 20  # checkpoint 1 was recorded at time 0
+    assert queue.counts() == counts and queue.compacted() == 20 and queue.live_bytes() == 10 * 4096
+    assert queue.put_many([item("k0"), item("k29"), item("k30")]) == [False, False, True]

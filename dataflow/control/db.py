@@ -22,6 +22,8 @@ from dataflow.errors import DatabaseError, sqlite_problem
 APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+WAL_BOUND_BYTES = 16 * 1024 * 1024  # past this, a heartbeat checkpoints the whole WAL and truncates it
+WAL_TRUNCATE_WAIT_MS = 100  # how long that checkpoint waits for readers (it holds writers off meanwhile)
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
 
 SHARDS = 256  # a ref's shard is crc32(key) % SHARDS; rank r of n prefers the shards s with s % n == r
@@ -151,6 +153,31 @@ MIGRATIONS: list[str] = [
         UPDATE counts SET rows = rows - 1 WHERE tbl = 'tasks' AND state = OLD.state;
     END;
     """,
+    # 4: a bounded database. Compaction (queue.py, RefQueue.compact) turns a TRAINED ref that nothing will read
+    # again into its bare key in compacted_refs: exactly-once needs the key (a re-put of it is refused here, by
+    # every writer), not the row with its handle, lease columns and seven index entries. The row's count stays
+    # with TRAINED (status totals never drop). refs_trained walks trained rows in the order checkpoints made
+    # them, so compaction resumes from a cursor and never re-reads the rows it keeps.
+    """
+    CREATE TABLE compacted_refs (
+        key TEXT PRIMARY KEY
+    ) WITHOUT ROWID;
+    CREATE INDEX refs_trained ON refs(checkpoint_id, id) WHERE state = 3;
+
+    CREATE TRIGGER refs_put_compacted BEFORE INSERT ON refs
+    WHEN EXISTS (SELECT 1 FROM compacted_refs WHERE key = NEW.key) BEGIN
+        SELECT RAISE(IGNORE);
+    END;
+    DROP TRIGGER refs_count_delete;
+    CREATE TRIGGER refs_count_delete AFTER DELETE ON refs
+    WHEN NOT EXISTS (SELECT 1 FROM compacted_refs WHERE key = OLD.key) BEGIN
+        UPDATE counts SET rows = rows - 1, bytes = bytes - OLD.nbytes WHERE tbl = 'refs' AND state = OLD.state;
+        UPDATE store_bytes SET live = live - OLD.nbytes WHERE store = OLD.store AND OLD.state IN (0, 1);
+    END;
+    CREATE TRIGGER compacted_count_insert AFTER INSERT ON compacted_refs BEGIN
+        INSERT INTO counts VALUES ('compacted_refs', 3, 1, 0) ON CONFLICT DO UPDATE SET rows = rows + 1;
+    END;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -264,6 +291,36 @@ def _enable_wal(conn: sqlite3.Connection) -> str:
 def database_path(conn: sqlite3.Connection) -> str:
     """The file behind a connection ("" for an in-memory database)."""
     return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+
+
+def wal_bytes(conn: sqlite3.Connection) -> int:
+    """Size of the connection's WAL file (0 when there is none)."""
+    try:
+        return os.stat(database_path(conn) + "-wal").st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def truncate_wal(conn: sqlite3.Connection, *, above: int | None = None) -> bool:
+    """Once the WAL is past `above` bytes (default WAL_BOUND_BYTES), copy all of it into the database and truncate it to zero; whether
+    that happened. SQLite's own passive checkpoints only copy frames no reader still needs, and the WAL can
+    only restart from its beginning when no reader is on it: a reader that always overlaps the next (a tight
+    `status --watch`, two of them) starves both, and the WAL grew by 700 MB in 15 s (scripts/bench_scale.py
+    measures it). A TRUNCATE checkpoint waits for the readers of old snapshots, while new readers read the
+    fully copied database. It holds writers off while it waits, so it waits briefly: a reader stuck inside a
+    transaction (stopped with SIGSTOP) delays the bound to a later heartbeat instead of stalling every writer."""
+    if wal_bytes(conn) <= (WAL_BOUND_BYTES if above is None else above):
+        return False
+    conn.execute(f"PRAGMA busy_timeout = {WAL_TRUNCATE_WAIT_MS}")
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.OperationalError as e:  # another process is checkpointing it right now
+        if "locked" not in str(e) and "busy" not in str(e):
+            raise
+        busy = 1
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return not busy
 
 
 def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlite3.Connection:

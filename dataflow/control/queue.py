@@ -17,7 +17,7 @@ import sqlite3
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable
+from typing import Collection, Iterable
 
 from dataflow.control import clock
 from dataflow.control import leases
@@ -35,8 +35,12 @@ class RefState(IntEnum):
     LOST = 5
 
 
-LIVE_STATES = (RefState.PENDING, RefState.LEASED)
-RATE_SAMPLE = 2000  # latest events a rate is computed from  # states whose feature bytes must stay intact
+LIVE_STATES = (RefState.PENDING, RefState.LEASED)  # states whose feature bytes must stay intact
+RATE_SAMPLE = 2000  # latest events a rate is computed from
+RATE_WINDOW_S = 60.0  # status rates look this far back: compaction leaves the rows of that window alone
+COMPACT_BATCH = 2000  # rows per compaction transaction: a few ms of write lock
+COMPACTION_CURSOR = "compaction_cursor"  # meta key: (checkpoint id, ref id) of the last trained row looked at
+EPOCH_MARK = "#"  # a later epoch's key is KEY#e{n} (rollout/prepare.py, train/epochs.py); the first epoch's has none
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,24 @@ class Lease:
 class AckedRef:
     id: int
     handle: dict
+
+
+# The trained rows after the compaction cursor, as two seeks of refs_trained: the rest of the cursor's own
+# checkpoint, then the later checkpoints up to :through (a row-value (checkpoint_id, id) > (...) comparison
+# seeks on checkpoint_id only and would re-walk the kept rows of the cursor's checkpoint).
+TRAINED_AFTER_CURSOR = f"""
+    SELECT * FROM (SELECT id, key, store, checkpoint_id FROM refs INDEXED BY refs_trained
+                   WHERE state = {RefState.TRAINED:d} AND checkpoint_id = :checkpoint AND id > :id ORDER BY id LIMIT :limit)
+    UNION ALL
+    SELECT * FROM (SELECT id, key, store, checkpoint_id FROM refs INDEXED BY refs_trained
+                   WHERE state = {RefState.TRAINED:d} AND checkpoint_id > :checkpoint AND checkpoint_id <= :through
+                   ORDER BY checkpoint_id, id LIMIT :limit)"""
+
+
+@dataclass(frozen=True)
+class Compaction:
+    examined: int  # trained rows looked at (fewer than the limit asked: compaction has caught up)
+    compacted: int  # of those, the rows that became bare keys
 
 
 def shard_of(key: str) -> int:
@@ -297,13 +319,15 @@ class RefQueue:
         ).fetchone()
         return count / max(now - first, 1.0) if count else 0.0
 
-    def handles_by_key(self, keys: list[str]) -> dict[str, tuple[dict, RefState]]:
-        """Key -> (handle, state) of those keys that have a row."""
+    def handles_by_key(self, keys: list[str]) -> dict[str, tuple[dict | None, RefState]]:
+        """Key -> (handle, state) of those keys that are known; a compacted key is (None, TRAINED)."""
         rows = self.conn.execute(
-            "SELECT key, handle, state FROM refs WHERE key IN (SELECT value FROM json_each(:keys))",
+            f"""SELECT key, handle, state FROM refs WHERE key IN (SELECT value FROM json_each(:keys))
+                UNION ALL
+                SELECT key, NULL, {RefState.TRAINED:d} FROM compacted_refs WHERE key IN (SELECT value FROM json_each(:keys))""",
             {"keys": json.dumps(keys)},
         ).fetchall()
-        return {r["key"]: (json.loads(r["handle"]), RefState(r["state"])) for r in rows}
+        return {r["key"]: (r["handle"] and json.loads(r["handle"]), RefState(r["state"])) for r in rows}
 
     def handles_with_state(self, store: str) -> list[tuple[dict, RefState]]:
         """Every ref of a store, whatever its state (gc decides which files are still needed)."""
@@ -321,7 +345,58 @@ class RefQueue:
                         task_id=r["task_id"]) for r in rows]
 
     def keys_containing(self, part: str) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT key FROM refs WHERE instr(key, :part) > 0", {"part": part})}
+        """Every known key with `part` in it, compacted ones included (a scan: for a drained stream's replay)."""
+        rows = self.conn.execute(
+            """SELECT key FROM refs WHERE instr(key, :part) > 0
+               UNION ALL SELECT key FROM compacted_refs WHERE instr(key, :part) > 0""",
+            {"part": part},
+        )
+        return {r[0] for r in rows}
+
+    def compacted_keys(self, *, without: str) -> list[str]:
+        """Keys of compacted refs that do not contain `without`: trained, and their features not kept for a replay."""
+        rows = self.conn.execute("SELECT key FROM compacted_refs WHERE instr(key, :without) = 0", {"without": without})
+        return [r[0] for r in rows]
+
+    def compact(
+        self, *, replay_stores: Collection[str] = (), before: float | None = None, limit: int = COMPACT_BATCH
+    ) -> Compaction:
+        """One bounded step: up to `limit` TRAINED refs, in the order checkpoints made them, whose checkpoint was
+        recorded before `before` (default: older than the status rates' window, which reads their timestamps)
+        become bare keys in compacted_refs, and their rows go. Every TRAINED ref is covered by a recorded
+        checkpoint (invariant 5), so a trainer restart never puts one back; the key alone keeps a re-put
+        refused; counts keep it as TRAINED. Kept: first-epoch refs (no EPOCH_MARK in the key) of
+        `replay_stores`, the stores whose features outlive an ack (files), since `train --epochs` replays them
+        from their handles, and gc keeps the files that rows name. Call until `examined < limit`."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        before = clock.now() - RATE_WINDOW_S if before is None else before
+        with immediate(self.conn):
+            cursor = self.conn.execute("SELECT value FROM meta WHERE key = :key", {"key": COMPACTION_CURSOR}).fetchone()
+            after_checkpoint, after_id = json.loads(cursor[0]) if cursor is not None else (0, 0)
+            rows = self.conn.execute(TRAINED_AFTER_CURSOR, {
+                "checkpoint": after_checkpoint, "id": after_id, "limit": limit,
+                "through": self.conn.execute("SELECT coalesce(max(id), 0) FROM checkpoints WHERE created_at < :before",
+                                             {"before": before}).fetchone()[0],
+            }).fetchall()
+            rows = sorted(rows, key=lambda r: (r["checkpoint_id"], r["id"]))[:limit]
+            gone = [r for r in rows if r["store"] not in replay_stores or EPOCH_MARK in r["key"]]
+            # the keys first: the delete trigger sees them and keeps the rows counted as TRAINED
+            self.conn.execute("INSERT INTO compacted_refs(key) SELECT value FROM json_each(:keys)",
+                              {"keys": json.dumps([r["key"] for r in gone])})
+            self.conn.execute("DELETE FROM refs WHERE id IN (SELECT value FROM json_each(:ids))",
+                              {"ids": json.dumps([r["id"] for r in gone])})
+            if rows:
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES (:key, :value) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    {"key": COMPACTION_CURSOR, "value": json.dumps([rows[-1]["checkpoint_id"], rows[-1]["id"]])},
+                )
+        return Compaction(examined=len(rows), compacted=len(gone))
+
+    def compacted(self) -> int:
+        """How many refs compaction has turned into bare keys (a trigger-kept counter)."""
+        row = self.conn.execute("SELECT rows FROM counts WHERE tbl = 'compacted_refs'").fetchone()
+        return 0 if row is None else row[0]
 
     def depth(self) -> int:
         return self.counts()["pending"]

@@ -22,10 +22,12 @@ def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -
     queue = RefQueue(conn)
     existing = queue.keys_containing("#e")
     base = queue.consumed_items(without="#")  # the trained (or acked) first-epoch refs, in id order
-    wanted = {f"{r.key}#e{e}" for r in base for e in range(1, epochs)} - existing
+    compacted = queue.compacted_keys(without="#")  # trained first-epoch refs whose rows went: features not kept
+    wanted = {f"{key}#e{e}" for key in [r.key for r in base] + compacted for e in range(1, epochs)} - existing
     if not wanted:  # all replayed already (or the rollout ran its own epochs)
         return 0
-    gone = [r.key for r in base if not reader.retained(r.handle) and f"{r.key}#e{epochs - 1}" in wanted]
+    gone = [r.key for r in base if not reader.retained(r.handle)] + compacted
+    gone = [key for key in gone if f"{key}#e{epochs - 1}" in wanted]
     if gone:
         raise InputError(
             f"--epochs {epochs}: features of {len(gone)} refs (e.g. {gone[0]!r}) were freed after training "
