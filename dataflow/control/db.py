@@ -22,7 +22,7 @@ from dataflow.errors import DatabaseError, sqlite_problem
 APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
-WAL_BOUND_BYTES = 16 * 1024 * 1024  # past this, a heartbeat checkpoints the whole WAL and truncates it
+WAL_BOUND_BYTES = 16 * 1024 * 1024  # past this, the writer that commits checkpoints the whole WAL and truncates it
 WAL_TRUNCATE_WAIT_MS = 100  # how long that checkpoint waits for readers (it holds writers off meanwhile)
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
 
@@ -182,6 +182,14 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class RunConnection(sqlite3.Connection):
+    """A connection to a run database (what `connect` returns): it knows its WAL file, so that the write that
+    takes the WAL past its bound can bring it back (truncate_wal) at the cost of one stat per commit."""
+
+    wal_path = ""
+    wal_retry_above = 0  # after a checkpoint that readers kept from finishing: WAL bytes before the next try
+
+
 @contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction that holds the write lock from its first statement; rolls back on any error."""
@@ -192,6 +200,7 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    truncate_wal(conn)
 
 
 def filesystem_type(path: Path) -> str:
@@ -296,30 +305,36 @@ def database_path(conn: sqlite3.Connection) -> str:
 def wal_bytes(conn: sqlite3.Connection) -> int:
     """Size of the connection's WAL file (0 when there is none)."""
     try:
-        return os.stat(database_path(conn) + "-wal").st_size
+        return os.stat(getattr(conn, "wal_path", "") or database_path(conn) + "-wal").st_size
     except (FileNotFoundError, NotADirectoryError):
         return 0
 
 
 def truncate_wal(conn: sqlite3.Connection, *, above: int | None = None) -> bool:
-    """Once the WAL is past `above` bytes (default WAL_BOUND_BYTES), copy all of it into the database and truncate it to zero; whether
-    that happened. SQLite's own passive checkpoints only copy frames no reader still needs, and the WAL can
-    only restart from its beginning when no reader is on it: a reader that always overlaps the next (a tight
-    `status --watch`, two of them) starves both, and the WAL grew by 700 MB in 15 s (scripts/bench_scale.py
-    measures it). A TRUNCATE checkpoint waits for the readers of old snapshots, while new readers read the
-    fully copied database. It holds writers off while it waits, so it waits briefly: a reader stuck inside a
-    transaction (stopped with SIGSTOP) delays the bound to a later heartbeat instead of stalling every writer."""
-    if wal_bytes(conn) <= (WAL_BOUND_BYTES if above is None else above):
+    """Once the WAL is past `above` bytes (default WAL_BOUND_BYTES), copy all of it into the database and
+    truncate it to zero; whether that happened. SQLite's own (passive) checkpoints copy only the frames no
+    reader still needs, and the WAL restarts from its beginning only when no reader is on it: readers that
+    always overlap (a tight `status --watch`, two of them) starve both, and the WAL grew by 200 MB in 5 s
+    (scripts/bench_scale.py measures it). A TRUNCATE checkpoint waits for the readers of old snapshots while
+    new readers read the fully copied database. It holds writers off while it waits, so it waits briefly, and
+    after a try that readers foiled this connection tries again only once the WAL grew by another quarter
+    bound: a reader stuck inside a transaction (SIGSTOP) costs one short wait per quarter bound of writes
+    instead of stalling every write."""
+    bound = WAL_BOUND_BYTES if above is None else above
+    size = wal_bytes(conn)
+    if size <= max(bound, getattr(conn, "wal_retry_above", 0)):
         return False
     conn.execute(f"PRAGMA busy_timeout = {WAL_TRUNCATE_WAIT_MS}")
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    except sqlite3.OperationalError as e:  # another process is checkpointing it right now
+    except sqlite3.OperationalError as e:  # another writer holds the lock, or checkpoints it right now
         if "locked" not in str(e) and "busy" not in str(e):
             raise
         busy = 1
     finally:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if isinstance(conn, RunConnection):
+        conn.wal_retry_above = size + bound // 4 if busy else 0
     return not busy
 
 
@@ -329,7 +344,9 @@ def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlit
     _check_location(path, allow_network_fs)
     existed = path.exists()
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+                               factory=RunConnection)
+        conn.wal_path = os.path.abspath(f"{path}-wal")
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _check_identity(conn, path)  # before anything writes: a refused file must be left exactly as it was

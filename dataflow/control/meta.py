@@ -9,7 +9,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from dataflow.control import clock
-from dataflow.control.db import immediate, truncate_wal
+from dataflow.control.db import immediate
 from dataflow.control import queue as ref_rows
 from dataflow.errors import ConfigMismatch
 
@@ -108,7 +108,6 @@ class RunMeta:
                     "info": json.dumps(info or {}),
                 },
             )
-        truncate_wal(self.conn)  # every writing process heartbeats: the WAL's bound needs no process of its own
 
     def processes(self, role: str | None = None) -> list[Process]:
         rows = self.conn.execute(

@@ -69,15 +69,15 @@ def run_prefix(run_id: str) -> str:
     return f"dataflow-{run_id[:12]}-"
 
 
-def compact_trained(queue: RefQueue, meta: RunMeta, *, batch: int = COMPACT_BATCH) -> int:
+def compact_trained(queue: RefQueue, meta: RunMeta, *, batch: int = COMPACT_BATCH, before: float | None = None) -> int:
     """Compact every trained ref that is ready (RefQueue.compact), batch by batch, each batch its own short
     write transaction; returns how many became bare keys. The first epoch of files stores keeps its rows:
     `train --epochs` replays it from their handles. Takes the queue and meta, not a connection, so that a
-    trainer in Ray mode compacts through the ledger."""
+    trainer in Ray mode compacts through the ledger. `before`: as RefQueue.compact's."""
     replay_stores = sorted(meta.with_prefix(STORE_META_PREFIX))
     compacted = 0
     while True:
-        step = queue.compact(replay_stores=replay_stores, limit=batch)
+        step = queue.compact(replay_stores=replay_stores, before=before, limit=batch)
         compacted += step.compacted
         if step.examined < batch:
             return compacted
