@@ -153,6 +153,15 @@ def used_bytes(conn) -> int:
     return (pages - free) * size
 
 
+def table_bytes(conn) -> dict[str, int]:
+    """Bytes of pages per table, its indexes included (SQLite's dbstat)."""
+    rows = conn.execute(
+        """SELECT m.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS m ON m.name = d.name
+           GROUP BY m.tbl_name"""
+    ).fetchall()
+    return {name: size for name, size in rows}
+
+
 def train_and_compact(scale: Scale) -> dict:
     """Every ref trained (a checkpoint per tenth), then compacted; bytes in use before and after."""
     refs, meta, conn = scale.refs, RunMeta(scale.conn), scale.conn
@@ -166,13 +175,19 @@ def train_and_compact(scale: Scale) -> dict:
             uncovered = []
     meta.record_checkpoint(checkpoints + 1, "ckpt-last", uncovered)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    trained, before = refs.counts()["trained"], used_bytes(conn)
+    trained, before, tables_before = refs.counts()["trained"], used_bytes(conn), table_bytes(conn)
     start = time.perf_counter()
     compacted = compact_trained(refs, meta, before=time.time() + 1)  # the bench does not wait out the rate window
     seconds = time.perf_counter() - start
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     per_million = 1_000_000 / max(trained, 1)
+    tables_after = table_bytes(conn)
     return {
+        "table_bytes_per_million_refs": {
+            when: {name: round(size * per_million) for name, size in tables.items()
+                   if name in ("refs", "compacted_refs", "tasks")}
+            for when, tables in (("before_compaction", tables_before), ("after_compaction", tables_after))
+        },
         "trained_refs": trained,
         "compacted_refs": compacted,
         "trained_after_compaction": refs.counts()["trained"],

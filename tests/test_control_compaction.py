@@ -9,16 +9,18 @@ import pytest
 from typer.testing import CliRunner
 
 from dataflow.cli import app
+from dataflow.control import clock
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import COMPACTION_CURSOR, TRAINED_AFTER_CURSOR, RefItem, RefQueue, RefState
+from dataflow.control.queue import TRAINED_AFTER_CURSOR, RefItem, RefQueue, RefState
 from dataflow.control.status import snapshot
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
 from dataflow.train.epochs import replay_epochs
+from dataflow.transport.gc import compact_trained
 from test_control_support import SPAWN, JOIN_TIMEOUT_S, compacting_consumer, item, produce_twice
 
-LATER = 1e12  # a `before` past every checkpoint: compaction may take every trained ref
+EVERY = 1 << 62  # a checkpoint id past every checkpoint: compaction may take every trained ref
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def train(conn, keys: list[str]) -> None:
 def compact_all(queue: RefQueue, **kwargs) -> int:
     compacted = 0
     while True:
-        step = queue.compact(before=LATER, limit=7, **kwargs)
+        step = queue.compact(through_checkpoint=EVERY, limit=7, **kwargs)
         compacted += step.compacted
         if step.examined < 7:
             return compacted
@@ -65,7 +67,7 @@ def test_trained_refs_become_bare_keys_and_every_total_status_shows_stays(conn):
     assert after["in_flight_bytes"] == before["in_flight_bytes"] == 19 * 100
     assert (before["compacted_refs"], after["compacted_refs"]) == (0, 30)
     assert [d.key for d in queue.dead()] == [dead.key] and rows(conn) == 20  # the dead letter keeps its row
-    assert queue.compact(before=LATER).examined == 0  # caught up: nothing is looked at twice
+    assert queue.compact(through_checkpoint=EVERY).examined == 0  # caught up: nothing is looked at twice
 
 
 def test_a_compacted_key_is_refused_by_a_re_put_and_by_a_re_run_prompt_task(conn):
@@ -86,18 +88,23 @@ def test_a_compacted_key_is_refused_by_a_re_put_and_by_a_re_run_prompt_task(conn
                                                   "k1": (item("k1").handle, RefState.PENDING)}
 
 
-def test_only_refs_of_a_recorded_checkpoint_older_than_the_rate_window_are_compacted(conn):
-    queue = RefQueue(conn)
-    queue.put_many([item(f"k{i}") for i in range(20)])
+def test_only_refs_of_recorded_checkpoints_older_than_the_rate_window_are_compacted(conn):
+    queue, meta = RefQueue(conn), RunMeta(conn)
+    queue.put_many([item(f"k{i}") for i in range(30)])
     train(conn, [f"k{i}" for i in range(10)])
-    checkpointed_at = RunMeta(conn).last_checkpoint().created_at
+    first_at = meta.last_checkpoint().created_at
+    while clock.now() <= first_at:  # the second checkpoint gets a later timestamp, however coarse the clock
+        pass
+    train(conn, [f"k{i}" for i in range(10, 20)])
+    second_at = meta.last_checkpoint().created_at
     leases = queue.lease("t", n=5)
     queue.ack([x.token for x in leases])  # acked after the last checkpoint: a restart puts these back
-    assert queue.compact().examined == 0  # the checkpoint is younger than the rate window
-    assert queue.compact(before=checkpointed_at).examined == 0
-    assert compact_all(queue) == 10
+    assert compact_trained(queue, meta) == 0  # both checkpoints are younger than the rate window
+    assert compact_trained(queue, meta, before=first_at) == 0
+    assert compact_trained(queue, meta, before=(first_at + second_at) / 2) == 10  # the first checkpoint's only
+    assert compact_trained(queue, meta, before=clock.now() + 1) == 10
     assert queue.put_back([a.id for a in queue.acked()], []) == (5, 0)
-    assert queue.counts() == {"pending": 10, "leased": 0, "acked": 0, "trained": 10, "dead": 0, "lost": 0}
+    assert queue.counts() == {"pending": 10, "leased": 0, "acked": 0, "trained": 20, "dead": 0, "lost": 0}
 
 
 def test_first_epoch_refs_of_replay_stores_keep_their_rows_and_are_not_read_again(conn):
@@ -107,9 +114,9 @@ def test_first_epoch_refs_of_replay_stores_keep_their_rows_and_are_not_read_agai
     train(conn, keys)
     assert compact_all(queue, replay_stores=["files-a"]) == 20
     assert sorted(r.key for r in queue.consumed_items(without="#")) == sorted(f"f{i}" for i in range(10))
-    cursor = RunMeta(conn).get(COMPACTION_CURSOR)
-    step = queue.compact(replay_stores=["files-a"], before=LATER)
-    assert step.examined == 0 and RunMeta(conn).get(COMPACTION_CURSOR) == cursor
+    cursor = conn.execute("SELECT * FROM compaction_cursor").fetchall()
+    step = queue.compact(through_checkpoint=EVERY, replay_stores=["files-a"])
+    assert step.examined == 0 and conn.execute("SELECT * FROM compaction_cursor").fetchall() == cursor
 
 
 def test_compaction_seeks_the_trained_index_and_never_walks_or_sorts_the_table(conn):

@@ -215,16 +215,22 @@ def test_the_wal_bound_gives_way_to_a_reader_stuck_in_a_transaction_and_catches_
     assert wal_bytes(writer) == 0 and queue.counts()["pending"] == 400 + i + 1
 
 
-def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
-    """Schema 2 as the previous release wrote it (its migrations, full crc32 shards, no counters)."""
-    db = tmp_path / "run.sqlite"
+def database_of_schema(db, version: int) -> sqlite3.Connection:
+    """A run database as the release of schema `version` created it (its migrations, its run id)."""
     raw = sqlite3.connect(db, isolation_level=None)
-    for migration in control_db.MIGRATIONS[:2]:
+    for migration in control_db.MIGRATIONS[:version]:
         for statement in control_db._statements(migration):
             raw.execute(statement)
     raw.execute(f"PRAGMA application_id = {control_db.APPLICATION_ID}")
-    raw.execute("PRAGMA user_version = 2")
+    raw.execute(f"PRAGMA user_version = {version}")
     raw.execute("""INSERT INTO meta VALUES ('run_id', '"0123456789abcdef0123456789abcdef"')""")
+    return raw
+
+
+def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
+    """Schema 2 as its release wrote it (full crc32 shards, no counters)."""
+    db = tmp_path / "run.sqlite"
+    raw = database_of_schema(db, 2)
     raw.execute("INSERT INTO tasks(key, payload, state, created_at) VALUES ('p0', '{}', 2, 0), ('p1', '{}', 0, 0)")
     keys = [f"k{i}" for i in range(40)]
     for i, key in enumerate(keys):  # 30 pending, 10 acked; 4096 bytes each, in two stores
@@ -243,16 +249,11 @@ def test_a_database_made_by_the_previous_schema_is_carried_forward(tmp_path):
     assert queue.counts()["leased"] == 30 and queue.live_bytes() == 30 * 4096  # the counters keep counting
     assert RunMeta(conn).run_id == "0123456789abcdef0123456789abcdef"
 
+
 def test_a_schema_3_database_with_trained_refs_is_carried_forward_and_compacts(tmp_path):
     """Schema 3 as the previous release wrote it: trained refs, counters kept by its triggers, no compaction."""
     db = tmp_path / "run.sqlite"
-    raw = sqlite3.connect(db, isolation_level=None)
-    for migration in control_db.MIGRATIONS[:3]:
-        for statement in control_db._statements(migration):
-            raw.execute(statement)
-    raw.execute(f"PRAGMA application_id = {control_db.APPLICATION_ID}")
-    raw.execute("PRAGMA user_version = 3")
-    raw.execute("""INSERT INTO meta VALUES ('run_id', '"0123456789abcdef0123456789abcdef"')""")
+    raw = database_of_schema(db, 3)
     raw.execute("INSERT INTO checkpoints(step, path, created_at, num_refs) VALUES (10, 'ckpt', 0, 20)")
     for i in range(30):  # 20 trained by checkpoint 1, 10 pending
         raw.execute("""INSERT INTO refs(key, shard, state, store, handle, nbytes, created_at, checkpoint_id)
@@ -265,6 +266,6 @@ def test_a_schema_3_database_with_trained_refs_is_carried_forward_and_compacts(t
     queue = RefQueue(conn)
     counts = {"pending": 10, "leased": 0, "acked": 0, "trained": 20, "dead": 0, "lost": 0}
     assert queue.counts() == counts and queue.compacted() == 0
-    assert queue.compact(before=1.0).compacted == 20  # checkpoint 1 was recorded at time 0
+    assert queue.compact(through_checkpoint=1).compacted == 20
     assert queue.counts() == counts and queue.compacted() == 20 and queue.live_bytes() == 10 * 4096
     assert queue.put_many([item("k0"), item("k29"), item("k30")]) == [False, False, True]

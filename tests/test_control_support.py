@@ -76,7 +76,7 @@ def compacting_consumer(db: str, out: str, batch: int) -> None:
             if rounds % 5 == 0:
                 meta.record_checkpoint(rounds, "ckpt", uncovered)
                 uncovered = []
-                while queue.compact(before=time.time() + 1, limit=50).examined == 50:
+                while queue.compact(through_checkpoint=meta.last_checkpoint().id, limit=50).examined == 50:
                     pass
     meta.record_checkpoint(rounds, "ckpt", uncovered)
     conn.close()

@@ -157,11 +157,16 @@ MIGRATIONS: list[str] = [
     # again into its bare key in compacted_refs: exactly-once needs the key (a re-put of it is refused here, by
     # every writer), not the row with its handle, lease columns and seven index entries. The row's count stays
     # with TRAINED (status totals never drop). refs_trained walks trained rows in the order checkpoints made
-    # them, so compaction resumes from a cursor and never re-reads the rows it keeps.
+    # them, so compaction resumes from its cursor and never re-reads the rows it keeps.
     """
     CREATE TABLE compacted_refs (
         key TEXT PRIMARY KEY
     ) WITHOUT ROWID;
+    CREATE TABLE compaction_cursor (     -- one row: the last trained ref compaction looked at
+        checkpoint_id INTEGER NOT NULL,
+        ref_id        INTEGER NOT NULL
+    );
+    INSERT INTO compaction_cursor VALUES (0, 0);
     CREATE INDEX refs_trained ON refs(checkpoint_id, id) WHERE state = 3;
 
     CREATE TRIGGER refs_put_compacted BEFORE INSERT ON refs

@@ -149,6 +149,12 @@ class RunMeta:
             self.conn.execute("UPDATE checkpoints SET num_refs = ? WHERE id = ?", (moved, checkpoint_id))
         return checkpoint_id
 
+    def checkpoint_before(self, moment: float) -> int:
+        """Id of the last checkpoint recorded before `moment` (0: none)."""
+        return self.conn.execute(
+            "SELECT coalesce(max(id), 0) FROM checkpoints WHERE created_at < :moment", {"moment": moment}
+        ).fetchone()[0]
+
     def last_checkpoint(self) -> Checkpoint | None:
         row = self.conn.execute("SELECT * FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else Checkpoint(**dict(row))

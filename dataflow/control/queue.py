@@ -39,7 +39,6 @@ LIVE_STATES = (RefState.PENDING, RefState.LEASED)  # states whose feature bytes 
 RATE_SAMPLE = 2000  # latest events a rate is computed from
 RATE_WINDOW_S = 60.0  # status rates look this far back: compaction leaves the rows of that window alone
 COMPACT_BATCH = 2000  # rows per compaction transaction: a few ms of write lock
-COMPACTION_CURSOR = "compaction_cursor"  # meta key: (checkpoint id, ref id) of the last trained row looked at
 EPOCH_MARK = "#"  # a later epoch's key is KEY#e{n} (rollout/prepare.py, train/epochs.py); the first epoch's has none
 
 
@@ -358,26 +357,19 @@ class RefQueue:
         rows = self.conn.execute("SELECT key FROM compacted_refs WHERE instr(key, :without) = 0", {"without": without})
         return [r[0] for r in rows]
 
-    def compact(
-        self, *, replay_stores: Collection[str] = (), before: float | None = None, limit: int = COMPACT_BATCH
-    ) -> Compaction:
-        """One bounded step: up to `limit` TRAINED refs, in the order checkpoints made them, whose checkpoint was
-        recorded before `before` (default: older than the status rates' window, which reads their timestamps)
-        become bare keys in compacted_refs, and their rows go. Every TRAINED ref is covered by a recorded
-        checkpoint (invariant 5), so a trainer restart never puts one back; the key alone keeps a re-put
-        refused; counts keep it as TRAINED. Kept: first-epoch refs (no EPOCH_MARK in the key) of
+    def compact(self, *, through_checkpoint: int, replay_stores: Collection[str] = (), limit: int = COMPACT_BATCH) -> Compaction:
+        """One bounded step: up to `limit` TRAINED refs of checkpoints up to `through_checkpoint`, in the order
+        checkpoints made them, become bare keys in compacted_refs, and their rows go. Every TRAINED ref is
+        covered by a recorded checkpoint (invariant 5), so a trainer restart never puts one back; the key alone
+        keeps a re-put refused; counts keep it as TRAINED. Kept: first-epoch refs (no EPOCH_MARK in the key) of
         `replay_stores`, the stores whose features outlive an ack (files), since `train --epochs` replays them
-        from their handles, and gc keeps the files that rows name. Call until `examined < limit`."""
+        from their handles and gc keeps the files that rows name. Call until `examined < limit`."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
-        before = clock.now() - RATE_WINDOW_S if before is None else before
         with immediate(self.conn):
-            cursor = self.conn.execute("SELECT value FROM meta WHERE key = :key", {"key": COMPACTION_CURSOR}).fetchone()
-            after_checkpoint, after_id = json.loads(cursor[0]) if cursor is not None else (0, 0)
+            after_checkpoint, after_id = self.conn.execute("SELECT checkpoint_id, ref_id FROM compaction_cursor").fetchone()
             rows = self.conn.execute(TRAINED_AFTER_CURSOR, {
-                "checkpoint": after_checkpoint, "id": after_id, "limit": limit,
-                "through": self.conn.execute("SELECT coalesce(max(id), 0) FROM checkpoints WHERE created_at < :before",
-                                             {"before": before}).fetchone()[0],
+                "checkpoint": after_checkpoint, "id": after_id, "through": through_checkpoint, "limit": limit,
             }).fetchall()
             rows = sorted(rows, key=lambda r: (r["checkpoint_id"], r["id"]))[:limit]
             gone = [r for r in rows if r["store"] not in replay_stores or EPOCH_MARK in r["key"]]
@@ -387,10 +379,8 @@ class RefQueue:
             self.conn.execute("DELETE FROM refs WHERE id IN (SELECT value FROM json_each(:ids))",
                               {"ids": json.dumps([r["id"] for r in gone])})
             if rows:
-                self.conn.execute(
-                    "INSERT INTO meta(key, value) VALUES (:key, :value) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    {"key": COMPACTION_CURSOR, "value": json.dumps([rows[-1]["checkpoint_id"], rows[-1]["id"]])},
-                )
+                self.conn.execute("UPDATE compaction_cursor SET checkpoint_id = :checkpoint, ref_id = :id",
+                                  {"checkpoint": rows[-1]["checkpoint_id"], "id": rows[-1]["id"]})
         return Compaction(examined=len(rows), compacted=len(gone))
 
     def compacted(self) -> int:

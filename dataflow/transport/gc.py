@@ -17,8 +17,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from dataflow.control import clock
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import COMPACT_BATCH, RefQueue, RefState
+from dataflow.control.queue import COMPACT_BATCH, RATE_WINDOW_S, RefQueue, RefState
 from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer, read_owner, recorded_stores, sample_name
 from dataflow.transport.owner import Owner, owner_of, provably_finished
 from dataflow.transport.refs import handles_by_state, live_handles
@@ -70,14 +71,16 @@ def run_prefix(run_id: str) -> str:
 
 
 def compact_trained(queue: RefQueue, meta: RunMeta, *, batch: int = COMPACT_BATCH, before: float | None = None) -> int:
-    """Compact every trained ref that is ready (RefQueue.compact), batch by batch, each batch its own short
-    write transaction; returns how many became bare keys. The first epoch of files stores keeps its rows:
+    """Compact the trained refs of checkpoints recorded before `before` (default: older than the status rates'
+    window, which reads their timestamps), batch by batch, each batch its own short write transaction (see
+    RefQueue.compact); returns how many became bare keys. The first epoch of files stores keeps its rows:
     `train --epochs` replays it from their handles. Takes the queue and meta, not a connection, so that a
-    trainer in Ray mode compacts through the ledger. `before`: as RefQueue.compact's."""
+    trainer in Ray mode compacts through the ledger."""
+    through = meta.checkpoint_before(clock.now() - RATE_WINDOW_S if before is None else before)
     replay_stores = sorted(meta.with_prefix(STORE_META_PREFIX))
     compacted = 0
     while True:
-        step = queue.compact(replay_stores=replay_stores, before=before, limit=batch)
+        step = queue.compact(through_checkpoint=through, replay_stores=replay_stores, limit=batch)
         compacted += step.compacted
         if step.examined < batch:
             return compacted
