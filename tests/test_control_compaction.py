@@ -191,3 +191,27 @@ def test_compaction_racing_a_restarted_producer_and_a_consumer_trains_every_key_
     assert sorted(acked) == keys  # each key once: no re-put of a compacted key came back
     queue = RefQueue(connect(db))
     assert queue.counts()["trained"] == len(keys) and queue.compacted() > len(keys) // 2
+
+
+def test_a_done_task_whose_refs_are_all_compacted_keeps_its_key_but_not_its_prompt(conn):
+    queue, tasks = RefQueue(conn), TaskQueue(conn)
+    prompt = {"id": "p", "messages": [{"role": "user", "content": "a long prompt " * 100}], "text": None}
+    tasks.add_many([("p0", prompt), ("p1", prompt)])
+    for task, keys in zip(tasks.lease("rollout", n=2), (["a", "b"], ["c"])):
+        assert tasks.complete(task.token, [item(k) for k in keys])
+
+    def payloads() -> dict[str, str]:
+        return dict(conn.execute("SELECT key, payload FROM tasks").fetchall())
+
+    train(conn, ["a", "c"])
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    assert compact_all(queue) == 2
+    conn.set_trace_callback(None)
+    assert payloads() == {"p0": json.dumps(prompt), "p1": "{}"}  # b, p0's other ref, may still be lost
+    (forget,) = {sql for sql in seen if sql.startswith("UPDATE tasks SET payload")}
+    plan = " | ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + forget))
+    assert "SEARCH refs USING COVERING INDEX refs_task" in plan and "SCAN refs" not in plan, plan
+    train(conn, ["b"])
+    assert compact_all(queue) == 1 and payloads() == {"p0": "{}", "p1": "{}"}
+    assert tasks.counts()["done"] == 2 and tasks.add_many([("p0", prompt), ("p1", prompt)]) == 0

@@ -13,7 +13,7 @@ import pytest
 from dataflow.control import db as control_db
 from dataflow.control.db import JOURNAL_SIZE_LIMIT, SCHEMA_VERSION, SHARDS, connect, immediate, truncate_wal, wal_bytes
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefItem, RefQueue, shard_of
+from dataflow.control.queue import RefQueue, shard_of
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import DatabaseError
 from test_control_support import item

@@ -157,7 +157,8 @@ MIGRATIONS: list[str] = [
     # again into its bare key in compacted_refs: exactly-once needs the key (a re-put of it is refused here, by
     # every writer), not the row with its handle, lease columns and seven index entries. The row's count stays
     # with TRAINED (status totals never drop). refs_trained walks trained rows in the order checkpoints made
-    # them, so compaction resumes from its cursor and never re-reads the rows it keeps.
+    # them, so compaction resumes from its cursor and never re-reads the rows it keeps. refs_task tells
+    # whether a done prompt task still has a ref row: once none is left its payload (the prompt) can go.
     """
     CREATE TABLE compacted_refs (
         key TEXT PRIMARY KEY
@@ -168,6 +169,7 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO compaction_cursor VALUES (0, 0);
     CREATE INDEX refs_trained ON refs(checkpoint_id, id) WHERE state = 3;
+    CREATE INDEX refs_task ON refs(task_id) WHERE task_id IS NOT NULL;
 
     CREATE TRIGGER refs_put_compacted BEFORE INSERT ON refs
     WHEN EXISTS (SELECT 1 FROM compacted_refs WHERE key = NEW.key) BEGIN

@@ -74,10 +74,10 @@ class AckedRef:
 # checkpoint, then the later checkpoints up to :through (a row-value (checkpoint_id, id) > (...) comparison
 # seeks on checkpoint_id only and would re-walk the kept rows of the cursor's checkpoint).
 TRAINED_AFTER_CURSOR = f"""
-    SELECT * FROM (SELECT id, key, store, checkpoint_id FROM refs INDEXED BY refs_trained
+    SELECT * FROM (SELECT id, key, store, checkpoint_id, task_id FROM refs INDEXED BY refs_trained
                    WHERE state = {RefState.TRAINED:d} AND checkpoint_id = :checkpoint AND id > :id ORDER BY id LIMIT :limit)
     UNION ALL
-    SELECT * FROM (SELECT id, key, store, checkpoint_id FROM refs INDEXED BY refs_trained
+    SELECT * FROM (SELECT id, key, store, checkpoint_id, task_id FROM refs INDEXED BY refs_trained
                    WHERE state = {RefState.TRAINED:d} AND checkpoint_id > :checkpoint AND checkpoint_id <= :through
                    ORDER BY checkpoint_id, id LIMIT :limit)"""
 
@@ -363,7 +363,8 @@ class RefQueue:
         covered by a recorded checkpoint (invariant 5), so a trainer restart never puts one back; the key alone
         keeps a re-put refused; counts keep it as TRAINED. Kept: first-epoch refs (no EPOCH_MARK in the key) of
         `replay_stores`, the stores whose features outlive an ack (files), since `train --epochs` replays them
-        from their handles and gc keeps the files that rows name. Call until `examined < limit`."""
+        from their handles and gc keeps the files that rows name. A done prompt task whose refs are all
+        compacted keeps its key but not its payload (tasks.forget_payloads). Call until `examined < limit`."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
         with immediate(self.conn):
@@ -378,6 +379,7 @@ class RefQueue:
                               {"keys": json.dumps([r["key"] for r in gone])})
             self.conn.execute("DELETE FROM refs WHERE id IN (SELECT value FROM json_each(:ids))",
                               {"ids": json.dumps([r["id"] for r in gone])})
+            task_rows.forget_payloads(self.conn, [r["task_id"] for r in gone])
             if rows:
                 self.conn.execute("UPDATE compaction_cursor SET checkpoint_id = :checkpoint, ref_id = :id",
                                   {"checkpoint": rows[-1]["checkpoint_id"], "id": rows[-1]["id"]})
