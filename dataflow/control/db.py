@@ -321,7 +321,7 @@ def truncate_wal(conn: sqlite3.Connection, *, above: int | None = None) -> bool:
     """Once the WAL is past `above` bytes (default WAL_BOUND_BYTES), copy all of it into the database and
     truncate it to zero; whether that happened. SQLite's own (passive) checkpoints copy only the frames no
     reader still needs, and the WAL restarts from its beginning only when no reader is on it: readers that
-    always overlap (a tight `status --watch`, two of them) starve both, and the WAL grew by 200 MB in 5 s
+    always overlap (a tight `status --watch`, two of them) starve both, and the WAL grew by 560 MB in 15 s
     (scripts/bench_scale.py measures it). A TRUNCATE checkpoint waits for the readers of old snapshots while
     new readers read the fully copied database. It holds writers off while it waits, so it waits briefly, and
     after a try that readers foiled this connection tries again only once the WAL grew by another quarter
