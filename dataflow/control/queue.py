@@ -1,13 +1,14 @@
 """The ref queue: one row per sample whose features sit in a feature store, with its life cycle.
 
-    pending --lease--> leased --ack--> acked --checkpoint durable--> trained
+    pending --lease--> leased --ack--> acked --checkpoint durable--> trained --compact--> key only
        ^                 |  \\--fail (retryable, attempts+1)--> pending
        |                 |  \\--fail, attempts used up (or not retryable)--> dead (kept, with last error)
        +--lease expired, released on stop, or holder restarted (attempts unchanged)--+
     leased|pending --features lost--> lost --> its prompt task re-queued (a re-put revives the key)
 
 Only an error raised while processing a ref (`fail`) spends one of its attempts: a holder that died or
-stopped is no fault of the ref, so a crash-looping trainer cannot bury innocent samples.
+stopped is no fault of the ref, so a crash-looping trainer cannot bury innocent samples. A compacted ref
+lives on as its key in compacted_refs (exactly-once) and in the TRAINED counts (status); see `compact`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def own_shards_query(rank: int, world: int) -> str | None:
 
 def put_rows(conn: sqlite3.Connection, items: Iterable[RefItem], now: float) -> list[bool]:
     """Insert refs inside the caller's transaction. A key already present is left alone (idempotent put),
-    unless its features were LOST: then the new handle revives it as PENDING."""
+    unless its features were LOST: then the new handle revives it as PENDING. A compacted key is refused by
+    the schema (trigger refs_put_compacted), whoever inserts it."""
     new = []
     for item in items:
         row = conn.execute(
