@@ -535,8 +535,9 @@ def gc_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     allow_network_fs: bool = AllowNetworkFs,
 ) -> None:
-    """Remove this run's orphaned shared-memory arenas and feature files (rollout and train do it at start),
-    and other runs' arenas once those runs are finished for good (or all of them with --all-orphans)."""
+    """Compact this run's trained refs to bare keys, remove its orphaned shared-memory arenas and feature files
+    (rollout and train do it at start), and other runs' arenas once those runs are finished for good (or all
+    of them with --all-orphans)."""
     import dataclasses
     import json
 

@@ -35,6 +35,53 @@ def produce(db: str, keys: list[str], batch: int) -> None:
     conn.close()
 
 
+def produce_twice(db: str, keys: list[str], batch: int) -> None:
+    """Put the keys in batches; once some trained refs are compacted, put them all again (a rollout restarted
+    from scratch), then mark end of stream."""
+    conn = connect(db)
+    queue = RefQueue(conn)
+    for again in (False, True):
+        if again:
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
+            while queue.compacted() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for start in range(0, len(keys), batch):
+            queue.put_many([item(k) for k in keys[start : start + batch]])
+    RunMeta(conn).set_end_of_stream()
+    conn.close()
+
+
+def compacting_consumer(db: str, out: str, batch: int) -> None:
+    """Lease and ack until end of stream and an empty queue, appending each round's acked keys to `out`
+    (JSONL); every few rounds record a checkpoint of what it acked and compact, as the trainer does (without
+    waiting out the rate window)."""
+    conn = connect(db)
+    queue, meta = RefQueue(conn), RunMeta(conn)
+    uncovered, rounds = [], 0
+    with open(out, "a") as f:
+        while True:
+            eos = meta.end_of_stream()  # read before leasing: nothing can be put after it is set
+            leases = queue.lease("consumer", n=batch, ttl=60.0)
+            if not leases:
+                if eos and queue.in_flight() == 0:
+                    break
+                time.sleep(0.005)
+                continue
+            refused = set(queue.ack([lease.token for lease in leases]))
+            acked = [lease for lease in leases if lease.token not in refused]
+            f.write(json.dumps([lease.key for lease in acked]) + "\n")
+            f.flush()
+            uncovered += [lease.id for lease in acked]
+            rounds += 1
+            if rounds % 5 == 0:
+                meta.record_checkpoint(rounds, "ckpt", uncovered)
+                uncovered = []
+                while queue.compact(through_checkpoint=meta.last_checkpoint().id, limit=50).examined == 50:
+                    pass
+    meta.record_checkpoint(rounds, "ckpt", uncovered)
+    conn.close()
+
+
 def consume(db: str, owner: str, out: str, batch: int, partition: tuple[int, int] = (0, 1)) -> None:
     """Lease and ack until end of stream and an empty queue; append every key it acked to `out` (JSONL)."""
     conn = connect(db)

@@ -22,6 +22,8 @@ from dataflow.errors import DatabaseError, sqlite_problem
 APPLICATION_ID = 0x64666C77  # "dflw": marks a file as a dataflow database
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+WAL_BOUND_BYTES = 16 * 1024 * 1024  # past this, the writer that commits checkpoints the whole WAL and truncates it
+WAL_TRUNCATE_WAIT_MS = 100  # how long that checkpoint waits for readers (it holds writers off meanwhile)
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "lustre", "gpfs", "ceph"}
 
 SHARDS = 256  # a ref's shard is crc32(key) % SHARDS; rank r of n prefers the shards s with s % n == r
@@ -151,8 +153,48 @@ MIGRATIONS: list[str] = [
         UPDATE counts SET rows = rows - 1 WHERE tbl = 'tasks' AND state = OLD.state;
     END;
     """,
+    # 4: a bounded database. Compaction (queue.py, RefQueue.compact) turns a TRAINED ref that nothing will read
+    # again into its bare key in compacted_refs: exactly-once needs the key (a re-put of it is refused here, by
+    # every writer), not the row with its handle, lease columns and seven index entries. The row's count stays
+    # with TRAINED (status totals never drop). refs_trained walks trained rows in the order checkpoints made
+    # them, so compaction resumes from its cursor and never re-reads the rows it keeps. refs_task tells
+    # whether a done prompt task still has a ref row: once none is left its payload (the prompt) can go.
+    """
+    CREATE TABLE compacted_refs (
+        key TEXT PRIMARY KEY
+    ) WITHOUT ROWID;
+    CREATE TABLE compaction_cursor (     -- one row: the last trained ref compaction looked at
+        checkpoint_id INTEGER NOT NULL,
+        ref_id        INTEGER NOT NULL
+    );
+    INSERT INTO compaction_cursor VALUES (0, 0);
+    CREATE INDEX refs_trained ON refs(checkpoint_id, id) WHERE state = 3;
+    CREATE INDEX refs_task ON refs(task_id) WHERE task_id IS NOT NULL;
+
+    CREATE TRIGGER refs_put_compacted BEFORE INSERT ON refs
+    WHEN EXISTS (SELECT 1 FROM compacted_refs WHERE key = NEW.key) BEGIN
+        SELECT RAISE(IGNORE);
+    END;
+    DROP TRIGGER refs_count_delete;
+    CREATE TRIGGER refs_count_delete AFTER DELETE ON refs
+    WHEN NOT EXISTS (SELECT 1 FROM compacted_refs WHERE key = OLD.key) BEGIN
+        UPDATE counts SET rows = rows - 1, bytes = bytes - OLD.nbytes WHERE tbl = 'refs' AND state = OLD.state;
+        UPDATE store_bytes SET live = live - OLD.nbytes WHERE store = OLD.store AND OLD.state IN (0, 1);
+    END;
+    CREATE TRIGGER compacted_count_insert AFTER INSERT ON compacted_refs BEGIN
+        INSERT INTO counts VALUES ('compacted_refs', 3, 1, 0) ON CONFLICT DO UPDATE SET rows = rows + 1;
+    END;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class RunConnection(sqlite3.Connection):
+    """A connection to a run database (what `connect` returns): it knows its WAL file, so that the write that
+    takes the WAL past its bound can bring it back (truncate_wal) at the cost of one stat per commit."""
+
+    wal_path = ""
+    wal_retry_above = 0  # after a checkpoint that readers kept from finishing: WAL bytes before the next try
 
 
 @contextmanager
@@ -165,6 +207,7 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    truncate_wal(conn)
 
 
 def filesystem_type(path: Path) -> str:
@@ -266,13 +309,49 @@ def database_path(conn: sqlite3.Connection) -> str:
     return next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
 
 
+def wal_bytes(conn: sqlite3.Connection) -> int:
+    """Size of the connection's WAL file (0 when there is none)."""
+    try:
+        return os.stat(getattr(conn, "wal_path", "") or database_path(conn) + "-wal").st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def truncate_wal(conn: sqlite3.Connection, *, above: int | None = None) -> bool:
+    """Once the WAL is past `above` bytes (default WAL_BOUND_BYTES), copy all of it into the database and
+    truncate it to zero; whether that happened. SQLite's own (passive) checkpoints copy only the frames no
+    reader still needs, and the WAL restarts from its beginning only when no reader is on it: readers that
+    always overlap (a tight `status --watch`, two of them) starve both, and the WAL grew by 560 MB in 15 s
+    (scripts/bench_scale.py measures it). A TRUNCATE checkpoint waits for the readers of old snapshots while
+    new readers read the fully copied database. It holds writers off while it waits, so it waits briefly, and
+    after a try that readers foiled this connection tries again only once the WAL grew by another quarter
+    bound: a reader stuck inside a transaction (SIGSTOP) costs one short wait per quarter bound of writes
+    instead of stalling every write."""
+    bound = WAL_BOUND_BYTES if above is None else above
+    size = wal_bytes(conn)
+    if size <= max(bound, getattr(conn, "wal_retry_above", 0)):
+        return False
+    conn.execute(f"PRAGMA busy_timeout = {WAL_TRUNCATE_WAIT_MS}")
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.OperationalError:  # locked by another checkpoint; or a disk error the next write will name:
+        busy = 1  # the caller's transaction is committed already and must not look failed
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if isinstance(conn, RunConnection):
+        conn.wal_retry_above = size + bound // 4 if busy else 0
+    return not busy
+
+
 def connect(path: str | os.PathLike, *, allow_network_fs: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) a run database, refusing anything unsafe with one clear line."""
     path = Path(path)
     _check_location(path, allow_network_fs)
     existed = path.exists()
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+                               factory=RunConnection)
+        conn.wal_path = os.path.abspath(f"{path}-wal")
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _check_identity(conn, path)  # before anything writes: a refused file must be left exactly as it was

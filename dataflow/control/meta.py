@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import sqlite3
-import time
 from dataclasses import dataclass
 
 from dataflow.control import clock
@@ -14,7 +13,6 @@ from dataflow.control.db import immediate
 from dataflow.control import queue as ref_rows
 from dataflow.errors import ConfigMismatch
 
-WAL_CHECKPOINT_EVERY_S = 30.0
 STALE_AFTER_S = 30.0  # a process whose heartbeat is older than this is presumed dead
 EXIT_STATUSES = ("finished", "stopped", "interrupted")  # a last heartbeat's status on a clean or caught exit
 
@@ -47,7 +45,6 @@ class Checkpoint:
 class RunMeta:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
-        self._last_wal_checkpoint = time.monotonic()
 
     @property
     def run_id(self) -> str:
@@ -115,7 +112,6 @@ class RunMeta:
                     "info": json.dumps(info or {}),
                 },
             )
-        self.maybe_checkpoint_wal()
 
     def processes(self, role: str | None = None) -> list[Process]:
         rows = self.conn.execute(
@@ -157,12 +153,12 @@ class RunMeta:
             self.conn.execute("UPDATE checkpoints SET num_refs = ? WHERE id = ?", (moved, checkpoint_id))
         return checkpoint_id
 
+    def checkpoint_before(self, moment: float) -> int:
+        """Id of the last checkpoint recorded before `moment` (0: none)."""
+        return self.conn.execute(
+            "SELECT coalesce(max(id), 0) FROM checkpoints WHERE created_at < :moment", {"moment": moment}
+        ).fetchone()[0]
+
     def last_checkpoint(self) -> Checkpoint | None:
         row = self.conn.execute("SELECT * FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else Checkpoint(**dict(row))
-
-    def maybe_checkpoint_wal(self, force: bool = False) -> None:
-        """Bound the WAL: a passive checkpoint every so often (never blocks writers; readers are short)."""
-        if force or time.monotonic() - self._last_wal_checkpoint > WAL_CHECKPOINT_EVERY_S:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            self._last_wal_checkpoint = time.monotonic()

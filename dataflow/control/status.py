@@ -6,10 +6,8 @@ import sqlite3
 
 from dataflow.control import clock
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefQueue
+from dataflow.control.queue import RATE_WINDOW_S, RefQueue
 from dataflow.control.tasks import TaskQueue
-
-RATE_WINDOW_S = 60.0
 
 
 def snapshot(conn: sqlite3.Connection) -> dict:
@@ -17,7 +15,8 @@ def snapshot(conn: sqlite3.Connection) -> dict:
     meta, refs, tasks = RunMeta(conn), RefQueue(conn), TaskQueue(conn)
     conn.execute("BEGIN")  # one consistent read; ended right below so no reader pins the WAL
     try:
-        ref_counts = refs.counts()
+        ref_counts = refs.counts()  # compacted refs still count as trained
+        compacted = refs.compacted()
         task_counts = tasks.counts()
         oldest = refs.oldest_pending_created_at()
         produced_per_s = refs.rate("created_at", since=now - RATE_WINDOW_S, now=now)
@@ -32,6 +31,7 @@ def snapshot(conn: sqlite3.Connection) -> dict:
     return {
         "run_id": run_id,
         "refs": ref_counts,
+        "compacted_refs": compacted,
         "tasks": task_counts,
         "in_flight_bytes": in_flight_bytes,
         "oldest_pending_age_s": None if oldest is None else round(now - oldest, 3),

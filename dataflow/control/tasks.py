@@ -37,6 +37,19 @@ def requeue_rows(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> No
     )
 
 
+def forget_payloads(conn: sqlite3.Connection, task_ids: Iterable[int | None]) -> None:
+    """Inside the caller's transaction (compaction): DONE tasks none of whose refs has a row left keep their
+    key (a restarted rollout's add_many must still find it, or it would generate the prompt again) but not
+    their payload, the prompt itself, often kilobytes: it is read again only to regenerate a lost ref, and
+    a compacted ref is never lost."""
+    conn.execute(
+        f"""UPDATE tasks SET payload = '{{}}'
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND state = {TaskState.DONE:d}
+              AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.task_id = tasks.id)""",
+        {"ids": json.dumps([t for t in task_ids if t is not None])},
+    )
+
+
 @dataclass(frozen=True)
 class TaskLease:
     id: int

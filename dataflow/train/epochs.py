@@ -23,10 +23,12 @@ def replay_epochs(conn: sqlite3.Connection, reader, *, epochs: int, seed: int) -
     queue = RefQueue(conn)
     existing = queue.keys_containing(EPOCH_MARK)
     base = queue.consumed_items(without=EPOCH_MARK)  # the trained (or acked) first-epoch refs, in id order
-    wanted = {epoch_key(r.key, e) for r in base for e in range(1, epochs)} - existing
+    compacted = queue.compacted_keys(without=EPOCH_MARK)  # trained first-epoch refs whose rows went: features not kept
+    wanted = {epoch_key(key, e) for key in [r.key for r in base] + compacted for e in range(1, epochs)} - existing
     if not wanted:  # all replayed already (or the rollout ran its own epochs)
         return 0
-    gone = [r.key for r in base if not reader.retained(r.handle) and epoch_key(r.key, epochs - 1) in wanted]
+    gone = [r.key for r in base if not reader.retained(r.handle)] + compacted
+    gone = [key for key in gone if epoch_key(key, epochs - 1) in wanted]
     if gone:
         raise InputError(
             f"--epochs {epochs}: features of {len(gone)} refs (e.g. {gone[0]!r}) were freed after training "

@@ -34,6 +34,7 @@ from dataflow.train.loss import loss_tokens
 from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
 from dataflow.train.source import LeasedSample, MicroBatch, RefSource, check_features, collate
 from dataflow.train.step import TrainStep, keep_freed_memory
+from dataflow.transport.gc import compact_trained
 
 HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = (0.05, 1.0)  # back-off bounds while the queue is empty
@@ -259,6 +260,7 @@ class Trainer:
                                          include_embed=self.config.export_embed_tokens, aux_layers=self.aux_layers)
             self.meta.record_checkpoint(self.progress.step, str(path), covered)
             ckpt.publish(self.out, path, keep=self.options.keep)  # only now: a kill before the record prunes nothing
+            compact_trained(self.queue, self.meta)  # rows of refs trained by older checkpoints become bare keys
         barrier(self.dist)
         self.progress.uncovered = []
         return path

@@ -60,7 +60,7 @@ class Uncommitted:
             row = rows.get(h["key"])
             if row is None:
                 keep.append(h)
-            elif not same_write(row[0], h) and row[1] == RefState.LOST:
+            elif row[1] == RefState.LOST and not same_write(row[0], h):  # (a compacted key has no handle: free)
                 keep.append(h)
         self._handles = keep
         return list(keep)
