@@ -246,7 +246,7 @@ def run(
 
     params = {role: group.commands[role].make_context(role, list(routed[role])).params for role in ROLES}
     try:
-        cluster = ClusterConfig(address=ray_address, rollouts=rollouts, trainers=trainers,
+        cluster = ClusterConfig(address=ray_address, rollouts=rollouts, trainers=trainers, engine=params["rollout"]["engine"],
                                 cpus_per_rollout=cpus_per_rollout, gpus_per_rollout=gpus_per_rollout,
                                 cpus_per_trainer=cpus_per_trainer, gpus_per_trainer=gpus_per_trainer)
     except ValueError as e:
@@ -321,8 +321,7 @@ def rollout(
     config, engine_config = rollout_configs(locals())
     split_held_out(load_dataset(config.dataset, config.on_bad_row).samples, config.held_out)
     conn = open_run(db, allow_network_fs) if db.exists() else None
-    # A vLLM request holds a sample (max_length + the one token it generates) or a regeneration prompt + reply.
-    target = open_engine(engine, engine_config, max_model_len=max_length + max_new_tokens, verbose=verbose)
+    target = open_engine(engine, engine_config, max_model_len=config.max_request_tokens, verbose=verbose)
     conn = conn or open_run(db, allow_network_fs)
     with RolloutView(enabled=progress) as view:
         stats = run_rollout(conn, config, target, view)

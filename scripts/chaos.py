@@ -40,7 +40,7 @@ from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
 from dataflow.testing import build_tiny_target
 from dataflow.train.checkpoint import read_training_state
-from dataflow.transport.gc import run_prefix
+from dataflow.transport.owner import store_name
 from dataflow.transport.segment import SHM_DIR
 
 FINISH_TIMEOUT_S = 600
@@ -130,7 +130,7 @@ class Run:
         last = meta.last_checkpoint()
         state = read_training_state(last.path) if last else {"samples": 0, "step": 0}
         recorded = conn.execute("SELECT coalesce(sum(num_refs), 0) FROM checkpoints").fetchone()[0]
-        leaked = sum(p.stat().st_blocks * 512 for p in SHM_DIR.glob(f"{run_prefix(meta.run_id)}*"))
+        leaked = sum(p.stat().st_blocks * 512 for p in SHM_DIR.glob(store_name("dataflow", meta.run_id) + "*"))
         out = self.work / "out"
         metrics = out / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []

@@ -15,7 +15,7 @@ import pytest
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
-from dataflow.transport.gc import run_prefix
+from dataflow.transport.owner import store_name
 from dataflow.transport.segment import SHM_DIR
 
 WAIT_S = 120.0  # generous: 2 shared cores, real processes loading a model
@@ -48,7 +48,7 @@ def output_of(process: subprocess.Popen | multiprocessing.Process) -> str:
 
 
 def leftover_segments(run_id: str) -> list[Path]:
-    return sorted(SHM_DIR.glob(run_prefix(run_id) + "*"))
+    return sorted(SHM_DIR.glob(store_name("dataflow", run_id) + "*"))
 
 
 @pytest.fixture

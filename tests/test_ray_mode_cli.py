@@ -46,6 +46,7 @@ print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
         (["--store", "files", "--store-dir", "x"], "features go through Ray's object store"),
         (["--train-epochs", "3"], "pass --epochs 3 to the rollouts instead"),
         (["--trainers", "2"], "need --ray ADDRESS|auto|local"),
+        (["--engine", "tgi"], "--engine 'tgi': unknown engine"),
     ],
 )
 def test_bad_ray_options_fail_with_one_line_before_ray_starts(tmp_path, target, options, message):

@@ -13,6 +13,7 @@ import ray
 
 from dataflow.cluster.ledger import Remote, RemoteMeta
 from dataflow.train.dist import all_sum
+from dataflow.transport.owner import store_name
 from dataflow.train.trainer import Trainer
 
 STOP_POLL_S = 1.0
@@ -26,8 +27,8 @@ class RolloutActor:
         self.writer = None
         self._run_thread: int | None = None
 
-    def run(self, ledger, config, engine_config, producer_id: str, name: str, namespace: str) -> str:
-        from dataflow.rollout.engines.hf import HFEngine
+    def run(self, ledger, config, engine_name: str, engine_config, producer_id: str, name: str, namespace: str) -> str:
+        from dataflow.rollout.engines import open_engine
         from dataflow.rollout.prepare import prepare_run
         from dataflow.rollout.producer import TASK_MAX_ATTEMPTS, Producer, max_sample_bytes
         from dataflow.rollout.ui import RolloutView
@@ -35,10 +36,10 @@ class RolloutActor:
 
         self._run_thread = threading.get_ident()
         meta, tasks, refs = RemoteMeta(ledger), Remote(ledger, "tasks", max_attempts=TASK_MAX_ATTEMPTS), Remote(ledger, "refs")
-        engine = HFEngine(engine_config)
+        engine = open_engine(engine_name, engine_config, max_model_len=config.max_request_tokens)
         with RolloutView(enabled=False) as view:
             prepare_run(None, config, engine, view, control=(meta, tasks))
-            store = f"ray-{meta.run_id[:12]}-{producer_id}"
+            store = store_name("ray", meta.run_id, producer_id)
             # A rollout of this id that ran before took its objects with it: those refs are LOST, prompts re-queued.
             refs.lose_store(store, f"rollout {producer_id} restarted; its Ray objects died with it")
             meta.heartbeat(f"rollout-{producer_id}", "rollout", "starting")

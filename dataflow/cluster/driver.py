@@ -26,6 +26,8 @@ from dataflow.cluster.ledger import Ledger
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.errors import DataflowError, InputError
+from dataflow.rollout.engines import check_engine
+from dataflow.transport.owner import RUN_ID_CHARS
 
 NAMESPACE = "dataflow"
 MAX_RESTARTS = 5  # per role: a group that keeps dying is a bug or a broken cluster, not bad luck
@@ -45,6 +47,8 @@ class ClusterConfig:
     gpus_per_rollout: float = 0.0
     cpus_per_trainer: float = 1.0
     gpus_per_trainer: float = 0.0
+    engine: str = "hf"
+    """The rollouts' target engine (hf or vllm)."""
 
     def __post_init__(self):
         if self.rollouts < 1 or self.trainers < 1:
@@ -52,6 +56,7 @@ class ClusterConfig:
         amounts = (self.cpus_per_rollout, self.gpus_per_rollout, self.cpus_per_trainer, self.gpus_per_trainer)
         if min(amounts) < 0 or self.cpus_per_trainer + self.gpus_per_trainer == 0:
             raise ValueError("--cpus/gpus-per-* must be >= 0, and a trainer must reserve a CPU or a GPU")
+        check_engine(self.engine)  # before Ray starts: the actors would find out minutes later
 
     def trainer_bundle(self) -> dict[str, float]:
         return {k: v for k, v in (("CPU", self.cpus_per_trainer), ("GPU", self.gpus_per_trainer)) if v > 0}
@@ -108,7 +113,7 @@ class Supervisor:
     def __init__(self, db: Path, conn, cluster: ClusterConfig, rollout: tuple, train: tuple, threads: int | None):
         self.db, self.conn, self.cluster, self.rollout, self.train, self.threads = db, conn, cluster, rollout, train, threads
         self.meta = RunMeta(conn)
-        self.prefix = f"dataflow-{self.meta.run_id[:12]}"
+        self.prefix = f"dataflow-{self.meta.run_id[:RUN_ID_CHARS]}"  # its actors' names, like the run's arenas
         self.events: list[str] = []
         self.restarts = {"rollout": 0, "train": 0}
         self.ledger = None
@@ -145,7 +150,7 @@ class Supervisor:
             name=name, num_cpus=self.cluster.cpus_per_rollout, num_gpus=self.cluster.gpus_per_rollout
         ).remote()
         config, engine_config = self.rollout
-        run = actor.run.remote(self.ledger, config, engine_config, producer_id, name, NAMESPACE)
+        run = actor.run.remote(self.ledger, config, self.cluster.engine, engine_config, producer_id, name, NAMESPACE)
         self.rollouts[producer_id] = (actor, run)
 
     def _start_trainers(self) -> TrainerGroup:

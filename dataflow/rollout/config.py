@@ -64,6 +64,12 @@ class RolloutConfig:
     """Names this rollout's feature arena, leases and heartbeat; None = the lowest free "r<i>" of the run.
     A restarted rollout with the same id re-attaches its arena."""
 
+    @property
+    def max_request_tokens(self) -> int:
+        """What one vLLM request holds: a sample (max_length + the one token it generates) or a regeneration
+        prompt and its reply."""
+        return self.max_length + self.max_new_tokens
+
     def __post_init__(self):
         positive = ("epochs", "max_length", "max_new_tokens", "token_budget", "tasks_per_lease", "max_inflight_bytes",
                     "samples_per_prompt", "vocab_warmup")

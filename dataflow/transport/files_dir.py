@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from dataflow.errors import FULL_DISK, FeaturesLost, StoreError
-from dataflow.transport.owner import Owner
+from dataflow.transport.owner import Owner, store_name
 from dataflow.transport.refs import files_stores
 from dataflow.transport.segment import LOCK_WAIT_S, hold_lock
 
@@ -27,11 +27,11 @@ STORE_META_PREFIX = "files_store."  # RunMeta key per files store -> its directo
 
 
 def store_id(run_id: str, producer_id: str) -> str:
-    return f"files-{run_id[:12]}-{producer_id}"
+    return store_name("files", run_id, producer_id)
 
 
 def store_re(run_id: str) -> re.Pattern:
-    return re.compile(rf"^files-{run_id[:12]}-[A-Za-z0-9_.-]{{1,64}}$")
+    return re.compile(rf"^{re.escape(store_name('files', run_id))}[A-Za-z0-9_.-]{{1,64}}$")
 
 
 def read_owner(directory: Path) -> Owner | None:

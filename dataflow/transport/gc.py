@@ -21,7 +21,7 @@ from dataflow.control import clock
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import COMPACT_BATCH, RATE_WINDOW_S, RefQueue, RefState
 from dataflow.transport.files_dir import STORE_META_PREFIX, SUFFIX, disk_usage, lock_writer, read_owner, recorded_stores, sample_name
-from dataflow.transport.owner import Owner, owner_of, provably_finished
+from dataflow.transport.owner import Owner, owner_of, provably_finished, store_name
 from dataflow.transport.refs import handles_by_state, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, human, read_header, try_lock
 
@@ -66,9 +66,6 @@ class Verdict:
     why: str = ""  # for KEEP
 
 
-def run_prefix(run_id: str) -> str:
-    return f"dataflow-{run_id[:12]}-"
-
 
 def compact_trained(queue: RefQueue, meta: RunMeta, *, batch: int = COMPACT_BATCH, before: float | None = None) -> int:
     """Compact the trained refs of checkpoints recorded before `before` (default: older than the status rates'
@@ -97,7 +94,7 @@ def sweep(
     if not dry_run:  # first: the files of refs compacted now are unnamed, and go below once their writer is gone
         report.compacted_refs = compact_trained(RefQueue(conn), RunMeta(conn))
     for path in sorted(shm_dir.glob("dataflow-*")):
-        mine = path.name.startswith(run_prefix(me.run_id))
+        mine = path.name.startswith(store_name("dataflow", me.run_id))
         decide = functools.partial(_judge, conn, path.name, me, all_orphans)
         try:
             _sweep_segment(path, decide, dry_run, report, mine=mine)
@@ -119,7 +116,7 @@ def _judge(
         live = any(h.get("nonce") == nonce for h in live_handles(conn, name))
         return Verdict(Action.KEEP, True, "holds samples the trainer has not consumed") if live else Verdict(Action.REMOVE, True)
     if not arena:  # half-created (its producer died before any sample could be written), or not dataflow's
-        ours = name.startswith(run_prefix(me.run_id))
+        ours = name.startswith(store_name("dataflow", me.run_id))
         return Verdict(Action.REMOVE if ours else Action.IGNORE, ours)
     if all_orphans or provably_finished(owner):
         return Verdict(Action.REMOVE, False)
@@ -183,7 +180,7 @@ def _sweep_files(
 def usage(conn: sqlite3.Connection, *, shm_dir: Path = SHM_DIR) -> list[dict]:
     """Per store of this run: size, bytes in flight, and (files) disk use; for `dataflow status`."""
     queue, out = RefQueue(conn), []
-    for path in sorted(shm_dir.glob(run_prefix(RunMeta(conn).run_id) + "*")):
+    for path in sorted(shm_dir.glob(store_name("dataflow", RunMeta(conn).run_id) + "*")):
         try:
             capacity = path.stat().st_size - HEADER_BYTES
         except FileNotFoundError:

@@ -1,6 +1,6 @@
 """Whose feature store is this: the run id and the database file, stamped into every arena and files store.
 
-Names carry only the first 12 hex digits of the run id, and a copied database carries the same run id as
+Names carry only the first RUN_ID_CHARS hex digits of the run id (store_name builds every one), and a copied database carries the same run id as
 its original, so neither a name nor the run id alone tells two databases apart. The database file's
 (device, inode) does: it survives a rename or a moved run directory and differs for a copy. Paths are
 kept only for messages and for proving that another run has finished (its file is still where it was).
@@ -15,6 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dataflow.control.db import database_path
+
+RUN_ID_CHARS = 12  # enough to tell runs apart in a name; the owner stamp holds the whole id
+STORE_KINDS = ("dataflow", "files", "ray")  # a shared-memory arena (what /dev/shm lists), a files store, Ray objects
+
+
+def store_name(kind: str, run_id: str, producer_id: str = "") -> str:
+    """`<kind>-<run>-<producer>`: the name of one producer's feature store, or without a producer id the
+    prefix every store of that kind in the run shares."""
+    assert kind in STORE_KINDS, kind
+    return f"{kind}-{run_id[:RUN_ID_CHARS]}-{producer_id}"
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class Owner:
             return None
 
     def describe(self) -> str:
-        return f"run {self.run_id[:12]} of {self.db_path}"
+        return f"run {self.run_id[:RUN_ID_CHARS]} of {self.db_path}"
 
 
 def file_identity(path: str | os.PathLike) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
-from dataflow.transport.owner import Owner, owner_of
+from dataflow.transport.owner import Owner, owner_of, store_name
 from dataflow.transport.refs import Uncommitted, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, Segment, human
 
@@ -31,7 +31,7 @@ ARENA_NAME_RE = re.compile(r"^dataflow-[0-9a-f]{12}-[A-Za-z0-9_.-]{1,64}$")  # n
 def arena_name(run_id: str, producer_id: str) -> str:
     if not PRODUCER_ID_RE.match(producer_id):
         raise InputError(f"producer id {producer_id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-    return f"dataflow-{run_id[:12]}-{producer_id}"
+    return store_name("dataflow", run_id, producer_id)
 
 
 class ShmWriter:

@@ -1,5 +1,5 @@
 """Target engines: `hf` (transformers) and `vllm`. Both give the rollout the same contract: `tokenizer`,
-`describe()`, `features(batch)` and `generate(conversations, ...)`."""
+`describe()`, `features(batch)`, `generate(conversations, ...)` and `complete(texts, ...)`."""
 
 from __future__ import annotations
 
