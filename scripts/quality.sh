@@ -25,6 +25,7 @@ TEMPERATURE=${TEMPERATURE:-0.7}
 EPOCHS=${EPOCHS:-3}                           # trainer passes over the features
 VOCAB=${VOCAB:-8192}
 K=${K:-5}
+TTT=${TTT:-$K}                                # training-time-test steps: the K draft positions the eval measures
 EVAL_PROMPTS=${EVAL_PROMPTS:-16}
 EVAL_TOKENS=${EVAL_TOKENS:-64}                # tokens generated per eval prompt
 EVAL_THREADS=${EVAL_THREADS:-}                # torch threads of the eval (empty: torch default)
@@ -35,7 +36,7 @@ export HF_HUB_OFFLINE=1
     --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
     --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
-    --rollout-threads 1 --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --log-every 5 --save-every 100
+    --rollout-threads 1 --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --ttt-length "$TTT" --log-every 5 --save-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \
     --max-new-tokens "$EVAL_TOKENS" ${EVAL_THREADS:+--threads "$EVAL_THREADS"} --json > "$RUN_DIR/eval.json"
