@@ -140,15 +140,15 @@ def test_a_vllm_rollout_trains_a_draft_that_vllm_serves_exactly_on_smollm2(tmp_p
 
     db, store = tmp_path / "run.sqlite", tmp_path / "features"
     rollout = dataflow("rollout", "--db", str(db), "--engine", "vllm", "--num-samples", "4", "--max-length", "96",
-                       "--regenerate", "--vocab-warmup", "2", "--self-prompts", "2", "--max-new-tokens", "24",
+                       "--regenerate", "--vocab-warmup", "2", "--max-new-tokens", "24",
                        "--dtype", "float32", "--store", "files", "--store-dir", str(store), "--threads", "1",
                        "--no-progress")
-    assert rollout.stdout.startswith("rollout: 6 samples") and "INFO" not in rollout.stdout + rollout.stderr
+    assert rollout.stdout.startswith("rollout: 4 samples") and "INFO" not in rollout.stdout + rollout.stderr
 
     # The features vLLM captured equal the HF engine's on the same tokens.
     conn = connect(db)
     queue = RefQueue(conn)
-    leases = queue.lease("test", n=6)
+    leases = queue.lease("test", n=4)
     hf = HFEngine(HFEngineConfig(model_dir=RunMeta(conn).get("target")["model"], threads=1, dtype="float32"))
     reader = open_reader(conn)
     for lease in leases:
