@@ -86,7 +86,7 @@ def test_a_short_bf16_run_follows_the_fp32_acc0_curve_within_two_points(problem)
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(capsys):
     calls = []
-    wrapped = CompiledOrEager(lambda x: calls.append(x) or x * 2, compile=True)
+    wrapped = CompiledOrEager(lambda x: calls.append(x) or x * 2, compile=True, what="the loss")
 
     def broken(*args):
         raise RuntimeError("inductor: no C++ compiler\nlong trace")
