@@ -137,7 +137,9 @@ class CompiledOrEager:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                # no duck sizing: a length that happens to equal the width must not specialise the graph to it
+                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
+                        torch.fx.experimental._config.patch(use_duck_shape=False):
                     return self.compiled(*args)
             except Exception as e:  # inductor needs a C++ compiler and more; eager is always there
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
