@@ -154,18 +154,18 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
     n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
-    counted, first = {}, {}
+    first = {}
     for i in range(warmup + steps):
         for mode, (step, batch) in built.items():
             with Clock() as clock:
                 acc0[mode].append(train_step(step, batch, i, n_tokens))
             first.setdefault(mode, clock)
-            if i == warmup - 1 or (warmup == 0 and i == 0):
-                counted[mode] = count_step(step, batch, n_tokens)
             if i >= warmup:
                 rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1])))
             print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
                   + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
+        if i == warmup - 1:  # only once every mode has compiled: a dispatch mode stops dynamo compiling later
+            counted = {mode: count_step(step, batch, n_tokens) for mode, (step, batch) in built.items()}
     out = {}
     for mode, (step, batch) in built.items():
         flops = counted[mode][0]
@@ -209,11 +209,13 @@ def working_set(mode: str, steps: int, threads: int, seed: int, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed rounds (one step per mode each)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator); >= 1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16, bf16-eager (no torch.compile)")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first round compiles")
     modes = args.modes.split(",")
     # A fresh inductor cache: compile_s is what a trainer pays on its first start on a fresh machine.
     cache = tempfile.TemporaryDirectory(prefix="bench-train-inductor-")
