@@ -13,7 +13,8 @@ roofline (every matmul the step runs, replayed alone with the same shapes, strid
 each timed step: their summed time is the step's matmul-only time; fraction = that / the step's time), a
 torch.profiler split of one step into matmul vs everything else, and `step_working_set_bytes` (peak RSS
 over two steps minus RSS after build, each mode alone in a child process). The modes' steps are
-interleaved in one process, so load from other processes on a shared machine hits them alike.
+interleaved in one process, so load from other processes on a shared machine hits them alike. `compile_s`:
+the first step's extra time, with a fresh inductor cache (what a trainer's first start pays).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -151,17 +154,18 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
     n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
-    counted = {}
+    first = {}
     for i in range(warmup + steps):
         for mode, (step, batch) in built.items():
             with Clock() as clock:
                 acc0[mode].append(train_step(step, batch, i, n_tokens))
-            if i == warmup - 1 or (warmup == 0 and i == 0):
-                counted[mode] = count_step(step, batch, n_tokens)
+            first.setdefault(mode, clock)
             if i >= warmup:
                 rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1])))
             print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
                   + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
+        if i == warmup - 1:  # only once every mode has compiled: a dispatch mode stops dynamo compiling later
+            counted = {mode: count_step(step, batch, n_tokens) for mode, (step, batch) in built.items()}
     out = {}
     for mode, (step, batch) in built.items():
         flops = counted[mode][0]
@@ -178,6 +182,9 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
             "fraction_of_roofline": statistics.median(r[2] / r[0] for r in rounds[mode]),
             "fraction_of_roofline_cpu_time": statistics.median(r[3] / r[1] for r in rounds[mode]),
             "profile": profile_split(step, batch, warmup + steps, n_tokens),
+            # the first step's extra time: torch.compile (forward and backward graphs) and first-touch allocation
+            "compile_s": first[mode].wall - wall,
+            "compile_cpu_s": first[mode].cpu - cpu,
             "acc0": acc0[mode],
         }
     return out
@@ -202,12 +209,17 @@ def working_set(mode: str, steps: int, threads: int, seed: int, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed rounds (one step per mode each)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator); >= 1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16, bf16-eager (no torch.compile)")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first round compiles")
     modes = args.modes.split(",")
+    # A fresh inductor cache: compile_s is what a trainer pays on its first start on a fresh machine.
+    cache = tempfile.TemporaryDirectory(prefix="bench-train-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     ctx = mp.get_context("spawn")
     memory = {}
     for mode in modes:  # each alone in a fresh process: nothing else's allocations in its RSS
@@ -217,6 +229,7 @@ def main() -> None:
         memory[mode] = queue.get()
         child.join()
         print(f"{mode}: working set {memory[mode] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=cache.name)  # not the children's graphs
     results = timing(modes, args.steps, args.warmup, args.threads, args.seed)
     for mode, r in results.items():
         r["step_working_set_bytes"] = memory[mode]
@@ -224,6 +237,7 @@ def main() -> None:
               f"({r['fraction_of_roofline']:.0%} of its {r['roofline_gflop_per_s']:.0f} GFLOP/s matmul roofline; "
               f"{r['fraction_of_roofline_cpu_time']:.0%} in CPU time); profiled step: matmul "
               f"{r['profile']['matmul_s']:.2f}s + other {r['profile']['other_s']:.2f}s; "
+              f"first step +{r['compile_s']:.0f}s ({r['compile_cpu_s']:.0f}s cpu; compile); "
               f"working set {r['step_working_set_bytes'] / 2**30:.2f} GiB", flush=True)
     summary = {"shapes": {"hidden": H, "intermediate": INTER, "heads": [HEADS, KV_HEADS], "vocab": VOCAB,
                           "draft_vocab": DRAFT_VOCAB, "batch": [BATCH, SEQ], "ttt": TTT, "threads": args.threads},
@@ -237,7 +251,11 @@ def main() -> None:
             "bf16_fraction_of_roofline_cpu_time": bf16["fraction_of_roofline_cpu_time"],
             "acc0_diff_bf16_vs_fp32": max(abs(a - b) for a, b in zip(fp32["acc0"], bf16["acc0"])),
             "step_working_set_bytes": bf16["step_working_set_bytes"],
+            "bf16_matmul_s": bf16["profile"]["matmul_s"],
+            "bf16_other_s": bf16["profile"]["other_s"],
+            "bf16_compile_s": bf16["compile_s"],
         }
+    cache.cleanup()
     print(json.dumps(summary))
 
 

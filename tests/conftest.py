@@ -1,9 +1,17 @@
 """What several test modules share: one bounded wait, the tiny target, and a fresh run database.
 
 Every test gets its own run database; on teardown the run must have left nothing in /dev/shm (checked
-by run prefix, so helpers' tests running beside ours on the same machine never interfere)."""
+by run prefix, so helpers' tests running beside ours on the same machine never interfere).
+
+The suite runs torch.compile'd code eagerly, in its own process and in every process it spawns (they inherit
+the environment): a compile costs tens of seconds per process on 2 cores, and the tiny test models gain nothing
+from it. tests/test_train_step.py turns compilation back on to check the compiled step itself."""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before anything imports torch
 
 import multiprocessing
 import subprocess

@@ -135,8 +135,8 @@ def test_loss_equals_a_direct_recomputation():
     lm_head = torch.randn(V, H)
     loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
     logits = model(ids, aux, steps)
-    hiddens = model.hidden_states(ids, aux, steps)
-    sums = ttt_sums(model, hiddens, teacher(target_hidden, head_of(model, lm_head), loss_mask))
+    normed = model.normed_states(ids, aux, steps)
+    sums = ttt_sums(model, normed, teacher(target_hidden, head_of(model, lm_head), loss_mask))
     draft_ids = sorted(int(i) for i in torch.nonzero(model.t2d))  # target id of draft id d
     expected, n_tokens = 0.0, 0
     for i in range(T - 1):  # normaliser: teacher positions whose next token is an assistant token
@@ -164,9 +164,9 @@ def test_right_padding_does_not_change_a_samples_loss():
     T = 9
     ids, aux, th = torch.randint(0, V, (1, T)), torch.randn(1, T, 3 * H), torch.randn(1, T, H)
     lm_head, mask = torch.randn(V, H), torch.ones(1, T, dtype=torch.bool)
-    alone = ttt_sums(model, model.hidden_states(ids, aux, 3), teacher(th, head_of(model, lm_head), mask))
+    alone = ttt_sums(model, model.normed_states(ids, aux, 3), teacher(th, head_of(model, lm_head), mask))
     pad = lambda x: F.pad(x, (0, 0, 0, 4)) if x.dim() == 3 else F.pad(x, (0, 4))
-    padded = ttt_sums(model, model.hidden_states(pad(ids), pad(aux), 3),
+    padded = ttt_sums(model, model.normed_states(pad(ids), pad(aux), 3),
                       teacher(pad(th), head_of(model, lm_head), pad(mask)))
     for a, b in zip(alone.loss_sum, padded.loss_sum):
         torch.testing.assert_close(a, b)
@@ -280,7 +280,7 @@ def test_the_fused_loss_and_its_gradients_equal_the_full_logits_reference_in_fp3
     expected.backward()
     reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    sums = ttt_sums(model, model.hidden_states(ids, aux, steps), teacher(th, head_of(model, lm_head), mask))
+    sums = ttt_sums(model, model.normed_states(ids, aux, steps), teacher(th, head_of(model, lm_head), mask))
     got = sums.weighted_loss()
     got.backward()
     assert sum(counts) > 10 and sums.count == counts

@@ -1,6 +1,7 @@
 """The optimiser step: bf16 against fp32 on the tiny target's real features, the compile fallback, the
 learning-rate schedule and the expected-acceptance estimate."""
 
+import dataclasses
 import math
 
 import pytest
@@ -32,11 +33,11 @@ def problem(tmp_path_factory):
     return target_record(target), vocab, batch
 
 
-def new_step(problem, dtype: str) -> TrainStep:
+def new_step(problem, dtype: str, *, compile: bool = False, ttt_length: int = 2, device: str = "cpu") -> TrainStep:
     target, vocab, _ = problem
-    config = TrainConfig(lr=3e-3, warmup_steps=0, ttt_length=2, dtype=dtype)
+    config = TrainConfig(lr=3e-3, warmup_steps=0, ttt_length=ttt_length, dtype=dtype)
     model, head = build_draft(target, vocab, config)
-    return TrainStep(model, head.lm_head, config, device=torch.device("cpu"), compile=False)
+    return TrainStep(model, head.lm_head, config, device=torch.device(device), compile=compile)
 
 
 def test_the_bf16_step_computes_in_bf16_and_keeps_fp32_master_weights(problem):
@@ -84,9 +85,37 @@ def test_a_short_bf16_run_follows_the_fp32_acc0_curve_within_two_points(problem)
     assert max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])) <= 0.02, curves
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_the_compiled_bf16_step_has_the_eager_fp32_loss_and_compiles_once_for_every_batch_shape(
+        problem, device, monkeypatch, capsys):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # tests/conftest.py turns compilation off
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    torch._dynamo.reset()
+    _, _, batch = problem
+    cut = MicroBatch(*(x[:5, :-3] for x in dataclasses.astuple(batch)))  # another size and length: no recompile
+    results = {}
+    for dtype, compile, on in (("fp32", False, "cpu"), ("bf16", True, device)):
+        step = new_step(problem, dtype, compile=compile, ttt_length=3, device=on)
+        losses = []
+        for b in (batch, cut):
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            b = MicroBatch(*(x.to(on) for x in dataclasses.astuple(b)))
+            losses.append(float(step.accumulate(b, float(loss_tokens(b.loss_mask)))[0]))
+        results[dtype] = (losses, *(p.grad.cpu() for p in (step.master.lm_head.weight,
+                                                            step.master.midlayer.self_attn.k_proj.weight)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the second shape reused them
+    assert "torch.compile failed" not in capsys.readouterr().err
+    (fp32_losses, *fp32_grads), (bf16_losses, *bf16_grads) = results["fp32"], results["bf16"]
+    for fp32, bf16 in zip(fp32_losses, bf16_losses):
+        assert fp32 > 0.1 and abs(bf16 - fp32) <= 0.01 * fp32, (fp32_losses, bf16_losses)
+    for fp32, bf16 in zip(fp32_grads, bf16_grads):
+        assert torch.nn.functional.cosine_similarity(fp32.flatten(), bf16.flatten(), dim=0) > 0.99
+
+
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(capsys):
     calls = []
-    wrapped = CompiledOrEager(lambda x: calls.append(x) or x * 2, compile=True)
+    wrapped = CompiledOrEager(lambda x: calls.append(x) or x * 2, compile=True, what="the loss")
 
     def broken(*args):
         raise RuntimeError("inductor: no C++ compiler\nlong trace")

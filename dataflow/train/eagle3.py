@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class Past(NamedTuple):
+    """What a TTT step k >= 1 attends to besides its own key: step 0's keys (causally) and, at the query's
+    own position, steps 1..k-1's keys. The later steps' keys sit in a fixed number of slots, unfilled ones
+    masked by `extra_bias`, so every step k >= 1 has the same shapes (one compiled graph for all of them)."""
+
+    k0: torch.Tensor  # (B, nKV, Tk, hd)
+    v0: torch.Tensor
+    extra_k: torch.Tensor | None  # (B, nKV, Tq, S, hd): slot j holds step j+1's key at the query's position
+    extra_v: torch.Tensor | None
+    extra_bias: torch.Tensor | None  # (S,) 0 for a filled slot, -inf for an unfilled one; None: all filled
+
+
+def past_of(cache: list[tuple[torch.Tensor, torch.Tensor]]) -> Past | None:
+    """The Past of a list of (k, v) per step so far, every slot filled (inference drafts step by step)."""
+    if not cache:
+        return None
+    (k0, v0), later = cache[0], cache[1:]
+    stack = lambda i: torch.stack([kv[i] for kv in later], dim=3) if later else None
+    return Past(k0, v0, stack(0), stack(1), None)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -135,39 +157,48 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(2 * cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x: (B, T, 2H). Appends this step's (k, v) to `cache`; attends as the module docstring says."""
+    def forward(self, x: torch.Tensor, cos, sin, past: Past | None):
+        """x: (B, T, 2H) -> (output (B, T, H), this step's k, v (B, nKV, T, hd)); attends as the module
+        docstring says."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nH, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nKV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        repeat = self.n_heads // self.n_kv
-        cache.append((k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)))
-        out = ttt_attention(q, cache, scale=1.0 / math.sqrt(self.head_dim))  # (B, nH, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        # GQA without repeating K/V: head h reads kv group h // g, so (nH) splits into (nKV, g)
+        q = q.view(B, self.n_kv, self.n_heads // self.n_kv, T, self.head_dim)
+        out = ttt_attention(q, k, v, past, scale=1.0 / math.sqrt(self.head_dim))  # (B, nKV, g, T, hd)
+        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * self.head_dim)), k, v
 
 
-def ttt_attention(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], *, scale: float) -> torch.Tensor:
-    """Step-0 keys causally, later steps' keys on the diagonal only; one softmax over all of them.
+def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Past | None, *, scale: float) -> torch.Tensor:
+    """q (B, nKV, g, Tq, hd); this step's k, v (B, nKV, Tq, hd) -> (B, nKV, g, Tq, hd).
 
+    Step 0 (no past) attends causally to its own keys. Later steps attend to step 0's keys causally plus,
+    at the query's own position, steps 1..k's keys (the past's, then their own); one softmax over all.
     The queries may be the last Tq of step 0's Tk positions (inference drafts from the last position only).
     """
-    Tq = q.shape[2]
-    k0, v0 = cache[0]
-    Tk = k0.shape[2]
+    B, nKV, g, Tq, hd = q.shape
     q = q * scale
+    if past is None:
+        k0, v0, extra_k, extra_v, bias = k, v, None, None, None
+    else:
+        k0, v0 = past.k0, past.v0
+        own = lambda x, extra: x.unsqueeze(3) if extra is None else torch.cat([extra, x.unsqueeze(3)], dim=3)
+        extra_k, extra_v = own(k, past.extra_k), own(v, past.extra_v)  # (B, nKV, Tq, S+1, hd)
+        bias = None if past.extra_bias is None else F.pad(past.extra_bias, (0, 1))  # own slot: filled
+    Tk = k0.shape[2]
     future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(diagonal=Tk - Tq + 1)
-    scores = [(q @ k0.transpose(-1, -2)).masked_fill_(future, float("-inf"))]  # (B, nH, Tq, Tk)
-    if len(cache) > 1:
-        extra_k = torch.stack([kj for kj, _ in cache[1:]], dim=-2)  # (B, nH, Tq, j, hd)
-        scores.append((q.unsqueeze(-2) * extra_k).sum(-1))  # (B, nH, Tq, j): the diagonal keys
-    # One softmax over all keys; for bf16 inputs the kernel accumulates in fp32 and writes bf16.
+    causal = (q.reshape(B, nKV, g * Tq, hd) @ k0.transpose(-1, -2)).view(B, nKV, g, Tq, Tk)
+    scores = [causal.masked_fill(future, float("-inf"))]
+    if extra_k is not None:
+        diagonal = (q.unsqueeze(-2) * extra_k.unsqueeze(2)).sum(-1)  # (B, nKV, g, Tq, S+1): the diagonal keys
+        scores.append(diagonal if bias is None else diagonal + bias)
+    # One softmax over all keys; for bf16 inputs it accumulates in fp32 and writes bf16.
     weights = torch.cat(scores, dim=-1).softmax(dim=-1)
-    out = weights[..., :Tk] @ v0
-    if len(cache) > 1:
-        extra_v = torch.stack([vj for _, vj in cache[1:]], dim=-2)  # (B, nH, Tq, j, hd)
-        out = out + (weights[..., Tk:].unsqueeze(-1) * extra_v).sum(-2)
+    out = (weights[..., :Tk].reshape(B, nKV, g * Tq, Tk) @ v0).view(B, nKV, g, Tq, hd)
+    if extra_v is not None:
+        out = out + (weights[..., Tk:].unsqueeze(-1) * extra_v.unsqueeze(2)).sum(-2)
     return out
 
 
@@ -191,10 +222,18 @@ class MidLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, embeds, hidden, cos, sin, cache) -> torch.Tensor:
+    def step(self, embeds, hidden, cos, sin, past: Past | None):
+        """-> (output (B, T, H), this step's k, v)."""
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # (B, T, 2H)
-        residual = hidden + self.self_attn(x, cos, sin, cache)
-        return residual + self.mlp(self.post_attention_layernorm(residual))
+        attended, k, v = self.self_attn(x, cos, sin, past)
+        residual = hidden + attended
+        return residual + self.mlp(self.post_attention_layernorm(residual)), k, v
+
+    def forward(self, embeds, hidden, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One step attending to the (k, v) of the steps in `cache`, to which it appends its own."""
+        out, k, v = self.step(embeds, hidden, cos, sin, past_of(cache))
+        cache.append((k, v))
+        return out
 
 
 class Eagle3Draft(nn.Module):
@@ -220,18 +259,51 @@ class Eagle3Draft(nn.Module):
 
         Step k's logits at position t predict token t+k+2 (its teacher is the target at position t+k+1).
         """
-        return [self.logits(hidden) for hidden in self.hidden_states(input_ids, aux_hidden, ttt_length)]
+        return [self.lm_head(normed) for normed in self.normed_states(input_ids, aux_hidden, ttt_length)]
 
-    def hidden_states(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, ttt_length: int) -> list[torch.Tensor]:
-        """The midlayer's output per TTT step, each (B, T, H), before `norm` and `lm_head` (the trainer runs
-        those on the positions that carry loss only)."""
+    def normed_states(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, ttt_length: int,
+                      step: "TTTStep | None" = None) -> list[torch.Tensor]:
+        """`norm` of the midlayer's output per TTT step, each (B, T, H): what `lm_head` reads (the trainer
+        runs it on the positions that carry loss only). `step` runs one TTT step (default `ttt_step`; the
+        trainer passes a compiled one)."""
+        step = step or ttt_step
         B, T = input_ids.shape
-        cos, sin = rotary_tables(self.cfg, torch.arange(T + ttt_length, device=input_ids.device))
-        hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))  # (B, T, H)
-        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        hiddens = []
+        dtype = self.fc.weight.dtype
+        cos, sin = (t.to(dtype) for t in rotary_tables(self.cfg, torch.arange(T + ttt_length, device=input_ids.device)))
+        hidden = self.fc(aux_hidden.to(dtype))  # (B, T, H)
+        slots = max(ttt_length - 1, 1)  # steps 1..ttt-1's keys; one slot stays empty, so all steps >= 1 match
+        past, first, later, normed = None, None, [], []
         for k in range(ttt_length):
             tokens = F.pad(input_ids[:, k + 1 :], (0, k + 1))  # token t+k+1 at position t; 0 past the end
-            hidden = self.midlayer(self.embed_tokens(tokens), hidden, cos[k : k + T], sin[k : k + T], cache)
-            hiddens.append(hidden)
-        return hiddens
+            hidden, out, key, value = step(self, tokens, hidden, cos[k : k + T], sin[k : k + T], past)
+            normed.append(out)
+            if first is None:
+                first = (key, value)
+            else:
+                later.append((key, value))
+            if k + 1 < ttt_length:
+                past = slotted_past(first, later, slots)
+        return normed
+
+
+def slotted_past(first: tuple[torch.Tensor, torch.Tensor], later: list[tuple[torch.Tensor, torch.Tensor]],
+                 slots: int) -> Past:
+    """Step 0's (k, v) and steps 1..j's in `slots` slots. The rest hold step 0's (masked, so they get no
+    gradient): then the slots need a gradient at every step, as a compiled graph's guards want."""
+    k0, v0 = first
+    stack = lambda i: torch.stack([kv[i] for kv in later + [first] * (slots - len(later))], dim=3)
+    filled = torch.arange(slots, device=k0.device) < len(later)
+    bias = torch.zeros(slots, dtype=k0.dtype, device=k0.device).masked_fill(~filled, float("-inf"))
+    return Past(k0, v0, stack(0), stack(1), bias)
+
+
+def ttt_step(model: Eagle3Draft, tokens: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             past: Past | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training-time-test step: tokens (B, T), hidden (B, T, H) -> (output (B, T, H), norm(output), this
+    step's k, v). A pure function of its inputs, so that torch.compile fuses the layer's elementwise work."""
+    out, k, v = model.midlayer.step(model.embed_tokens(tokens), hidden, cos, sin, past)
+    return out, model.norm(out), k, v
+
+
+TTTStep = Callable[[Eagle3Draft, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Past | None],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -124,21 +124,27 @@ CeCore = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 
 
 class CompiledOrEager:
-    """`fn` through torch.compile when asked; a compile (or compiled-run) failure warns once and falls back."""
+    """`fn` through torch.compile when asked; a compile (or compiled-run) failure warns once and falls back.
 
-    def __init__(self, fn: Callable, *, compile: bool):
-        self.fn = fn
-        # dynamic: row counts change every step; one kernel for all of them instead of a recompile
+    The backward graph is compiled with the forward (not lazily at the first backward), so that every
+    compile failure surfaces here, before any gradient has been accumulated."""
+
+    def __init__(self, fn: Callable, *, compile: bool, what: str):
+        self.fn, self.what = fn, what
+        # dynamic: row counts and sequence lengths change every step; one graph for all of them
         self.compiled = torch.compile(fn, dynamic=True) if compile else None
 
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                # no duck sizing: a length that happens to equal the width must not specialise the graph to it
+                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
+                        torch.fx.experimental._config.patch(use_duck_shape=False):
+                    return self.compiled(*args)
             except Exception as e:  # inductor needs a C++ compiler and more; eager is always there
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
                 print(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); "
-                      "training the loss eagerly", file=sys.stderr, flush=True)
+                      f"running {self.what} eagerly", file=sys.stderr, flush=True)
                 self.compiled = None
         return self.fn(*args)
 
@@ -201,14 +207,14 @@ class StepSums:
         return sum(STEP_DECAY**k * s for k, s in enumerate(self.loss_sum))
 
 
-def ttt_sums(model, hiddens: list[torch.Tensor], t: Teacher, core: CeCore = soft_ce_core) -> StepSums:
-    """hiddens: per step (B, T, H) from Eagle3Draft.hidden_states; the draft head runs on trained rows only."""
+def ttt_sums(model, normed: list[torch.Tensor], t: Teacher, core: CeCore = soft_ce_core) -> StepSums:
+    """normed: per step (B, T, H) from Eagle3Draft.normed_states; the draft head runs on trained rows only."""
     sums = StepSums(loss_sum=[], correct=[], count=[])
     draft_to_target = draft_target_ids(model.d2t)  # (Vd,)
-    for k, (hidden, start) in enumerate(zip(hiddens, t.step_start(len(hiddens)))):
+    for k, (states, start) in enumerate(zip(normed, t.step_start(len(normed)))):
         rows = t.rows[start:] - (k + 1)  # draft position t = teacher position - k - 1, same batch row
-        normed = model.norm(hidden.reshape(-1, hidden.shape[-1]))  # (B*T, H)
-        loss, guess = linear_soft_ce(normed, rows, model.lm_head.weight, t.probs[start:], core)
+        flat = states.reshape(-1, states.shape[-1])  # (B*T, H)
+        loss, guess = linear_soft_ce(flat, rows, model.lm_head.weight, t.probs[start:], core)
         sums.loss_sum.append(loss)
         sums.correct.append((draft_to_target[guess] == t.top[start:]).sum())
         sums.count.append(len(rows))

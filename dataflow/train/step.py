@@ -17,7 +17,7 @@ import sys
 import torch
 
 from dataflow.train.config import TrainConfig
-from dataflow.train.eagle3 import Eagle3Draft
+from dataflow.train.eagle3 import Eagle3Draft, ttt_step
 from dataflow.train.loss import (CompiledOrEager, StepSums, draft_target_ids, soft_ce_core, teacher, teacher_core,
                                  teacher_head, ttt_sums)
 from dataflow.train.schedule import LrSchedule
@@ -67,16 +67,17 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.schedule = LrSchedule(peak=config.lr, warmup=config.warmup, warmup_steps=config.warmup_steps,
                                    decay=config.decay, min_ratio=config.min_lr_ratio)
-        self.ce_core = CompiledOrEager(soft_ce_core, compile=compile)
-        self.teacher_core = CompiledOrEager(teacher_core, compile=compile)
+        self.ce_core = CompiledOrEager(soft_ce_core, compile=compile, what="the loss")
+        self.teacher_core = CompiledOrEager(teacher_core, compile=compile, what="the teacher")
+        self.ttt_step = CompiledOrEager(ttt_step, compile=compile, what="the draft's TTT step")
         self.last_lr = 0.0
 
     def accumulate(self, batch: MicroBatch, n_tokens: float) -> tuple[torch.Tensor, StepSums]:
         """Forward/backward one micro-batch; its gradient, divided by n_tokens, is added to the master grads.
         Returns the weighted loss sum (detached) and the per-step sums."""
         t = teacher(batch.target_hidden, self.head, batch.loss_mask, self.teacher_core)
-        hiddens = self.model.hidden_states(batch.input_ids, batch.aux_hidden, self.config.ttt_length)
-        sums = ttt_sums(self.model, hiddens, t, self.ce_core)
+        normed = self.model.normed_states(batch.input_ids, batch.aux_hidden, self.config.ttt_length, self.ttt_step)
+        sums = ttt_sums(self.model, normed, t, self.ce_core)
         weighted = sums.weighted_loss()
         (weighted / n_tokens).backward()
         if self.model is not self.master:
