@@ -399,7 +399,7 @@ def train(
     log_every: int = typer.Option(
         10, "--log-every", help="Steps per metrics row (and per log line without a terminal or with --no-progress)."
     ),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the loss (eager on failure)."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the TTT step and the loss (eager on failure)."),
     report_to: str = typer.Option(
         "tensorboard", "--report-to", help="Trackers beside metrics.jsonl: tensorboard, wandb (pip install wandb), "
         "comma-separated, or none.",

@@ -86,7 +86,8 @@ class TrainOptions:
     """cpu, cuda, cuda:N, or auto."""
     log_every: int = 10
     compile: bool = True
-    """torch.compile the loss's softmax/gradient pass (falls back to eager, with a warning, if that fails)."""
+    """torch.compile one TTT step (midlayer + norm, forward and backward) and the loss's softmax/gradient pass;
+    the first step pays the compile (~30 CPU-s on 2 cores); a failure falls back to eager with one warning."""
     progress: bool = True
     """Rich progress display on stderr."""
     report_to: str = "tensorboard"
