@@ -55,6 +55,17 @@ class RefQueueModel(RuleBasedStateMachine):
     def held(self, token: str) -> ModelRef | None:
         return next((r for r in self.refs.values() if r.state == RefState.LEASED and r.token == token), None)
 
+    def settle(self, tokens: list[str], change) -> list[str]:
+        """`change` each ref a token still holds; the tokens that hold none, sorted: what the queue refuses."""
+        stale = set()
+        for token in dict.fromkeys(tokens):
+            ref = self.held(token)
+            if ref is None:
+                stale.add(token)
+            else:
+                change(ref)
+        return sorted(stale)
+
     def model_reclaim(self, except_owner: str | None = None) -> int:
         expired = [r for r in self.refs.values() if r.state == RefState.LEASED and r.expired and r.owner != except_owner]
         for r in expired:
@@ -104,14 +115,12 @@ class RefQueueModel(RuleBasedStateMachine):
     @rule(tokens=st.lists(tokens, max_size=3), bogus=st.booleans())
     def ack(self, tokens, bogus):
         tokens = tokens + ["never-issued"] * bogus
-        refused = []
-        for token in dict.fromkeys(tokens):
-            ref = self.held(token)
-            if ref is None:
-                refused.append(token)
-            else:
-                ref.state, ref.token = RefState.ACKED, None
-        assert self.queue.ack(tokens) == sorted(refused)
+
+        def acked(ref):
+            ref.state, ref.token = RefState.ACKED, None
+
+        expected = self.settle(tokens, acked)
+        assert self.queue.ack(tokens) == expected
 
     @rule(token=tokens, retryable=st.booleans())
     def fail(self, token, retryable):
@@ -124,25 +133,19 @@ class RefQueueModel(RuleBasedStateMachine):
 
     @rule(tokens=st.lists(tokens, min_size=1, max_size=3), ttl=st.sampled_from([LIVE, EXPIRED]))
     def extend(self, tokens, ttl):
-        stale = set()
-        for token in tokens:
-            ref = self.held(token)
-            if ref is None:
-                stale.add(token)
-            else:
-                ref.expired = ttl < 0
-        assert self.queue.extend(tokens, ttl) == sorted(stale)
+        def extended(ref):
+            ref.expired = ttl < 0
+
+        expected = self.settle(tokens, extended)
+        assert self.queue.extend(tokens, ttl) == expected
 
     @rule(tokens=st.lists(tokens, min_size=1, max_size=3))
     def release(self, tokens):
-        stale = set()
-        for token in dict.fromkeys(tokens):
-            ref = self.held(token)
-            if ref is None:
-                stale.add(token)
-            else:
-                ref.state, ref.token = RefState.PENDING, None
-        assert self.queue.release(tokens, "stopping") == sorted(stale)
+        def released(ref):
+            ref.state, ref.token = RefState.PENDING, None
+
+        expected = self.settle(tokens, released)
+        assert self.queue.release(tokens, "stopping") == expected
 
     @rule(token=tokens)
     def mark_lost(self, token):
