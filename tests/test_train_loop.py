@@ -138,6 +138,28 @@ def test_kill_9_mid_training_then_restart_equals_a_run_never_killed(tmp_path, ti
     assert counts["trained"] == 4 * len(samples) and counts["acked"] == counts["pending"] == counts["leased"] == 0
 
 
+GROUP_TEARDOWN = """
+import os, torch
+from dataflow.train.dist import all_sum, close_dist, init_dist
+dist = init_dist("cpu")
+torch.optim.AdamW(torch.nn.Linear(4, 4).parameters())  # imports dynamo with the group alive, as TrainStep does
+all_sum(dist, [1.0])
+close_dist(dist)
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+assert not [t for t in threads if "gloo" in t], threads
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process's threads from /proc")
+def test_closing_the_group_stops_the_gloo_threads_before_the_interpreter_exits(tmp_path):
+    # A gloo thread left at interpreter shutdown aborts the rank when it drops a collective's tensor (a
+    # nondeterministic exit code -6 after a finished run); a group that is really destroyed has no threads left.
+    (tmp_path / "teardown.py").write_text(GROUP_TEARDOWN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "teardown.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_two_ranks_over_gloo_train_every_ref_once(tmp_path, tiny_train_target, samples):
     db = new_run(tmp_path, tiny_train_target, samples)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

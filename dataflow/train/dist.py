@@ -43,6 +43,12 @@ def init_dist(device_preference: str) -> Dist:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if world > 1 and not torch_dist.is_initialized():
+        # Dynamo keeps a reference to the default group when it is first imported after the group exists (the
+        # optimiser imports it), and then destroy_process_group cannot free the group: gloo's worker threads
+        # outlive it into interpreter shutdown, where one dropping the last reference to a collective's tensor
+        # takes the GIL and aborts the rank ("terminate called without an active exception"; seen in CI).
+        import torch._dynamo  # noqa: F401
+
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
