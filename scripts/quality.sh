@@ -6,8 +6,8 @@
 #      replies per prompt; the draft vocabulary comes from the first replies; the features go to a files
 #      store so the trainer's later epochs replay them
 #   3. `dataflow eval` on the held-out rows (the dataset's last 16 conversations: no training sample comes
-#      from them, and self-written prompts equal to one are dropped), K = 5; with vLLM too where
-#      `dataflow eval --engine vllm` exists
+#      from them, and self-written prompts equal to one are dropped), K = 5; and `dataflow eval --engine vllm`
+#      where the vllm extra is installed
 #   4. the learning curve (τ̂ from the trainer's per-step accuracies vs trained tokens, and the measured τ)
 #      as PNG + JSON
 # Prints one JSON object last. Every size is a variable, so a shortened run validates the script:
@@ -41,7 +41,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \
     --max-new-tokens "$EVAL_TOKENS" ${EVAL_THREADS:+--threads "$EVAL_THREADS"} --json > "$RUN_DIR/eval.json"
 evals=(--eval "final:$RUN_DIR/eval.json")
-if .venv/bin/dataflow eval --help | grep -q -- "--engine"; then
+if .venv/bin/python -c "import vllm" 2>/dev/null; then  # the vllm extra (scripts/setup.sh installs it)
   .venv/bin/dataflow eval --engine vllm --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" \
       --num-draft-tokens "$K" --max-new-tokens "$EVAL_TOKENS" --json > "$RUN_DIR/eval_vllm.json"
   evals+=(--eval "final:$RUN_DIR/eval_vllm.json")
