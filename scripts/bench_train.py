@@ -123,9 +123,8 @@ REFERENCE_MM = (BATCH * SEQ, H, DRAFT_VOCAB)  # the draft head's matmul: the iss
 
 
 def reference_gflop_per_s(dtype: torch.dtype, repeats: int = 10) -> float:
-    """torch.mm at the reference shape, the roofline the issues quote. They measured bf16 530-770 GFLOP/s in a
-    process that hands freed memory back (each call page-faults a fresh 32 MB output); here, after
-    keep_freed_memory, it runs at ~930-960."""
+    """torch.mm at the reference shape, the roofline the issues quote (bf16 530-770 GFLOP/s there, measured
+    alone; ~930-960 inside this process, after keep_freed_memory and a step's warm-up)."""
     m, k, n = REFERENCE_MM
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b

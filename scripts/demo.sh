@@ -22,6 +22,7 @@ EPOCHS=${EPOCHS:-3}
 VOCAB=${VOCAB:-8192}        # 4096 saves ~27% of the draft's FLOPs but holds ~5% fewer of the tokens it meets
 K=${K:-5}
 TTT=${TTT:-$K}              # training-time-test steps: the K draft positions the eval measures
+ROLLOUT_THREADS=${ROLLOUT_THREADS:-1}  # the target's torch threads; the trainer keeps torch's default (2)
 mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1
 
@@ -29,7 +30,7 @@ export HF_HUB_OFFLINE=1
     --regenerate --vocab-warmup 128 --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 \
     --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
-    --rollout-threads 1 --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --ttt-length "$TTT" --log-every 5 --save-every 50
+    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --ttt-length "$TTT" --log-every 5 --save-every 50
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts 8 --num-draft-tokens "$K" \
     --max-new-tokens 64 --json | tee "$RUN_DIR/eval.json"
