@@ -9,8 +9,9 @@
 #   3. `dataflow eval`: speculative decoding of held-out prompts (the dataset's last 16 conversation rows,
 #      which no rollout trains on) with the trained draft and with an untrained one; τ = mean accepted
 #      length with K draft tokens
-# Measured: 21m25s on 2 cores with .venv set up (the rollout on one thread, 13.4 min; the trainer takes both
-# once the rollout is done), tau 1.35; SELF_PROMPTS=0 EPOCHS=4: 19 min, tau 1.28. Override with the variables below; scripts/quality.sh is the longer run.
+# Measured: 16m19s on 2 cores with .venv set up (set-up adds ~2 min), tau 1.34 in HF and vLLM. The rollout
+# takes both cores' threads (the trainer waits for data most of that time): ROLLOUT_THREADS=1 took 21m25s
+# (tau 1.35); SELF_PROMPTS=0 EPOCHS=4 (one thread): 19 min, tau 1.28. Override with the variables below; scripts/quality.sh is the longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh   # SKIP_SETUP=1: .venv is set up already
@@ -22,7 +23,7 @@ EPOCHS=${EPOCHS:-3}
 VOCAB=${VOCAB:-8192}        # 4096 saves ~27% of the draft's FLOPs but holds ~5% fewer of the tokens it meets
 K=${K:-5}
 TTT=${TTT:-$K}              # training-time-test steps: the K draft positions the eval measures
-ROLLOUT_THREADS=${ROLLOUT_THREADS:-1}  # the target's torch threads; the trainer keeps torch's default (2)
+ROLLOUT_THREADS=${ROLLOUT_THREADS:-2}  # the target's torch threads; the trainer keeps torch's default (2)
 mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1
 
