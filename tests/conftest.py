@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before anything imports torch
 
 import multiprocessing
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,6 +28,12 @@ from dataflow.transport.owner import store_name
 from dataflow.transport.segment import SHM_DIR
 
 WAIT_S = 120.0  # generous: 2 shared cores, real processes loading a model
+
+# A suite started in the background by a non-interactive shell (`nohup ... &`) ignores SIGINT, and the processes
+# it spawns inherit that, so the tests' Ctrl-C (SIGINT to a child) would do nothing. The tests stand for a user at
+# a terminal: spawned processes start with SIGINT at its default, which Python turns into KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(predicate: Callable[[], object], what: str, *, timeout: float = WAIT_S,
