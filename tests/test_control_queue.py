@@ -154,6 +154,16 @@ def test_giving_leases_back_on_stop_is_not_a_failure(conn):
     assert queue.dead() == [] and [lease.attempts for lease in queue.lease("next", n=2)] == [0, 0]
 
 
+def test_a_stopping_rollout_gives_back_every_task_it_holds_even_one_whose_grant_it_never_saw(conn):
+    tasks = TaskQueue(conn, max_attempts=1)
+    tasks.add_many([(f"p{i}", {"prompt": str(i)}) for i in range(4)])
+    tasks.lease("rollout-0@1-aaaaaaaa", n=2)  # granted, then the stop landed before the holder recorded them
+    tasks.lease("rollout-1@2-bbbbbbbb", n=1)  # another rollout's: it keeps it
+    assert tasks.release_owned("rollout-0@1-aaaaaaaa", "rollout interrupted") == 2
+    assert tasks.counts()["leased"] == 1 and tasks.dead() == []
+    assert sorted(t.attempts for t in tasks.lease("next", n=3)) == [0, 0, 0]
+
+
 def test_a_restarted_holder_takes_back_its_dead_predecessors_leases_at_once(conn):
     queue = RefQueue(conn)
     queue.put_many([item("a"), item("b"), item("c")])

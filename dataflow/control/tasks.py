@@ -124,6 +124,14 @@ class TaskQueue:
         with immediate(self.conn):
             return leases.release(self.conn, "tasks", tokens, reason)
 
+    def release_owned(self, owner: str, reason: str) -> int:
+        """Every lease `owner` (one process incarnation) holds goes back untried, also one whose grant the
+        holder never saw: a stop that lands between the grant and the holder's bookkeeping (in Ray mode an
+        exception raised into the rollout's thread) would otherwise leave it to expire. An incarnation id
+        (`<id>@<pid>-<8 hex>`) is the prefix of no other owner."""
+        with immediate(self.conn):
+            return leases.release_owners(self.conn, "tasks", owner, "", reason)
+
     def dead(self, limit: int = 100) -> list[leases.Dead]:
         return leases.dead(self.conn, "tasks", limit)
 

@@ -351,8 +351,9 @@ class Producer:
                 self.stats.lost_leases += 1
 
     def give_back(self, reason: str) -> None:
-        if self.held:  # untried, not failed: stopping spends none of the tasks' attempts
-            self.tasks.release(list(self.held), reason)
+        """Untried, not failed: stopping spends none of the tasks' attempts. By owner, not by `held`, so that
+        a lease granted just before the stop landed goes back too."""
+        self.tasks.release_owned(self.lease_owner, reason)
         self.held.clear()
 
     def heartbeat(self, status: str, force: bool = False) -> None:
