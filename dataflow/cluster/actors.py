@@ -16,7 +16,7 @@ from dataflow.train.dist import all_sum
 from dataflow.transport.owner import store_name
 from dataflow.train.trainer import Trainer
 
-STOP_POLL_S = 1.0
+STOP_POLL_S = 0.2  # a trainer may not train on for long after Ctrl-C: the rest of the stream can be seconds away
 
 
 class RolloutActor:
