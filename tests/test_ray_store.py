@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import wait_until
 
 ray = pytest.importorskip("ray")
 
@@ -96,11 +97,20 @@ def test_a_trainer_reads_back_what_a_rollout_wrote_and_the_watermark_frees_only_
         reader.open(first)
 
 
+def is_dead(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
 def test_the_samples_of_a_rollout_that_died_are_lost_at_once(ledger):
     reader = open_reader(None)
     producer = rollout(ledger, "rollout-b", capacity=1 << 20)
     handle = ray.get(producer.write.remote("c", sample(2)), timeout=60)
     assert torch.equal(reader.open(handle)["input_ids"], sample(2)["input_ids"])
     ray.kill(producer)
+    wait_until(lambda: is_dead(producer), "the killed rollout actor is dead")  # ray.kill returns before it is
     with pytest.raises(FeaturesLost, match="rollout-b holding its features is gone"):
         reader.open(handle)
