@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import leftover_segments, wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -83,6 +83,8 @@ def test_a_stop_signal_to_run_stops_both_children_cleanly_and_waits_for_them(tmp
             cmdline = Path(f"/proc/{p.pid}/cmdline")
             if cmdline.exists() and str(db) in cmdline.read_text(errors="replace"):
                 os.kill(p.pid, signal.SIGKILL)
+        for segment in leftover_segments(meta.run_id):  # a stopped run keeps its arena to resume; this one never is
+            segment.unlink()
 
 
 @pytest.mark.slow
