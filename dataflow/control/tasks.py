@@ -119,11 +119,6 @@ class TaskQueue:
         with immediate(self.conn):
             return leases.extend(self.conn, "tasks", tokens, clock.now() + ttl)
 
-    def release(self, tokens: list[str], reason: str) -> list[str]:
-        """Give leases back untried (the rollout stops); not a failure. Returns the tokens no longer held."""
-        with immediate(self.conn):
-            return leases.release(self.conn, "tasks", tokens, reason)
-
     def release_owned(self, owner: str, reason: str) -> int:
         """Every lease `owner` (one process incarnation) holds goes back untried, also one whose grant the
         holder never saw: a stop that lands between the grant and the holder's bookkeeping (in Ray mode an

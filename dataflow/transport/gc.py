@@ -66,7 +66,6 @@ class Verdict:
     why: str = ""  # for KEEP
 
 
-
 def compact_trained(queue: RefQueue, meta: RunMeta, *, batch: int = COMPACT_BATCH, before: float | None = None) -> int:
     """Compact the trained refs of checkpoints recorded before `before` (default: older than the status rates'
     window, which reads their timestamps), batch by batch, each batch its own short write transaction (see

@@ -1,9 +1,10 @@
 """Whose feature store is this: the run id and the database file, stamped into every arena and files store.
 
-Names carry only the first RUN_ID_CHARS hex digits of the run id (store_name builds every one), and a copied database carries the same run id as
-its original, so neither a name nor the run id alone tells two databases apart. The database file's
-(device, inode) does: it survives a rename or a moved run directory and differs for a copy. Paths are
-kept only for messages and for proving that another run has finished (its file is still where it was).
+Names carry only the first RUN_ID_CHARS hex digits of the run id (store_name builds every one), and a
+copied database carries the same run id as its original, so neither a name nor the run id alone tells two
+databases apart. The database file's (device, inode) does: it survives a rename or a moved run directory
+and differs for a copy. Paths are kept only for messages and for proving that another run has finished (its
+file is still where it was).
 """
 
 from __future__ import annotations

@@ -18,14 +18,14 @@ import torch
 
 from dataflow.errors import FeaturesLost, InputError, StoreError
 from dataflow.transport.arena import RangeAllocator, TensorSpec, align_up, plan_layout, views_of, wait_for
-from dataflow.transport.owner import Owner, owner_of, store_name
+from dataflow.transport.owner import RUN_ID_CHARS, Owner, owner_of, store_name
 from dataflow.transport.refs import Uncommitted, live_handles
 from dataflow.transport.segment import HEADER_BYTES, SHM_DIR, Segment, human
 
 RANGE_HEADER = struct.Struct("<8sQQ")  # magic, generation, length
 RANGE_MAGIC = b"DFRANGE1"
 PRODUCER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-ARENA_NAME_RE = re.compile(r"^dataflow-[0-9a-f]{12}-[A-Za-z0-9_.-]{1,64}$")  # never a path
+ARENA_NAME_RE = re.compile(rf"^dataflow-[0-9a-f]{{{RUN_ID_CHARS}}}-[A-Za-z0-9_.-]{{1,64}}$")  # never a path
 
 
 def arena_name(run_id: str, producer_id: str) -> str:
