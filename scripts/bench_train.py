@@ -11,7 +11,8 @@ batch and acc_0 moves; every mode trains the same steps on the same data from th
 Per mode: tokens/s and achieved GFLOP/s (FLOPs counted by FlopCounterMode over one forward+backward), the
 roofline (every matmul the step runs, replayed alone with the same shapes, strides and dtype right after
 each timed step: their summed time is the step's matmul-only time; fraction = that / the step's time; and,
-as the issues quote it, achieved GFLOP/s over torch.mm's at 2048x576 @ 576x8192 measured after each step), a
+as the issues quote it, achieved GFLOP/s over torch.mm's at 2048x576 @ 576x8192 measured after each step,
+both in this process and in a bare one: a plain script's measure, issue 17's yardstick), a
 torch.profiler split of one step into matmul vs everything else, and `step_working_set_bytes` (peak RSS
 over two steps minus RSS after build, each mode alone in a child process). The modes' steps are
 interleaved in one process, so load from other processes on a shared machine hits them alike. `compile_s`:
@@ -134,6 +135,32 @@ def reference_gflop_per_s(dtype: torch.dtype, repeats: int = 10) -> float:
     return 2 * m * k * n * repeats / clock.wall / 1e9
 
 
+def bare_reference(threads: int, requests, replies) -> None:
+    """reference_gflop_per_s on request, in a process of its own with glibc's default allocator settings: how
+    a plain script measures it (its 32 MiB product is a fresh mapping, page-faulted anew on every call)."""
+    torch.set_num_threads(threads)
+    while (dtype := requests.get()) is not None:
+        replies.put(reference_gflop_per_s(dtype))
+
+
+class BareReference:
+    """The bare process of bare_reference, asked once per timed step, so load hits it like the step."""
+
+    def __init__(self, threads: int):
+        ctx = mp.get_context("spawn")
+        self.requests, self.replies = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=bare_reference, args=(threads, self.requests, self.replies), daemon=True)
+        self.process.start()
+
+    def measure(self, dtype: torch.dtype) -> float:
+        self.requests.put(dtype)
+        return self.replies.get()
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.process.join()
+
+
 def train_step(step, batch, index: int, n_tokens: float) -> float:
     _, sums = step.accumulate(batch, n_tokens)
     step.update(step=index, samples=index * BATCH)
@@ -171,6 +198,7 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
     first = {}
+    bare = BareReference(threads)
     for i in range(warmup + steps):
         for mode, (step, batch) in built.items():
             with Clock() as clock:
@@ -178,11 +206,13 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
             first.setdefault(mode, clock)
             if i >= warmup:
                 reference = reference_gflop_per_s(step.dtype)
-                rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1]), reference))
+                rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1]), reference,
+                                     bare.measure(step.dtype)))
             print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
                   + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
         if i == warmup - 1:  # only once every mode has compiled: a dispatch mode stops dynamo compiling later
             counted = {mode: count_step(step, batch, n_tokens) for mode, (step, batch) in built.items()}
+    bare.close()
     out = {}
     for mode, (step, batch) in built.items():
         flops = counted[mode][0]
@@ -200,6 +230,9 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
             # the step's GFLOP/s over the one reference matmul's, as the issues quote the roofline
             "reference_roofline_gflop_per_s": statistics.median(r[4] for r in rounds[mode]),
             "fraction_of_reference_roofline": statistics.median(flops / r[0] / 1e9 / r[4] for r in rounds[mode]),
+            # the same matmul timed in a bare process (bare_reference): the yardstick of issue 17's peer table
+            "bare_reference_roofline_gflop_per_s": statistics.median(r[5] for r in rounds[mode]),
+            "fraction_of_bare_reference_roofline": statistics.median(flops / r[0] / 1e9 / r[5] for r in rounds[mode]),
             "fraction_of_roofline_cpu_time": statistics.median(r[3] / r[1] for r in rounds[mode]),
             "profile": profile_split(step, batch, warmup + steps, n_tokens),
             # the first step's extra time: torch.compile (forward and backward graphs) and first-touch allocation
@@ -256,7 +289,9 @@ def main() -> None:
         print(f"{mode}: {r['tokens_per_s']:.0f} tokens/s, {r['gflop_per_s']:.0f} GFLOP/s "
               f"({r['fraction_of_roofline']:.0%} of its {r['roofline_gflop_per_s']:.0f} GFLOP/s matmul roofline; "
               f"{r['fraction_of_roofline_cpu_time']:.0%} in CPU time; {r['fraction_of_reference_roofline']:.0%} of "
-              f"{r['reference_roofline_gflop_per_s']:.0f} GFLOP/s at the reference {REFERENCE_MM}); profiled step: matmul "
+              f"{r['reference_roofline_gflop_per_s']:.0f} GFLOP/s at the reference {REFERENCE_MM}, "
+              f"{r['fraction_of_bare_reference_roofline']:.0%} of its {r['bare_reference_roofline_gflop_per_s']:.0f} "
+              f"GFLOP/s in a bare process); profiled step: matmul "
               f"{r['profile']['matmul_s']:.2f}s + other {r['profile']['other_s']:.2f}s; "
               f"first step +{r['compile_s']:.0f}s ({r['compile_cpu_s']:.0f}s cpu; compile); "
               f"working set {r['step_working_set_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -270,6 +305,7 @@ def main() -> None:
             "bf16_speedup_vs_fp32_cpu_time": fp32["step_cpu_s"] / bf16["step_cpu_s"],
             "bf16_fraction_of_roofline": bf16["fraction_of_roofline"],
             "bf16_fraction_of_reference_roofline": bf16["fraction_of_reference_roofline"],
+            "bf16_fraction_of_bare_reference_roofline": bf16["fraction_of_bare_reference_roofline"],
             "bf16_fraction_of_roofline_cpu_time": bf16["fraction_of_roofline_cpu_time"],
             "acc0_diff_bf16_vs_fp32": max(abs(a - b) for a, b in zip(fp32["acc0"], bf16["acc0"])),
             "step_working_set_bytes": bf16["step_working_set_bytes"],

@@ -10,6 +10,9 @@
 #      where the vllm extra is installed
 #   4. the learning curve (τ̂ from the trainer's per-step accuracies vs trained tokens, and the measured τ)
 #      as PNG + JSON
+# Measured (defaults, .venv set up, quiet 2-core machine): 49.8 min (+~2 min set-up), 1,756 samples (278 rows + 600
+# self-written prompts, 2 replies each), 6 epochs: tau 1.72 in HF and vLLM on 16 held-out prompts, K = 5. The stop
+# before (300 self-written prompts, 3 epochs, 1 rollout thread): 34.5 min, tau 1.47.
 # Prints one JSON object last. Every size is a variable, so a shortened run validates the script:
 #   SELF_PROMPTS=16 SAMPLES=24 EPOCHS=1 EVAL_PROMPTS=1 EVAL_TOKENS=16 bash scripts/quality.sh
 set -euo pipefail
@@ -19,17 +22,17 @@ started=$(date +%s)
 
 RUN_DIR=${RUN_DIR:-runs/quality}
 SAMPLES=${SAMPLES:-}                          # bundled training rows to use (empty: all 278)
-SELF_PROMPTS=${SELF_PROMPTS:-300}             # prompts the target writes itself
+SELF_PROMPTS=${SELF_PROMPTS:-600}             # prompts the target writes itself
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}   # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
-EPOCHS=${EPOCHS:-3}                           # trainer passes over the features
+EPOCHS=${EPOCHS:-6}                           # trainer passes over the features: held-out tau still rises at 6
 VOCAB=${VOCAB:-8192}
 K=${K:-5}
 TTT=${TTT:-$K}                                # training-time-test steps: the K draft positions the eval measures
 EVAL_PROMPTS=${EVAL_PROMPTS:-16}
 EVAL_TOKENS=${EVAL_TOKENS:-64}                # tokens generated per eval prompt
 EVAL_THREADS=${EVAL_THREADS:-}                # torch threads of the eval (empty: torch default)
-ROLLOUT_THREADS=${ROLLOUT_THREADS:-1}         # the target's torch threads; the trainer keeps torch's default (2)
+ROLLOUT_THREADS=${ROLLOUT_THREADS:-2}         # the target's torch threads (the trainer waits for it while it writes)
 mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1
 
