@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end on a CPU machine:
 #   1. set up .venv (scripts/setup.sh)
-#   2. `dataflow run`: the rollout lets SmolLM2-135M-Instruct write 400 prompts of its own (Magpie) and
+#   2. `dataflow run`: the rollout lets SmolLM2-135M-Instruct write 250 prompts of its own (Magpie) and
 #      regenerate the replies of those and of the bundled conversations (the first 128 before any feature: the draft vocabulary is counted from the target's
 #      own replies; a larger warm-up would keep the trainer waiting longer) and streams their EAGLE3 features (bf16 where the CPU has native bf16; kept in a files
 #      store, so the trainer's later epochs replay them without re-running the target) while the trainer
@@ -9,17 +9,19 @@
 #   3. `dataflow eval`: speculative decoding of held-out prompts (the dataset's last 16 conversation rows,
 #      which no rollout trains on) with the trained draft and with an untrained one; τ = mean accepted
 #      length with K draft tokens
-# Measured: 16m19s on 2 cores with .venv set up (set-up adds ~2 min), tau 1.34 in HF and vLLM. The rollout
-# takes both cores' threads (the trainer waits for data most of that time): ROLLOUT_THREADS=1 took 21m25s
-# (tau 1.35); SELF_PROMPTS=0 EPOCHS=4 (one thread): 19 min, tau 1.28. Override with the variables below; scripts/quality.sh is the longer run.
+# Measured: 16m22s on 2 cores with .venv set up (set-up adds ~2 min), tau 1.47 in HF and vLLM. Fewer samples
+# trained more often beat more samples trained less: SELF_PROMPTS=400 EPOCHS=3 took 16m19s, tau 1.34 (the
+# trainer's epoch costs ~1 min, the target's sample ~1.3 s). The rollout takes both cores' threads (the trainer
+# waits for data most of that time): ROLLOUT_THREADS=1 took 21m25s (with 400 prompts, 3 epochs: tau 1.35).
+# Override with the variables below; scripts/quality.sh is the longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh   # SKIP_SETUP=1: .venv is set up already
 
 RUN_DIR=${RUN_DIR:-runs/demo}
 SAMPLES=${SAMPLES:-}        # bundled training rows (empty: all 278; the last 16 rows are held out)
-SELF_PROMPTS=${SELF_PROMPTS:-400}   # prompts the target writes itself (Magpie): more on-policy text than 278 rows
-EPOCHS=${EPOCHS:-3}
+SELF_PROMPTS=${SELF_PROMPTS:-250}   # prompts the target writes itself (Magpie): more on-policy text than 278 rows
+EPOCHS=${EPOCHS:-6}
 VOCAB=${VOCAB:-8192}        # 4096 saves ~27% of the draft's FLOPs but holds ~5% fewer of the tokens it meets
 K=${K:-5}
 TTT=${TTT:-$K}              # training-time-test steps: the K draft positions the eval measures
