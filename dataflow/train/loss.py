@@ -33,7 +33,7 @@ class Teacher:
 
     rows: torch.Tensor  # (n,) int64: flat index b*T + i of each trained teacher position
     positions: torch.Tensor  # (n,) int64: i, ascending
-    probs: torch.Tensor  # (n, Vd) float32: softmax of the target's logits over the draft vocab
+    probs: torch.Tensor  # (n, Vd) in the head's dtype: softmax (in fp32) of the target's logits over the draft vocab
     top: torch.Tensor  # (n,) int64: the target's top-1 token id (full vocab)
 
     def step_start(self, ttt_length: int) -> list[int]:
@@ -75,8 +75,11 @@ def teacher_head(lm_head: torch.Tensor, draft_ids: torch.Tensor, dtype: torch.dt
 
 
 def teacher_core(full: torch.Tensor, draft_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """full (c, V) logits over TeacherHead rows -> (top-1 row (c,), fp32 softmax over the draft vocab (c, Vd))."""
-    return full.argmax(dim=-1), torch.softmax(full[:, :draft_size], dim=-1, dtype=torch.float32)
+    """full (c, V) logits over TeacherHead rows -> (top-1 row (c,), softmax over the draft vocab (c, Vd)).
+
+    The softmax is taken in fp32 and kept in the logits' dtype: in bf16, the loss reads half the bytes per
+    TTT step (the probabilities are read once per step, for 7 steps)."""
+    return full.argmax(dim=-1), torch.softmax(full[:, :draft_size], dim=-1, dtype=torch.float32).to(full.dtype)
 
 
 TEACHER_CHUNK_ELEMENTS = 1 << 25  # full-vocab logits per chunk: 682 rows at 49152 (64 MB in bf16)
@@ -85,7 +88,7 @@ TEACHER_CHUNK_ELEMENTS = 1 << 25  # full-vocab logits per chunk: 682 rows at 491
 def teacher(target_hidden: torch.Tensor, head: TeacherHead, loss_mask: torch.Tensor,
             core: Callable = teacher_core) -> Teacher:
     """target_hidden (B, T, H), loss_mask (B, T) bool. Full-vocab logits exist one chunk at a time, in the
-    head's dtype; the softmax over the draft vocab is taken in fp32."""
+    head's dtype; the softmax over the draft vocab is taken in fp32 and kept in the head's dtype."""
     B, T, H = target_hidden.shape
     with torch.no_grad():
         # (T, B) order: ascending position i, then batch row
@@ -101,7 +104,8 @@ def teacher(target_hidden: torch.Tensor, head: TeacherHead, loss_mask: torch.Ten
             kept_rows.append(chunk[keep])
             tops.append(head.target_ids[top[keep]])
         rows = torch.cat(kept_rows) if kept_rows else rows
-        probs = torch.cat(probs) if probs else torch.zeros(0, head.draft_size, device=rows.device)
+        empty = torch.zeros(0, head.draft_size, dtype=head.weight.dtype, device=rows.device)
+        probs = torch.cat(probs) if probs else empty
         top = torch.cat(tops) if tops else rows
     return Teacher(rows=rows, positions=rows % T, probs=probs, top=top)
 
