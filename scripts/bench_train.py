@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -161,6 +162,22 @@ class BareReference:
         self.process.join()
 
 
+def dtype_of(mode: str) -> str:
+    """bf16-eager -> bf16: the mode's compute dtype (its suffix only says how it runs)."""
+    return mode.partition("-")[0]
+
+
+class Round(NamedTuple):
+    """One timed step of a mode, and what it is measured against right after it."""
+
+    wall: float
+    cpu: float
+    matmul_wall: float  # the step's matmuls replayed alone
+    matmul_cpu: float
+    reference: float  # GFLOP/s of torch.mm at REFERENCE_MM, in this process
+    bare_reference: float  # the same in a bare process
+
+
 def train_step(step, batch, index: int, n_tokens: float) -> float:
     _, sums = step.accumulate(batch, n_tokens)
     step.update(step=index, samples=index * BATCH)
@@ -192,13 +209,13 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    built = {mode: build_problem(mode.partition("-")[0], compile=not mode.endswith("-eager"), seed=seed)
+    built = {mode: build_problem(dtype_of(mode), compile=not mode.endswith("-eager"), seed=seed)
              for mode in modes}
     n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
     # Counted on eager twins: a compiled step that once runs under a dispatch mode runs eagerly from then on
     # (measured: 1.30 s -> 1.80 s per bf16 step), so the timed steps never see one.
-    counted = {mode: count_step(*build_problem(mode.partition("-")[0], compile=False, seed=seed), n_tokens)
-               for mode in modes}
+    dtypes = {dtype_of(mode) for mode in modes}  # bf16 and bf16-eager run the same matmuls
+    counted = {dtype: count_step(*build_problem(dtype, compile=False, seed=seed), n_tokens) for dtype in dtypes}
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
     first = {}
@@ -209,33 +226,33 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
                 acc0[mode].append(train_step(step, batch, i, n_tokens))
             first.setdefault(mode, clock)
             if i >= warmup:
-                reference = reference_gflop_per_s(step.dtype)
-                rounds[mode].append((clock.wall, clock.cpu, *replay(counted[mode][1]), reference,
-                                     bare.measure(step.dtype)))
+                rounds[mode].append(Round(clock.wall, clock.cpu, *replay(counted[dtype_of(mode)][1]),
+                                          reference_gflop_per_s(step.dtype), bare.measure(step.dtype)))
             print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
-                  + (f"; its matmuls alone {rounds[mode][-1][2]:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
+                  + (f"; its matmuls alone {rounds[mode][-1].matmul_wall:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
     bare.close()
     out = {}
     for mode, (step, batch) in built.items():
-        flops = counted[mode][0]
-        wall = statistics.median(r[0] for r in rounds[mode])
-        cpu = statistics.median(r[1] for r in rounds[mode])
+        flops = counted[dtype_of(mode)][0]
+        runs = rounds[mode]
+        wall = statistics.median(r.wall for r in runs)
+        cpu = statistics.median(r.cpu for r in runs)
         out[mode] = {
             "step_s": wall,
-            "step_s_range": [min(r[0] for r in rounds[mode]), max(r[0] for r in rounds[mode])],
+            "step_s_range": [min(r.wall for r in runs), max(r.wall for r in runs)],
             "step_cpu_s": cpu,
             "tokens_per_s": BATCH * SEQ / wall,
             "gflop_per_step": flops / 1e9,
             "gflop_per_s": flops / wall / 1e9,
-            "roofline_gflop_per_s": statistics.median(flops / r[2] / 1e9 for r in rounds[mode]),
-            "fraction_of_roofline": statistics.median(r[2] / r[0] for r in rounds[mode]),
+            "roofline_gflop_per_s": statistics.median(flops / r.matmul_wall / 1e9 for r in runs),
+            "fraction_of_roofline": statistics.median(r.matmul_wall / r.wall for r in runs),
             # the step's GFLOP/s over the one reference matmul's, as the issues quote the roofline
-            "reference_roofline_gflop_per_s": statistics.median(r[4] for r in rounds[mode]),
-            "fraction_of_reference_roofline": statistics.median(flops / r[0] / 1e9 / r[4] for r in rounds[mode]),
+            "reference_roofline_gflop_per_s": statistics.median(r.reference for r in runs),
+            "fraction_of_reference_roofline": statistics.median(flops / r.wall / 1e9 / r.reference for r in runs),
             # the same matmul timed in a bare process (bare_reference): the yardstick of issue 17's peer table
-            "bare_reference_roofline_gflop_per_s": statistics.median(r[5] for r in rounds[mode]),
-            "fraction_of_bare_reference_roofline": statistics.median(flops / r[0] / 1e9 / r[5] for r in rounds[mode]),
-            "fraction_of_roofline_cpu_time": statistics.median(r[3] / r[1] for r in rounds[mode]),
+            "bare_reference_roofline_gflop_per_s": statistics.median(r.bare_reference for r in runs),
+            "fraction_of_bare_reference_roofline": statistics.median(flops / r.wall / 1e9 / r.bare_reference for r in runs),
+            "fraction_of_roofline_cpu_time": statistics.median(r.matmul_cpu / r.cpu for r in runs),
             "profile": profile_split(step, batch, warmup + steps, n_tokens),
             # the first step's extra time: torch.compile (forward and backward graphs) and first-touch allocation
             "compile_s": first[mode].wall - wall,
@@ -252,7 +269,7 @@ def working_set(mode: str, steps: int, threads: int, seed: int, queue) -> None:
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    step, batch = build_problem(mode.partition("-")[0], compile=not mode.endswith("-eager"), seed=seed)
+    step, batch = build_problem(dtype_of(mode), compile=not mode.endswith("-eager"), seed=seed)
     n_tokens = float(loss_tokens(batch.loss_mask))
     built = rss_bytes()
     reset_peak_rss()

@@ -77,8 +77,8 @@ def teacher_head(lm_head: torch.Tensor, draft_ids: torch.Tensor, dtype: torch.dt
 def teacher_core(full: torch.Tensor, draft_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """full (c, V) logits over TeacherHead rows -> (top-1 row (c,), softmax over the draft vocab (c, Vd)).
 
-    The softmax is taken in fp32 and kept in the logits' dtype: in bf16, the loss reads half the bytes per
-    TTT step (the probabilities are read once per step, for 7 steps)."""
+    The softmax is taken in fp32 and kept in the logits' dtype: in bf16, the loss reads half the bytes at
+    every TTT step (each step reads the probabilities once)."""
     return full.argmax(dim=-1), torch.softmax(full[:, :draft_size], dim=-1, dtype=torch.float32).to(full.dtype)
 
 
@@ -104,8 +104,8 @@ def teacher(target_hidden: torch.Tensor, head: TeacherHead, loss_mask: torch.Ten
             kept_rows.append(chunk[keep])
             tops.append(head.target_ids[top[keep]])
         rows = torch.cat(kept_rows) if kept_rows else rows
-        empty = torch.zeros(0, head.draft_size, dtype=head.weight.dtype, device=rows.device)
-        probs = torch.cat(probs) if probs else empty
+        probs = (torch.cat(probs) if probs
+                 else torch.zeros(0, head.draft_size, dtype=head.weight.dtype, device=rows.device))
         top = torch.cat(tops) if tops else rows
     return Teacher(rows=rows, positions=rows % T, probs=probs, top=top)
 
