@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from dataflow.errors import InputError
-from dataflow.rollout.engines.hf import HFEngine, HFEngineConfig, default_aux_layers, token_budget_batches
+from dataflow.rollout.engines.hf import (
+    HFEngine, HFEngineConfig, InverseCDFSampler, default_aux_layers, token_budget_batches,
+)
 from dataflow.rollout.template import TokenizedSample
 from dataflow.testing import build_tiny_target
 
@@ -88,6 +90,35 @@ def test_contenders_count_the_top_candidates_of_every_written_position(engine):
     # the random tiny target never writes its end-of-turn token within 5 steps: 2 rows x 5 positions x top 5
     assert len(replies) == 2 and counts.sum().item() == 50
     assert counts.max().item() <= 10  # a token is among one position's top 5 at most once
+
+
+def test_the_sampler_draws_from_the_tempered_softmax_and_never_an_impossible_id():
+    scores = torch.tensor([2.0, 1.0, 0.5, float("-inf"), -1.0, 0.0])
+    rows = 40_000
+    for temperature in (0.7, 1.5):
+        torch.manual_seed(0)
+        processed = InverseCDFSampler(temperature)(None, scores.expand(rows, -1).clone())
+        assert (processed == 0).sum(dim=1).eq(1).all()  # one possible token per row, the rest -inf
+        assert torch.isinf(processed).sum() == rows * (len(scores) - 1)
+        drawn = processed.argmax(dim=1)
+        frequency = torch.bincount(drawn, minlength=len(scores)) / rows
+        assert frequency[3] == 0
+        torch.testing.assert_close(frequency, torch.softmax(scores / temperature, dim=0), atol=0.01, rtol=0)
+    torch.manual_seed(1)
+    first = InverseCDFSampler(0.7)(None, scores.expand(64, -1).clone())
+    torch.manual_seed(1)
+    assert torch.equal(first, InverseCDFSampler(0.7)(None, scores.expand(64, -1).clone()))
+
+
+def test_sampled_completions_repeat_under_a_seed_and_leave_the_capture_attention_alone(engine):
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nA longer question"]
+    kept = engine.model.config._attn_implementation
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(engine.complete(texts, max_new_tokens=8, temperature=1.0))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert engine.model.config._attn_implementation == kept
 
 
 def test_aux_layers_out_of_range_are_refused(engine):
