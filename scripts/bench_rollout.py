@@ -3,10 +3,13 @@
     forward      `HFEngine.features` over token-budget batches of the bundled conversations (what every
                  sample costs)
     generate     `HFEngine.generate` of greedy replies (what --regenerate and self-written prompts cost)
+    sampled      bf16 only: `HFEngine.generate` at temperature 0.7 against transformers' stock sampled
+                 `generate` (torch.multinomial, the model's fused attention) on the same prompts: what
+                 --regenerate --temperature writes per second
 
-The two dtypes alternate round by round so that noise from a shared machine hits both alike. Prints one
-JSON object last: tokens/s of each, `bf16_forward_speedup`, `bf16_generate_speedup`, and how far the bf16
-features are from the fp32 ones (relative error of target_hidden).
+The alternatives alternate round by round so that noise from a shared machine hits both alike. Prints one
+JSON object last: tokens/s of each, `bf16_forward_speedup`, `bf16_generate_speedup`, how far the bf16
+features are from the fp32 ones (relative error of target_hidden), and `sampled_speedup_vs_stock`.
 
     python scripts/bench_rollout.py --threads 2
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -31,6 +35,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def stock_sampled_generate(engine: HFEngine, conversations, *, max_new_tokens: int, temperature: float) -> list[str]:
+    """transformers' own sampling and attention on the engine's model and prompts (left-padded, like it)."""
+    tokenizer = engine.tokenizer
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    tokenizer.padding_side, side = "left", tokenizer.padding_side
+    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    tokenizer.padding_side = side
+    with torch.inference_mode():
+        out = engine.model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=None,
+            top_k=None, pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target-model", default=None, help="HF dir or .gguf (default: bundled SmolLM2).")
@@ -40,6 +59,8 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--prompts", type=int, default=16, help="Conversations per generate() batch.")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--sampled-prompts", type=int, default=64, help="Replies per sampled batch (a lease).")
+    parser.add_argument("--sampled-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
@@ -66,6 +87,18 @@ def main() -> None:
                 engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=0.0))))
             generated[dtype] = sum(len(tokenizer(r)["input_ids"]) for r in replies)
 
+    sampled_prompts = [[m for m in s.messages[:1]] for s in load_dataset().samples[: args.sampled_prompts]]
+    bf16 = engines["bfloat16"]
+    sampled_writers = {"engine": bf16.generate, "stock": partial(stock_sampled_generate, bf16)}
+    sampled_rates = {name: [] for name in sampled_writers}
+    for round_ in range(args.rounds):
+        for name, write in sampled_writers.items():
+            torch.manual_seed(round_)
+            replies = []
+            seconds = timed(lambda: replies.extend(
+                write(sampled_prompts, max_new_tokens=args.sampled_new_tokens, temperature=0.7)))
+            sampled_rates[name].append(sum(len(tokenizer(r)["input_ids"]) for r in replies) / seconds)
+
     [exact] = engines["float32"].features(batches[0][:1])
     [low] = engines["bfloat16"].features(batches[0][:1])
     rel_err = ((low["target_hidden"].float() - exact["target_hidden"]).norm() / exact["target_hidden"].norm()).item()
@@ -80,6 +113,9 @@ def main() -> None:
         "bf16_forward_speedup": round(best_forward["float32"] / best_forward["bfloat16"], 3),
         "bf16_generate_speedup": round(best_generate["float32"] / best_generate["bfloat16"], 3),
         "bf16_target_hidden_rel_error": round(rel_err, 5),
+        "sampled_prompts": len(sampled_prompts),
+        "sampled_tokens_per_s": {name: round(max(rates), 1) for name, rates in sampled_rates.items()},
+        "sampled_speedup_vs_stock": round(max(sampled_rates["engine"]) / max(sampled_rates["stock"]), 3),
     }
     print(json.dumps(result))
 

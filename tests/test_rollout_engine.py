@@ -3,7 +3,7 @@ import torch
 
 from dataflow.errors import InputError
 from dataflow.rollout.engines.hf import (
-    HFEngine, HFEngineConfig, InverseCDFSampler, default_aux_layers, token_budget_batches,
+    CPU_ATTENTION, HFEngine, HFEngineConfig, InverseCDFSampler, default_aux_layers, token_budget_batches,
 )
 from dataflow.rollout.template import TokenizedSample
 from dataflow.testing import build_tiny_target
@@ -110,15 +110,38 @@ def test_the_sampler_draws_from_the_tempered_softmax_and_never_an_impossible_id(
     assert torch.equal(first, InverseCDFSampler(0.7)(None, scores.expand(64, -1).clone()))
 
 
-def test_sampled_completions_repeat_under_a_seed_and_leave_the_capture_attention_alone(engine):
+def test_sampled_completions_repeat_under_a_seed(engine):
     texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nA longer question"]
-    kept = engine.model.config._attn_implementation
     runs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
         runs.append(engine.complete(texts, max_new_tokens=8, temperature=1.0))
     assert runs[0] == runs[1] and runs[0] != runs[2]
-    assert engine.model.config._attn_implementation == kept
+
+
+def test_the_cpu_attention_computes_what_transformers_sdpa_does_in_prefill_and_decode(engine):
+    from transformers import AutoModelForCausalLM
+
+    assert engine.model.config._attn_implementation == CPU_ATTENTION
+    stock = AutoModelForCausalLM.from_pretrained(engine.config.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lengths = [11, 6, 9]  # left-padded like generate's rows: the mask is exercised in both phases
+    prompt = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11 + 4, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        prompt[row, 11 - n :] = torch.randint(1, 1000, (n,), generator=torch.Generator().manual_seed(row))
+        mask[row, 11 - n :] = 1
+    with torch.inference_mode():
+        runs = []
+        for model in (engine.model, stock):
+            out = model(input_ids=prompt, attention_mask=mask[:, :11], use_cache=True)
+            logits, cache, step = [out.logits], out.past_key_values, prompt[:, -1:]
+            for t in range(4):  # one query over the cache: the grouped matmul path
+                step = (step * 7 + t) % 1000
+                out = model(input_ids=step, attention_mask=mask[:, : 12 + t], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+            runs.append(logits)
+    for ours, theirs in zip(*runs):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_aux_layers_out_of_range_are_refused(engine):

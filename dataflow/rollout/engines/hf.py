@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,36 @@ from dataflow.rollout.template import TokenizedSample, set_chat_template
 ENGINE_DTYPES = ("float32", "bfloat16")
 
 CONTENDERS_TOP_K = 5  # candidates counted per written position when the vocabulary is learnt from replies
+CPU_ATTENTION = "dataflow_cpu"  # the target's attention on CPU (registered with transformers below)
+
+
+def cpu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention, except for one query over a cache (each step of generate), which is two
+    batched matmuls with the query heads grouped by the key/value head they share. Why: torch's fused CPU
+    kernel is slow for one query (SmolLM2, 64 rows, bf16, 2 threads: 4.4 ms per layer and step, half the
+    step) and the eager path copies every cached key and value once per query head group (repeat_kv);
+    for the capture's long prompts the fused kernel is the fast one. In: query (B, Hq, 1, D), key and value
+    (B, Hkv, L, D), mask (B, 1, 1, L) bool or None. Out: (B, 1, Hq, D), no weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    grouped = query.view(rows, key.shape[1], heads // key.shape[1], dim)  # query head h reads kv head h // groups
+    scores = grouped @ key.transpose(2, 3) * (dim**-0.5 if scaling is None else scaling)  # (B, Hkv, groups, L)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (weights @ value).view(rows, heads, 1, dim).transpose(1, 2), None
+
+
+def register_cpu_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)  # the masks SDPA takes: bool, or None when causal
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -97,9 +126,13 @@ class HFEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config = resolved_device(config)
+        register_cpu_attention()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=config.torch_dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                config.model_dir, dtype=config.torch_dtype,
+                **({"attn_implementation": CPU_ATTENTION} if config.device == "cpu" else {}),
+            )
         except (OSError, ValueError) as e:
             raise InputError(f"target model {config.model_dir}: cannot load it ({e}); pass a valid --target-model")
         self.model.to(config.device).eval()
@@ -177,34 +210,17 @@ class HFEngine:
             processors.append(InverseCDFSampler(temperature))
         from transformers import LogitsProcessorList
 
-        with self.decoding_attention():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,  # greedy over the processed scores: the sampler left one token possible
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-                logits_processor=LogitsProcessorList(processors),
-            )
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,  # greedy over the processed scores: the sampler left one token possible
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList(processors),
+        )
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
-
-    @contextmanager
-    def decoding_attention(self):
-        """On CPU, generate with the plain matmul attention: torch's fused CPU attention kernel is slow for one
-        query over a cache (SmolLM2, 64 rows, bf16, 2 threads: 4.4 ms per layer and step, half the step; eager
-        attention makes the step 1.5x faster), while for the capture's long prompts it is the faster one
-        (1.7x at 8 x 512), so the model keeps it outside generation."""
-        kept = self.model.config._attn_implementation
-        if self.config.device != "cpu" or kept == "eager":
-            yield
-            return
-        self.model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            self.model.set_attn_implementation(kept)
 
 
 class InverseCDFSampler:
