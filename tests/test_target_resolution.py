@@ -94,3 +94,17 @@ def test_two_processes_resolving_the_same_gguf_convert_it_only_once_and_clear_a_
     assert outputs[0] == outputs[1] and outputs[0].startswith(str(tmp_path / "cache" / "model-"))
     assert log.read_text() == "converted\n"
     assert outputs[0] == str(expected) and [p for p in expected.parent.iterdir() if p.is_dir()] == [expected]
+
+
+def test_a_gguf_is_cached_by_its_contents_not_its_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAFLOW_CACHE", str(tmp_path / "cache"))
+    body = bytes(range(256)) * 12_000  # 3 MB: the key reads the first and last MiB
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    assert cached_dir_for(first) == cached_dir_for(second)  # the same file installed twice: one conversion
+    second.write_bytes(body[:-1] + b"\x00")  # another file: its last tensor's data differs
+    assert cached_dir_for(first) != cached_dir_for(second)
+    second.write_bytes(body + b"\x00")  # one more byte
+    assert cached_dir_for(first) != cached_dir_for(second)
