@@ -7,6 +7,7 @@ SIGHUP to both (as each child's own graceful stop) and waits for them, and fails
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ ROLES = ("rollout", "train")
 STOP_SIGNALS = {"rollout": signal.SIGINT, "train": signal.SIGTERM}
 STOP_GRACE_S = 60.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT arrives as KeyboardInterrupt
+TRAINER_NICENESS = 10  # how far the trainer's CPU priority is below the rollout's: see yield_cpu
 
 
 def option_arity(command) -> dict[str, bool]:
@@ -107,7 +109,23 @@ def spawn(role: str, args: list[str], log_dir: Path) -> Child:
         start_new_session=True,
     )
     log.close()
+    if role == "train":
+        yield_cpu(proc.pid)
     return Child(role, log_path, proc, _offset=start_offset)
+
+
+def yield_cpu(pid: int) -> None:
+    """Rank the trainer below the rollout for CPU time. On shared cores both run torch thread pools, and
+    interleaved each stalls the other's parallel regions at their barriers: next to the trainer, the rollout's
+    capture forward took 59 s instead of 17 s (192 samples, 2 cores) and the run 128 s; with the rollout
+    first, 98 s. Niceness 10, not 19: the trainer keeps ~10% of a contended CPU, so its step stays far
+    inside its lease TTL. It leads its own session, which on Linux is its own autogroup, and a process's
+    niceness ranks it only within its group: so the group's niceness is set too (best effort: both)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, pid) + TRAINER_NICENESS, 19))
+        Path(f"/proc/{pid}/autogroup").write_text(str(TRAINER_NICENESS))
+    except OSError:  # no autogroups (the process niceness then does it), or the child already exited
+        pass
 
 
 def view(conn, children: list[Child]):

@@ -13,6 +13,7 @@ from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
+from dataflow.run import TRAINER_NICENESS
 
 SAMPLES = 24
 
@@ -33,6 +34,14 @@ def test_ctrl_c_stops_both_children_and_a_second_run_finishes_the_job(tmp_path, 
     wait_until(db.exists, "the run database exists", process=first)
     queue = RefQueue(connect(db))
     wait_until(lambda: queue.counts()["acked"] + queue.counts()["trained"] > 0, "a sample is trained", process=first)
+    pids = {p.role: p.pid for p in RunMeta(queue.conn).processes()}
+    # the trainer takes the CPU the rollout leaves (its niceness, and its session's where Linux has autogroups)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pids["train"]) == min(ours + TRAINER_NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, pids["rollout"]) == ours
+    autogroup = Path(f"/proc/{pids['train']}/autogroup")
+    if autogroup.exists():
+        assert autogroup.read_text().split()[-1] == str(TRAINER_NICENESS)
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 130
     meta = RunMeta(queue.conn)
