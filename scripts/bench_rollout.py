@@ -36,17 +36,22 @@ def timed(fn) -> float:
 
 
 def stock_sampled_generate(engine: HFEngine, conversations, *, max_new_tokens: int, temperature: float) -> list[str]:
-    """transformers' own sampling and attention on the engine's model and prompts (left-padded, like it)."""
+    """transformers' own sampling and SDPA attention on the engine's model and prompts (left-padded, like it)."""
     tokenizer = engine.tokenizer
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     tokenizer.padding_side, side = "left", tokenizer.padding_side
     encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     tokenizer.padding_side = side
-    with torch.inference_mode():
-        out = engine.model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=None,
-            top_k=None, pad_token_id=tokenizer.pad_token_id,
-        )
+    ours = engine.model.config._attn_implementation
+    engine.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            out = engine.model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=None,
+                top_k=None, pad_token_id=tokenizer.pad_token_id,
+            )
+    finally:
+        engine.model.set_attn_implementation(ours)
     return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end on a CPU machine:
 #   1. set up .venv (scripts/setup.sh)
-#   2. `dataflow run`: the rollout lets SmolLM2-135M-Instruct write 250 prompts of its own (Magpie) and
-#      regenerate the replies of those and of the bundled conversations (the first 128 before any feature: the draft vocabulary is counted from the target's
-#      own replies; a larger warm-up would keep the trainer waiting longer) and streams their EAGLE3 features (bf16 where the CPU has native bf16; kept in a files
-#      store, so the trainer's later epochs replay them without re-running the target) while the trainer
-#      trains the draft
+#   2. `dataflow run`: the rollout lets SmolLM2-135M-Instruct write 180 prompts of its own (Magpie) and two
+#      sampled replies (T 0.7) to those and to the bundled conversations (the first 128 before any feature: the
+#      draft vocabulary is counted from the target's own replies) and streams their EAGLE3 features (bf16 where
+#      the CPU has native bf16; kept in a files store, so the trainer's later epochs replay them without
+#      re-running the target); the trainer, at a lower CPU priority, trains the draft on what arrives
 #   3. `dataflow eval`: speculative decoding of held-out prompts (the dataset's last 16 conversation rows,
 #      which no rollout trains on) with the trained draft and with an untrained one; τ = mean accepted
 #      length with K draft tokens
-# Measured: 16m22s on 2 cores with .venv set up (set-up adds ~2 min), tau 1.47 in HF and vLLM. Fewer samples
-# trained more often beat more samples trained less: SELF_PROMPTS=400 EPOCHS=3 took 16m19s, tau 1.34 (the
-# trainer's epoch costs ~1 min, the target's sample ~1.3 s). The rollout takes both cores' threads (the trainer
-# waits for data most of that time): ROLLOUT_THREADS=1 took 21m25s (with 400 prompts, 3 epochs: tau 1.35).
+# Measured: 15m19s on 2 cores with .venv set up (set-up adds ~2 min), 916 samples, tau 1.48 in HF and vLLM.
+# SELF_PROMPTS=300 (1,156 samples): 20m54s, tau 1.60 -- over the 20 minutes. Stop 21's demo (250 prompts, one
+# greedy reply each, 6 epochs, before the target wrote 2x faster): 16m22s, tau 1.47. Epochs matter more than
+# samples at this size: 400 prompts and 3 epochs took as long as 250 and 6, for tau 1.34.
 # Override with the variables below; scripts/quality.sh is the longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,10 @@ cd "$(dirname "$0")/.."
 
 RUN_DIR=${RUN_DIR:-runs/demo}
 SAMPLES=${SAMPLES:-}        # bundled training rows (empty: all 278; the last 16 rows are held out)
-SELF_PROMPTS=${SELF_PROMPTS:-250}   # prompts the target writes itself (Magpie): more on-policy text than 278 rows
-EPOCHS=${EPOCHS:-6}
+SELF_PROMPTS=${SELF_PROMPTS:-180}   # prompts the target writes itself (Magpie): more on-policy text than 278 rows
+SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}  # sampled replies per prompt
+TEMPERATURE=${TEMPERATURE:-0.7}
+EPOCHS=${EPOCHS:-5}
 VOCAB=${VOCAB:-8192}        # 4096 saves ~27% of the draft's FLOPs but holds ~5% fewer of the tokens it meets
 K=${K:-5}
 TTT=${TTT:-$K}              # training-time-test steps: the K draft positions the eval measures
@@ -30,7 +32,8 @@ mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1
 
 .venv/bin/dataflow run --db "$RUN_DIR/run.sqlite" ${SAMPLES:+--num-samples "$SAMPLES"} \
-    --regenerate --vocab-warmup 128 --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 \
+    --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" --vocab-warmup 128 \
+    --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 \
     --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
     --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens 2048 --ttt-length "$TTT" --log-every 5 --save-every 50

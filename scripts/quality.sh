@@ -11,8 +11,10 @@
 #   4. the learning curve (τ̂ from the trainer's per-step accuracies vs trained tokens, and the measured τ)
 #      as PNG + JSON
 # Measured (defaults, .venv set up, quiet 2-core machine): 49.8 min (+~2 min set-up), 1,756 samples (278 rows + 600
-# self-written prompts, 2 replies each), 6 epochs: tau 1.72 in HF and vLLM on 16 held-out prompts, K = 5. The stop
-# before (300 self-written prompts, 3 epochs, 1 rollout thread): 34.5 min, tau 1.47.
+# self-written prompts, 2 replies each), 6 epochs: tau 1.72 in HF and vLLM on 16 held-out prompts, K = 5 -- with
+# the rollout of stop 21; the target has since written 2x faster and the trainer yields the CPU to it (not re-run
+# with these defaults). More text did not help: SELF_PROMPTS=1100 EPOCHS=5 (2,756 samples, the faster target,
+# the trainer not yet yielding) took 53.3 min for tau 1.69. The stop before: 300 prompts, 3 epochs, tau 1.47.
 # Prints one JSON object last. Every size is a variable, so a shortened run validates the script:
 #   SELF_PROMPTS=16 SAMPLES=24 EPOCHS=1 EVAL_PROMPTS=1 EVAL_TOKENS=16 bash scripts/quality.sh
 set -euo pipefail
