@@ -38,10 +38,7 @@ def timed(fn) -> float:
 def stock_sampled_generate(engine: HFEngine, conversations, *, max_new_tokens: int, temperature: float) -> list[str]:
     """transformers' own sampling and SDPA attention on the engine's model and prompts (left-padded, like it)."""
     tokenizer = engine.tokenizer
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    tokenizer.padding_side, side = "left", tokenizer.padding_side
-    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    tokenizer.padding_side = side
+    encoded = engine.left_padded(engine.rendered(conversations))
     ours = engine.model.config._attn_implementation
     engine.model.set_attn_implementation("sdpa")
     try:

@@ -16,7 +16,7 @@ import torch
 
 from dataflow.errors import InputError
 from dataflow.options import torch_dtype
-from dataflow.rollout.template import TokenizedSample, set_chat_template
+from dataflow.rollout.template import TokenizedSample, render, set_chat_template
 
 ENGINE_DTYPES = ("float32", "bfloat16")
 
@@ -126,13 +126,13 @@ class HFEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config = resolved_device(config)
-        register_cpu_attention()
+        attention = {}
+        if config.device == "cpu":
+            register_cpu_attention()
+            attention = {"attn_implementation": CPU_ATTENTION}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                config.model_dir, dtype=config.torch_dtype,
-                **({"attn_implementation": CPU_ATTENTION} if config.device == "cpu" else {}),
-            )
+            self.model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=config.torch_dtype, **attention)
         except (OSError, ValueError) as e:
             raise InputError(f"target model {config.model_dir}: cannot load it ({e}); pass a valid --target-model")
         self.model.to(config.device).eval()
@@ -185,9 +185,23 @@ class HFEngine:
         contenders: torch.Tensor | None = None,
     ) -> list[str]:
         """The target's reply to each conversation (ending with a user turn)."""
+        return self.complete(self.rendered(conversations), max_new_tokens=max_new_tokens, temperature=temperature,
+                             contenders=contenders)
+
+    def rendered(self, conversations: list[list[dict]]) -> list[str]:
+        """Each conversation in the chat template, up to where the assistant's reply starts."""
+        return [render(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
+
+    def left_padded(self, texts: list[str]):
+        """`texts` tokenised as one batch, left-padded (generate appends on the right), on the engine's device."""
         tok = self.tokenizer
-        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature, contenders=contenders)
+        if tok.pad_token is None:  # left padding needs a pad token; the attention mask hides it
+            tok.pad_token = tok.eos_token
+        tok.padding_side, side = "left", tok.padding_side
+        try:
+            return tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.config.device)
+        finally:
+            tok.padding_side = side
 
     @torch.inference_mode()
     def complete(
@@ -197,13 +211,7 @@ class HFEngine:
         `contenders` (V,), if given, counts the target's top next-token candidates at every position it
         wrote (what it was likely to say there, not only what it said)."""
         tok = self.tokenizer
-        if tok.pad_token is None:  # left padding needs a pad token; the attention mask hides it
-            tok.pad_token = tok.eos_token
-        tok.padding_side, side = "left", tok.padding_side
-        try:
-            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.config.device)
-        finally:
-            tok.padding_side = side
+        enc = self.left_padded(texts)
         stop_ids = self.model.generation_config.eos_token_id
         processors = [] if contenders is None else [Contenders(contenders, stop_ids, enc["input_ids"].shape[1])]
         if temperature > 0:  # after Contenders: it counts the target's own candidates, not the draw
@@ -238,7 +246,7 @@ class InverseCDFSampler:
         uniform = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
         # right: the first id whose cumulative mass exceeds the draw, so an id of zero probability never is
         drawn = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+        return scores.fill_(float("-inf")).scatter_(1, drawn, 0.0)  # in place: no fresh (rows, V) per step
 
 
 class Contenders:

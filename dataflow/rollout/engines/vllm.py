@@ -140,6 +140,7 @@ class VLLMEngine:
 
     # Replies: the chat template rendered as the HF engine does, then complete() below.
     generate = HFEngine.generate
+    rendered = HFEngine.rendered
 
     @torch.inference_mode()
     def complete(
