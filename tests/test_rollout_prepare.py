@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dataflow.control.meta import RunMeta
+from dataflow.keys import copy_id, epoch_key, prompt_of
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Conversation, load_dataset, split_held_out
 from dataflow.rollout.regenerate import normalised, user_header
@@ -69,6 +70,9 @@ def test_samples_per_prompt_gives_each_copy_its_own_task_and_sampled_reply(tmp_p
     for i in ids:
         first, copy = tasks[i][0].messages, tasks[f"{i}@1"][0].messages
         assert first[0] == copy[0] and first[1] != copy[1]  # same prompt, another reply
+    # every copy's ref key, in any epoch, names its prompt (what a held-out split by prompt groups on)
+    assert {prompt_of(epoch_key(key, epoch)) for key in tasks for epoch in (0, 2)} == set(ids)
+    assert prompt_of(epoch_key(copy_id("@self7", 1), 3)) == prompt_of("@self7") == "@self7"
 
 
 def test_self_written_prompts_start_from_the_bare_user_header_and_are_distinct(tmp_path, tiny_engine):

@@ -24,7 +24,7 @@ import torch
 from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
-from dataflow.keys import epoch_key
+from dataflow.keys import copy_id, epoch_key
 from dataflow.records import TargetRecord, read_vocab, write_target, write_vocab_once
 from dataflow.rollout.config import RolloutConfig
 from dataflow.rollout.data import Conversation, default_dataset_path, load_dataset, split_held_out
@@ -121,7 +121,7 @@ def training_prompts(
 
 def with_copies(samples: list[Conversation], copies: int) -> list[Conversation]:
     """Each sample `copies` times; copy k > 0 is keyed "<id>@<k>" (its own task, its own sampled replies)."""
-    return [s if k == 0 else dataclasses.replace(s, id=f"{s.id}@{k}") for s in samples for k in range(copies)]
+    return [s if k == 0 else dataclasses.replace(s, id=copy_id(s.id, k)) for s in samples for k in range(copies)]
 
 
 def epoch_order(samples: list[Conversation], config: RolloutConfig) -> list[tuple[int, Conversation]]:
