@@ -82,7 +82,9 @@ def teacher_core(full: torch.Tensor, draft_size: int) -> tuple[torch.Tensor, tor
     return full.argmax(dim=-1), torch.softmax(full[:, :draft_size], dim=-1, dtype=torch.float32).to(full.dtype)
 
 
-TEACHER_CHUNK_ELEMENTS = 1 << 25  # full-vocab logits per chunk: 682 rows at 49152 (64 MB in bf16)
+# full-vocab logits per chunk: 341 rows at 49152 (32 MB in bf16). Measured at the bench's shapes (2,048 rows,
+# 2 threads): the teacher takes 0.167 s in 32 MB chunks, 0.183 s in 64 MB ones, 0.169 s in 16 MB, 0.20 s in 8 MB.
+TEACHER_CHUNK_ELEMENTS = 1 << 24
 
 
 def teacher(target_hidden: torch.Tensor, head: TeacherHead, loss_mask: torch.Tensor,
