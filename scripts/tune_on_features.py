@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import random
+import sqlite3
 import time
 import zlib
 from pathlib import Path
@@ -44,9 +45,9 @@ def held_out(key: str, every: int) -> bool:
     return zlib.crc32(prompt_of(key).encode()) % every == 0
 
 
-def load_samples(db: Path, every: int, first_reply_only: bool) -> tuple[list[LeasedSample], list[LeasedSample]]:
+def load_samples(conn: sqlite3.Connection, every: int,
+                 first_reply_only: bool) -> tuple[list[LeasedSample], list[LeasedSample]]:
     """(trained, held out) first-epoch samples of the run, features copied out of the store."""
-    conn = connect(db)
     reader = open_reader(conn)
     trained, held = [], []
     for item in RefQueue(conn).consumed_items(without=EPOCH_MARK):
@@ -99,7 +100,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
 
-    meta = RunMeta(connect(args.db))
+    conn = connect(args.db)
+    meta = RunMeta(conn)
     target, vocab = read_target(meta), read_vocab(meta)
     if target is None or vocab is None:
         raise SystemExit(f"{args.db}: no target or vocabulary recorded; is it a rollout's run database?")
@@ -109,7 +111,7 @@ def main() -> None:
                          warmup_steps=20, seed=args.seed)
     model, head = build_draft(target, vocab, config)
     step = TrainStep(model, head.lm_head, config, device=torch.device("cpu"), compile=True)
-    trained, held = load_samples(args.db, args.held_out_every, args.first_reply_only)
+    trained, held = load_samples(conn, args.held_out_every, args.first_reply_only)
     if not trained or not held:
         raise SystemExit(f"{args.db}: {len(trained)} samples to train, {len(held)} held out; need some of each")
     step.schedule.total, step.schedule.unit = args.epochs * len(trained), "samples"
