@@ -54,13 +54,14 @@ def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
 def held_out_prompts(tokenizer, data: Path | None, n: int, held_out: int = DEFAULT_HELD_OUT) -> list[list[int]]:
     """The first user turn of the last `n` held-out rows (`split_held_out`), rendered for generation."""
     from dataflow.rollout.data import load_dataset, split_held_out
+    from dataflow.rollout.template import render
 
     _, rows = split_held_out(load_dataset(data, on_bad_row="skip").samples, held_out)
     prompts = []
     for sample in rows[-n:]:
         first_user = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
         messages = list(sample.messages[: first_user + 1])
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render(tokenizer, messages, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return prompts
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from dataflow.rollout.data import Conversation
+from dataflow.rollout.template import render
 
 USER_SENTINEL = "\x00user-turn\x00"
 MIN_PROMPT_CHARS = 8  # shorter self-written prompts are mostly "Hi" or a stray fragment
@@ -49,7 +50,7 @@ def regenerate_replies(
 
 def user_header(tokenizer) -> str:
     """The chat template's rendering of a conversation up to where the first user message's text starts."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": USER_SENTINEL}], tokenize=False)
+    rendered = render(tokenizer, [{"role": "user", "content": USER_SENTINEL}])
     return rendered[: rendered.index(USER_SENTINEL)]
 
 
