@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
@@ -119,24 +118,6 @@ def test_a_conversation_the_chat_template_refuses_becomes_a_dead_task_and_the_re
     row = conn.execute("SELECT state, last_error FROM tasks WHERE key = 'twice'").fetchone()
     assert row["state"] == TaskState.DEAD and "roles must alternate" in row["last_error"]
     assert RunMeta(conn).end_of_stream()
-
-
-def test_heartbeat_and_leases_stay_fresh_during_a_long_forward(tmp_path):
-    from dataflow.rollout.producer import beating_during
-
-    db = tmp_path / "run.sqlite"
-    conn = connect(db)
-    meta, tasks = RunMeta(conn), TaskQueue(conn)
-    tasks.add_many([("k", {})])
-    [lease] = tasks.lease("me", ttl=4.0)
-    first_deadline = conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0]
-    with beating_during(str(db), "rollout-x", "producing", {"samples": 3}, [lease.token], ttl=4.0):
-        # the main thread is busy (stands for a forward); the beat and the extension come from the side thread
-        wait_until(lambda: conn.execute("SELECT lease_deadline FROM tasks").fetchone()[0] != first_deadline,
-                   "the side thread extends the lease", every=0.1)
-    [process] = meta.processes("rollout")
-    assert process.id == "rollout-x" and process.status == "producing" and process.info == {"samples": 3}
-    assert tasks.complete(lease.token)  # still ours
 
 
 def test_the_summary_gives_no_share_of_forward_time_when_no_forward_ran():

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import wait_until
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
-from dataflow.control.queue import RefQueue
+from dataflow.control.queue import RefQueue, RefState
 from dataflow.train.checkpoint import read_export
 from dataflow.train.config import TrainConfig, TrainOptions
 from dataflow.train.plot import read_metrics
@@ -61,6 +62,31 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, tiny_train_target, sa
     (trainer,) = meta.processes(role="train")
     assert trainer.info["tau_hat"] == pytest.approx(rows[-1]["tau_hat"], abs=1e-4)  # what `status` shows
     assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
+
+
+def test_a_step_longer_than_the_heartbeat_and_the_lease_ttl_keeps_both_fresh(tmp_path, tiny_train_target, samples,
+                                                                              monkeypatch, capsys):
+    from dataflow.control import clock
+    from dataflow.train.step import TrainStep
+
+    db = new_run(tmp_path, tiny_train_target, samples[:4])
+    observer, seen = connect(db), []  # what `status`, a peer or a restarted trainer would read mid-step
+    accumulate = TrainStep.accumulate
+
+    def slow(self, *args, **kwargs):  # stands for a first step that compiles: minutes at low priority
+        time.sleep(2.5)
+        beats = [p.heartbeat_at for p in RunMeta(observer).processes(role="train")] or [float("-inf")]
+        leased = f"SELECT lease_deadline FROM refs WHERE state = {RefState.LEASED:d}"
+        deadlines = [r[0] for r in observer.execute(leased)]
+        seen.append((clock.now() - max(beats), min(deadlines) - clock.now()))
+        return accumulate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "accumulate", slow)
+    options = TrainOptions(out=tmp_path / "out", lease_ttl=0.4, compile=False, progress=False)
+    assert train(db, TrainConfig(ttt_length=2, batch_tokens=256), options) == "finished"
+    assert seen and all(age < 1.0 and left > 0 for age, left in seen), seen  # beat every 0.1 s, leases held
+    assert "lapsed" not in capsys.readouterr().out
+    assert RefQueue(observer).counts()["trained"] == 4
 
 
 def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, tiny_train_target, samples):

@@ -17,14 +17,14 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from dataflow.control import clock
-from dataflow.control.db import connect, database_path
+from dataflow.control.beat import HEARTBEAT_EVERY_S, beating_during
+from dataflow.control.db import database_path
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefItem
 from dataflow.control.tasks import TaskLease, TaskQueue
@@ -38,7 +38,6 @@ from dataflow.rollout.template import UNRENDERABLE, TokenizedSample, tokenize_sa
 from dataflow.rollout.ui import RolloutView
 from dataflow.rollout.vocab import covered
 
-HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = 1.0
 TASK_MAX_ATTEMPTS = 5  # a task whose processing raised this many times is dead (a crash or interrupt spends none)
 
@@ -337,7 +336,8 @@ class Producer:
     def beating(self, status: str):
         """Heartbeat and keep every held lease alive during a long phase; yields the tokens found lost."""
         info = self.stats.as_dict()
-        return beating_during(self.beat_with, self.process_id, status, info, list(self.held), self.config.lease_ttl)
+        return beating_during(self.beat_with, TaskQueue, self.process_id, "rollout", status, info, list(self.held),
+                              self.config.lease_ttl)
 
     def keep_leases(self) -> None:
         if self.held and time.monotonic() - self._last_extend > self.config.lease_ttl / 4:
@@ -369,47 +369,6 @@ class Producer:
             return fn(*args)
         finally:
             setattr(self.stats, bucket, getattr(self.stats, bucket) + time.monotonic() - start)
-
-
-@contextmanager
-def thread_control(source: str | tuple):
-    """(meta, tasks) for a helper thread: on a connection of its own to the database at `source`, or
-    `source` itself when it is such a pair already (Ray mode: ledger proxies, safe to share)."""
-    if not isinstance(source, str):
-        yield source
-        return
-    conn = connect(source)
-    try:
-        yield RunMeta(conn), TaskQueue(conn)
-    finally:
-        conn.close()
-
-
-@contextmanager
-def beating_during(
-    source: str | tuple, process_id: str, status: str, info: dict, tokens: list[str] = (), ttl: float = 0.0
-) -> Iterator[set[str]]:
-    """Heartbeat (and keep the task leases `tokens` for `ttl`) from a thread (see thread_control) while the
-    caller is in a long phase (vocab pass, regeneration, forward): torch releases the GIL, and a slow CPU
-    phase must neither make a live rollout look dead nor let its leases expire. Yields the set of tokens an
-    extension found no longer ours (filled in as the phase runs); the caller drops their work."""
-    stop, lost = threading.Event(), set()
-    every = min(HEARTBEAT_EVERY_S, ttl / 4) if tokens else HEARTBEAT_EVERY_S
-
-    def beat() -> None:
-        with thread_control(source) as (meta, tasks):
-            while not stop.wait(every):
-                meta.heartbeat(process_id, "rollout", status, info)
-                if tokens:
-                    lost.update(tasks.extend([t for t in tokens if t not in lost], ttl))
-
-    thread = threading.Thread(target=beat, name="phase-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield lost
-    finally:
-        stop.set()
-        thread.join()
 
 
 def choose_producer_id(meta: RunMeta) -> str:
@@ -450,7 +409,8 @@ def run_rollout(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     producer_id = config.producer_id or choose_producer_id(meta)
     process_id = f"rollout-{producer_id}"
     meta.heartbeat(process_id, "rollout", "starting")  # claims the id for later starters
-    with beating_during(database_path(conn), process_id, "preparing the run (dataset, vocab pass)", {}):
+    preparing = "preparing the run (dataset, vocab pass)"
+    with beating_during(database_path(conn), TaskQueue, process_id, "rollout", preparing, {}):
         summary = prepare_run(conn, config, engine, view)
     if summary["bad_rows_skipped"]:
         view.message(f"skipped {summary['bad_rows_skipped']} bad dataset rows (--on-bad-row skip)")

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from dataflow.control import clock
+from dataflow.control.beat import HEARTBEAT_EVERY_S, beating_during
+from dataflow.control.db import database_path
 from dataflow.control.meta import STALE_AFTER_S, RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
@@ -36,7 +38,6 @@ from dataflow.train.source import LeasedSample, MicroBatch, RefSource, check_fea
 from dataflow.train.step import TrainStep, keep_freed_memory
 from dataflow.transport.gc import compact_trained
 
-HEARTBEAT_EVERY_S = 2.0
 IDLE_SLEEP_S = (0.05, 1.0)  # back-off bounds while the queue is empty
 
 
@@ -54,6 +55,7 @@ class Trainer:
         """control: (meta, queue, tasks) to use instead of ones on conn (Ray mode: ledger actor proxies)."""
         self.config, self.options, self.dist = config, options, dist
         self.meta, self.queue, self.tasks = control or (RunMeta(conn), RefQueue(conn), TaskQueue(conn))
+        self.beat_with = (self.meta, self.queue) if control else database_path(conn)  # for beating_during
         self.process_id = f"train-{dist.rank}"
         # Leases are owned by this incarnation: a restart is another owner (see control/leases.py).
         self.lease_owner = f"{self.process_id}@{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -186,20 +188,24 @@ class Trainer:
             sleep = min(sleep * 2, IDLE_SLEEP_S[1])
 
     def _train_step(self, micro: list[list[LeasedSample]], window: Window) -> None:
-        batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
-        samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
-        local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
-        n_samples, n_tokens = all_sum(self.dist, [len(samples), local_tokens])
-        if n_samples == 0:  # every sample was lost: no update (AdamW would still move on momentum)
-            return
-        sums = self._accumulate(batches, max(n_tokens, 1.0))
-        sum_gradients(self.dist, self.step.params)
-        if self.progress.step == 0:  # fixed once; a resumed run reads it from the checkpoint
-            total = schedule_total(self.meta, self.tasks, self.queue, self.options)
-            self.step.schedule.total, self.step.schedule.unit = total
-        self.step.update(step=self.progress.step, samples=self.progress.samples)
+        # A step can outlast the heartbeat's staleness and --lease-ttl (the first one compiles): a side thread
+        # keeps both fresh until the ack, so the trainer neither looks dead nor trains a lapsed ref twice.
+        with beating_during(self.beat_with, RefQueue, self.process_id, "train", "training", self._heartbeat_info(),
+                            list(self.source.held), self.options.lease_ttl):
+            batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
+            samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
+            local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
+            n_samples, n_tokens = all_sum(self.dist, [len(samples), local_tokens])
+            if n_samples == 0:  # every sample was lost: no update (AdamW would still move on momentum)
+                return
+            sums = self._accumulate(batches, max(n_tokens, 1.0))
+            sum_gradients(self.dist, self.step.params)
+            if self.progress.step == 0:  # fixed once; a resumed run reads it from the checkpoint
+                total = schedule_total(self.meta, self.tasks, self.queue, self.options)
+                self.step.schedule.total, self.step.schedule.unit = total
+            self.step.update(step=self.progress.step, samples=self.progress.samples)
         acked = self.source.ack(samples)
-        if len(acked) < len(samples):  # only when a step outlived --lease-ttl; those refs may train twice
+        if len(acked) < len(samples):  # stalled past --lease-ttl (stopped, database locked): may train twice
             self.status.print(f"warning: {len(samples) - len(acked)} leases lapsed before the ack; raise --lease-ttl")
         totals = all_sum(self.dist, [len(samples), sum(s.length for s in samples)] + sums)
         k = self.config.ttt_length
@@ -232,7 +238,6 @@ class Trainer:
         totals = [0.0] * (1 + 3 * k)
         for b in batches:
             weighted, sums = self.step.accumulate(b, n_tokens)
-            self.source.keep_alive()  # a long step must not let our leases lapse before the ack
             values = [weighted] + [v.detach() for v in sums.loss_sum] + sums.correct
             values = torch.stack([v.float() for v in values]).tolist() + sums.count  # one device sync
             for i, v in enumerate(values):
@@ -328,11 +333,13 @@ class Trainer:
 
     def _heartbeat(self, status: str, force: bool = False) -> None:
         if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
-            info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
-            shown = ("loss", "acc_0", "tau_hat", "samples_per_s", "tokens_per_s")
-            info |= {k: round(v, 4) for k, v in self._last_row.items() if k in shown}
-            self.meta.heartbeat(self.process_id, "train", status, info)
+            self.meta.heartbeat(self.process_id, "train", status, self._heartbeat_info())
             self._last_heartbeat = time.monotonic()
+
+    def _heartbeat_info(self) -> dict:
+        info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
+        shown = ("loss", "acc_0", "tau_hat", "samples_per_s", "tokens_per_s")
+        return info | {k: round(v, 4) for k, v in self._last_row.items() if k in shown}
 
     def _log(self, window: Window) -> Window:
         if self.progress.step % self.options.log_every:
