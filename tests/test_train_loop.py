@@ -89,6 +89,26 @@ def test_a_step_longer_than_the_heartbeat_and_the_lease_ttl_keeps_both_fresh(tmp
     assert RefQueue(observer).counts()["trained"] == 4
 
 
+def test_building_the_draft_heartbeats(tmp_path, tiny_train_target, samples, monkeypatch):
+    from dataflow.control import clock
+    from dataflow.train import trainer as trainer_module
+
+    db = new_run(tmp_path, tiny_train_target, samples[:2])
+    observer, ages = connect(db), []
+    build = trainer_module.build_draft
+
+    def slow(*args, **kwargs):  # stands for loading a big target's head
+        time.sleep(2.5)
+        ages.append([(p.status, clock.now() - p.heartbeat_at) for p in RunMeta(observer).processes(role="train")])
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_draft", slow)
+    options = TrainOptions(out=tmp_path / "out", compile=False, progress=False)
+    assert train(db, TrainConfig(ttt_length=2), options) == "finished"
+    [[(status, age)]] = ages
+    assert status == "building the draft" and age < 1.0, (status, age)
+
+
 def test_online_shm_and_offline_files_training_give_equal_weights(tmp_path, tiny_train_target, samples):
     outs = {}
     for store in ("shm", "files"):

@@ -79,10 +79,11 @@ class Trainer:
         self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
                                 partition=(dist.rank, dist.world), lease_ttl=options.lease_ttl)
         target, vocab = wait_for_records(self.meta, self._waiting, options.wait_for_rollout)
-        model, head = build_draft(target, vocab, config)
-        if dist.device.type == "cpu":
-            keep_freed_memory()
-        self.step = TrainStep(model, head.lm_head, config, device=dist.device, compile=options.compile)
+        with beating_during(self.beat_with, RefQueue, self.process_id, "train", "building the draft", {}):
+            model, head = build_draft(target, vocab, config)  # reads the target's head: a big one takes a while
+            if dist.device.type == "cpu":
+                keep_freed_memory()
+            self.step = TrainStep(model, head.lm_head, config, device=dist.device, compile=options.compile)
         self.model = self.step.master  # fp32: checkpointed and exported
         # The target's dtype: features are collated in it and the export is written in it.
         self.target_dtype = torch_dtype(target.dtype)
