@@ -64,6 +64,13 @@ def test_the_draft_overfits_a_handful_of_samples(tmp_path, tiny_train_target, sa
     assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == 4 * 80
 
 
+def train_beats(observer) -> list[tuple[str, float]]:
+    """(status, heartbeat age in s) of the run's trainers, as `status` or a peer reads them."""
+    from dataflow.control import clock
+
+    return [(p.status, clock.now() - p.heartbeat_at) for p in RunMeta(observer).processes(role="train")]
+
+
 def test_a_step_longer_than_the_heartbeat_and_the_lease_ttl_keeps_both_fresh(tmp_path, tiny_train_target, samples,
                                                                               monkeypatch, capsys):
     from dataflow.control import clock
@@ -75,10 +82,10 @@ def test_a_step_longer_than_the_heartbeat_and_the_lease_ttl_keeps_both_fresh(tmp
 
     def slow(self, *args, **kwargs):  # stands for a first step that compiles: minutes at low priority
         time.sleep(2.5)
-        beats = [p.heartbeat_at for p in RunMeta(observer).processes(role="train")] or [float("-inf")]
+        ages = [age for _, age in train_beats(observer)] or [float("inf")]
         leased = f"SELECT lease_deadline FROM refs WHERE state = {RefState.LEASED:d}"
         deadlines = [r[0] for r in observer.execute(leased)]
-        seen.append((clock.now() - max(beats), min(deadlines) - clock.now()))
+        seen.append((min(ages), min(deadlines) - clock.now()))
         return accumulate(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "accumulate", slow)
@@ -90,7 +97,6 @@ def test_a_step_longer_than_the_heartbeat_and_the_lease_ttl_keeps_both_fresh(tmp
 
 
 def test_building_the_draft_heartbeats(tmp_path, tiny_train_target, samples, monkeypatch):
-    from dataflow.control import clock
     from dataflow.train import trainer as trainer_module
 
     db = new_run(tmp_path, tiny_train_target, samples[:2])
@@ -99,7 +105,7 @@ def test_building_the_draft_heartbeats(tmp_path, tiny_train_target, samples, mon
 
     def slow(*args, **kwargs):  # stands for loading a big target's head
         time.sleep(2.5)
-        ages.append([(p.status, clock.now() - p.heartbeat_at) for p in RunMeta(observer).processes(role="train")])
+        ages.append(train_beats(observer))
         return build(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "build_draft", slow)

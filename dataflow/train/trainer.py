@@ -79,7 +79,7 @@ class Trainer:
         self.source = RefSource(self.queue, self.reader, owner=self.lease_owner,
                                 partition=(dist.rank, dist.world), lease_ttl=options.lease_ttl)
         target, vocab = wait_for_records(self.meta, self._waiting, options.wait_for_rollout)
-        with beating_during(self.beat_with, RefQueue, self.process_id, "train", "building the draft", {}):
+        with self._beating("building the draft"):
             model, head = build_draft(target, vocab, config)  # reads the target's head: a big one takes a while
             if dist.device.type == "cpu":
                 keep_freed_memory()
@@ -191,8 +191,7 @@ class Trainer:
     def _train_step(self, micro: list[list[LeasedSample]], window: Window) -> None:
         # A step can outlast the heartbeat's staleness and --lease-ttl (the first one compiles): a side thread
         # keeps both fresh until the ack, so the trainer neither looks dead nor trains a lapsed ref twice.
-        with beating_during(self.beat_with, RefQueue, self.process_id, "train", "training", self._heartbeat_info(),
-                            list(self.source.held), self.options.lease_ttl):
+        with self._beating("training"):
             batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
             samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
             local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
@@ -336,6 +335,11 @@ class Trainer:
         if force or time.monotonic() - self._last_heartbeat > HEARTBEAT_EVERY_S:
             self.meta.heartbeat(self.process_id, "train", status, self._heartbeat_info())
             self._last_heartbeat = time.monotonic()
+
+    def _beating(self, status: str):
+        """Heartbeat and keep every held lease alive from a side thread through a long phase (control/beat.py)."""
+        return beating_during(self.beat_with, RefQueue, self.process_id, "train", status, self._heartbeat_info(),
+                              list(self.source.held), self.options.lease_ttl)
 
     def _heartbeat_info(self) -> dict:
         info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
