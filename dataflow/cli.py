@@ -361,6 +361,7 @@ def rollout_configs(p: dict):
                   "batch_tokens", "seed"),
     "Draft": ("ttt_length", "draft_config", "export_embed_tokens"),
     "Length and checkpoints": ("max_steps", "epochs", "save_every", "keep", "lease_ttl", "fill_wait"),
+    "Held-out acceptance": ("validation_share", "validate_every", "validation_tokens"),
 })
 @one_line_errors
 def train(
@@ -383,6 +384,12 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seeds the draft's initial weights."),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
+    validation_share: float = typer.Option(
+        0.0, "--validation-share", help="Share of prompts never trained on (by hash); the draft's accuracies and "
+        "tau-hat on them go to metrics.jsonl as val_* (0: none).",
+    ),
+    validate_every: int = typer.Option(50, "--validate-every", help="Steps between held-out measurements (--validation-share)."),
+    validation_tokens: int = typer.Option(65536, "--validation-tokens", help="Held-out tokens kept in memory to measure on."),
     max_steps: int = typer.Option(0, "--max-steps", help="Pause after this many steps (run again to go on; 0: until the stream drains)."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over a files-store run (later ones replay its features)."),
     save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints."),
@@ -438,14 +445,14 @@ def train_configs(p: dict):
             draft_overrides=json.loads(draft_config.read_text()) if draft_config else {},
             **{name: p[name] for name in ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
                                           "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "seed",
-                                          "export_embed_tokens")},
+                                          "export_embed_tokens", "validation_share")},
             dtype=SHORT_DTYPES.get(p["dtype"], p["dtype"]),
         )
         options = TrainOptions(
             out=p["out"] or p["db"].parent / f"{p['db'].stem}.train",
             **{name: p[name] for name in ("max_steps", "epochs", "save_every", "keep", "exit_when_idle",
                                           "wait_for_rollout", "lease_ttl", "fill_wait", "device", "log_every", "compile", "progress",
-                                          "report_to")},
+                                          "report_to", "validate_every", "validation_tokens")},
         )
     except (OSError, ValueError) as e:
         raise InputError(f"dataflow train: {e}") from None

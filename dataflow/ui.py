@@ -64,9 +64,12 @@ def store_line(store: dict) -> str:
 
 
 def draft_line(info: dict) -> str:
-    """A trainer heartbeat's training figures; tau-hat is the expected tokens per verification step."""
+    """A trainer heartbeat's training figures; tau-hat is the expected tokens per verification step (on the
+    trained samples, and on held-out prompts where --validation-share holds some out)."""
+    held_out = (f", held-out tau-hat {info['val_tau_hat']:.2f} ({info['val_samples']:.0f} samples)"
+                if "val_tau_hat" in info else "")
     return (f"step {info.get('step', 0)}, loss {info.get('loss', 0.0):.3f}, acc_0 {info.get('acc_0', 0.0):.3f}, "
-            f"tau-hat {info['tau_hat']:.2f}")
+            f"tau-hat {info['tau_hat']:.2f}{held_out}")
 
 
 def status_view(snap: dict) -> Group:

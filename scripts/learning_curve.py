@@ -28,9 +28,14 @@ def tau_hat(row: dict, k: int) -> float | None:
     return 1.0 + sum(math.prod(accs[: i + 1]) for i in range(k))
 
 
-def curve(rows: list[dict], k: int) -> list[dict]:
-    points, tokens, last_step = [], 0.0, 0
+def curve(rows: list[dict], k: int) -> tuple[list[dict], list[dict]]:
+    """(τ̂ on the trained samples, τ̂ on held-out prompts (--validation-share)) against trained tokens."""
+    points, held_out, tokens, last_step = [], [], 0.0, 0
     for row in rows:
+        if "val_tau_hat" in row:  # a held-out measurement: its own row, no throughput figures
+            held_out.append({"step": row["step"], "trained_tokens": round(tokens),
+                             "tau_hat": round(row["val_tau_hat"], 4)})
+            continue
         if "trained_tokens" in row:
             tokens = row["trained_tokens"]
         elif row.get("steps_per_s"):
@@ -39,7 +44,7 @@ def curve(rows: list[dict], k: int) -> list[dict]:
         value = tau_hat(row, k)
         if value is not None:
             points.append({"step": row["step"], "trained_tokens": round(tokens), "tau_hat": round(value, 4)})
-    return points
+    return points, held_out
 
 
 def main() -> None:
@@ -52,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Path prefix of the PNG and JSON.")
     args = parser.parse_args()
 
-    points = curve(read_metrics(args.run_dir), args.k)
+    points, held_out = curve(read_metrics(args.run_dir), args.k)
     measured = []
     for spec in args.eval:
         tokens, path = spec.split(":", 1)
@@ -60,7 +65,8 @@ def main() -> None:
         at = points[-1]["trained_tokens"] if tokens == "final" and points else int(float(tokens))
         measured.append({"trained_tokens": at, "tau": result["tau"], "k": result["num_draft_tokens"],
                          "prompts": result["prompts"], "source": path})
-    Path(f"{args.out}.json").write_text(json.dumps({"k": args.k, "tau_hat": points, "tau": measured}, indent=1))
+    Path(f"{args.out}.json").write_text(json.dumps({"k": args.k, "tau_hat": points, "held_out_tau_hat": held_out,
+                                                    "tau": measured}, indent=1))
 
     import matplotlib
 
@@ -70,6 +76,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([p["trained_tokens"] for p in points], [p["tau_hat"] for p in points], ".-",
             label=f"τ̂ (train, K={args.k})")
+    if held_out:
+        ax.plot([p["trained_tokens"] for p in held_out], [p["tau_hat"] for p in held_out], ".-",
+                label="τ̂ (held-out prompts, --validation-share)")
     if measured:
         ax.plot([m["trained_tokens"] for m in measured], [m["tau"] for m in measured], "o",
                 label="τ measured (held-out prompts)")
@@ -79,7 +88,8 @@ def main() -> None:
     fig.savefig(f"{args.out}.png", dpi=100)
     plt.close(fig)
     final = points[-1] if points else {}
-    print(json.dumps({**final, "tau": measured[-1]["tau"] if measured else None, "png": f"{args.out}.png"}))
+    print(json.dumps({**final, "held_out_tau_hat": held_out[-1]["tau_hat"] if held_out else None,
+                      "tau": measured[-1]["tau"] if measured else None, "png": f"{args.out}.png"}))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ from dataflow.keys import EPOCH_MARK, prompt_of
 from dataflow.records import read_target, read_vocab
 from dataflow.train.build import build_draft
 from dataflow.train.config import TrainConfig
-from dataflow.train.loss import loss_tokens, teacher, ttt_sums
+from dataflow.train.loss import loss_tokens
 from dataflow.train.metrics import expected_acceptance
-from dataflow.train.source import LeasedSample, collate, fits
+from dataflow.train.source import LeasedSample, collate
 from dataflow.train.step import TrainStep, keep_freed_memory
+from dataflow.train.validation import accuracy_sums, packed
 from dataflow.transport import open_reader
 
 
@@ -57,31 +58,6 @@ def load_samples(conn: sqlite3.Connection, every: int,
         (held if held_out(item.key, every) else trained).append(LeasedSample(lease=None, features=features))
     reader.close()
     return trained, held
-
-
-def micro_batches(samples: list[LeasedSample], budget: int) -> list[list[LeasedSample]]:
-    """Greedy packing in the given order, as the trainer packs leased refs."""
-    batches = [[]]
-    for sample in samples:
-        if fits(batches[-1], sample, budget):
-            batches[-1].append(sample)
-        else:
-            batches.append([sample])
-    return [b for b in batches if b]
-
-
-def held_out_accuracy(step: TrainStep, batches: list[list[LeasedSample]], ttt: int) -> list[float]:
-    correct, count = [0.0] * ttt, [0] * ttt
-    with torch.no_grad():
-        for batch in batches:
-            mb = collate(batch, torch.device("cpu"), step.dtype)
-            t = teacher(mb.target_hidden, step.head, mb.loss_mask, step.teacher_core)
-            sums = ttt_sums(step.model, step.model.normed_states(mb.input_ids, mb.aux_hidden, ttt, step.ttt_step), t,
-                            step.ce_core)
-            for k in range(ttt):
-                correct[k] += float(sums.correct[k])
-                count[k] += sums.count[k]
-    return [c / max(n, 1) for c, n in zip(correct, count)]
 
 
 def main() -> None:
@@ -115,19 +91,20 @@ def main() -> None:
     if not trained or not held:
         raise SystemExit(f"{args.db}: {len(trained)} samples to train, {len(held)} held out; need some of each")
     step.schedule.total, step.schedule.unit = args.epochs * len(trained), "samples"
-    held_batches = micro_batches(held, args.batch_tokens)
+    held_batches = packed(held, args.batch_tokens)
     print(json.dumps({"trained_samples": len(trained), "held_out_samples": len(held)}), flush=True)
 
     rng, steps, samples, started = random.Random(args.seed), 0, 0, time.monotonic()
     for epoch in range(1, args.epochs + 1):
         order = trained[:]
         rng.shuffle(order)
-        for batch in micro_batches(order, args.batch_tokens):
+        for batch in packed(order, args.batch_tokens):
             mb = collate(batch, torch.device("cpu"), step.dtype)
             step.accumulate(mb, max(float(loss_tokens(mb.loss_mask)), 1.0))
             step.update(step=steps, samples=samples)
             steps, samples = steps + 1, samples + len(batch)
-        accs = held_out_accuracy(step, held_batches, args.ttt_length)
+        correct, count = accuracy_sums(step, held_batches, args.ttt_length, torch.device("cpu"))
+        accs = [c / max(n, 1.0) for c, n in zip(correct, count)]
         print(json.dumps({"epoch": epoch, "steps": steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
                           "first_reply_only": args.first_reply_only, "held_out_acc": [round(a, 3) for a in accs],
                           "held_out_tau_hat": round(expected_acceptance(accs), 3),

@@ -41,6 +41,9 @@ class TrainConfig:
     """--draft-config JSON: DraftConfig fields that differ from the target's shape."""
     export_embed_tokens: bool = False
     """Also write embed_tokens into the export (SGLang/vLLM otherwise share the target's)."""
+    validation_share: float = 0.0
+    """Share of the prompts (by hash: all their replies and epochs) never trained on; the draft's accuracies
+    on them are measured while it trains (validation.py). 0: none held out."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.grad_clip <= 0:
@@ -54,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"--decay {self.decay!r}: pick one of {', '.join(DECAYS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: pick one of {', '.join(DTYPES)}")
+        if not 0 <= self.validation_share < 1:
+            raise ValueError(f"--validation-share must be in [0, 1), got {self.validation_share}")
 
     def recorded(self) -> dict:
         return asdict(self)
@@ -85,6 +90,10 @@ class TrainOptions:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     log_every: int = 10
+    validate_every: int = 50
+    """Steps between measurements of the held-out accuracies (--validation-share); one more at the end."""
+    validation_tokens: int = 65536
+    """Tokens of held-out samples kept in memory (per rank) to measure on."""
     compile: bool = True
     """torch.compile one TTT step (midlayer + norm, forward and backward) and the loss's softmax/gradient pass;
     the first step pays the compile (~30 CPU-s on 2 cores); a failure falls back to eager with one warning."""
@@ -101,6 +110,8 @@ class TrainOptions:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0 or self.save_every < 1 or self.keep < 1 or self.log_every < 1:
             raise ValueError("--max-steps must be >= 0; --save-every, --keep, --log-every >= 1")
+        if self.validate_every < 1 or self.validation_tokens < 1:
+            raise ValueError("--validate-every and --validation-tokens must be >= 1")
         if self.wait_for_rollout < 0:
             raise ValueError(f"--wait-for-rollout must be >= 0, got {self.wait_for_rollout}")
         if self.exit_when_idle < 0 or self.lease_ttl <= 0 or self.fill_wait < 0:

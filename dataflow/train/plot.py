@@ -25,9 +25,12 @@ def plot_metrics(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
+    everything = read_metrics(run_dir)
+    rows = [r for r in everything if "loss" in r]
+    held_out = [r for r in everything if "val_tau_hat" in r]  # --validation-share's own rows
     steps = [r["step"] for r in rows]
-    acc_names = sorted((n for n in rows[-1] if n.startswith("acc_")), key=lambda n: int(n.split("_")[1]))
+    last = rows[-1] if rows else {}
+    acc_names = sorted((n for n in last if n.startswith("acc_")), key=lambda n: int(n.split("_")[1]))
     fig, (loss_ax, acc_ax, tau_ax) = plt.subplots(1, 3, figsize=(16, 4))
     loss_ax.plot(steps, [r["loss"] for r in rows], label="loss")
     loss_ax.set(xlabel="step", ylabel="loss", title="TTT loss (weighted)")
@@ -35,7 +38,10 @@ def plot_metrics(run_dir: Path, out: Path | None = None) -> Path:
         acc_ax.plot(steps, [r.get(name, 0.0) for r in rows], label=name)
     acc_ax.set(xlabel="step", ylabel="top-1 accuracy", title="acc_k", ylim=(0, 1))
     acc_ax.legend(fontsize="small")
-    tau_ax.plot(steps, [r.get("tau_hat", 1.0) for r in rows])
+    tau_ax.plot(steps, [r.get("tau_hat", 1.0) for r in rows], label="trained samples")
+    if held_out:
+        tau_ax.plot([r["step"] for r in held_out], [r["val_tau_hat"] for r in held_out], label="held-out prompts")
+        tau_ax.legend(fontsize="small")
     tau_ax.set(xlabel="step", ylabel="tokens per verification", title="expected acceptance tau-hat = 1 + sum prod acc")
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"

@@ -64,8 +64,10 @@ def draft_vocab_for(
 
 
 def seed_run(db: Path, model_dir: Path, samples: list[dict[str, torch.Tensor]], *, draft_vocab_size: int,
-             store: str = "files", store_dir: Path | None = None, end_of_stream: bool = True) -> list[str]:
-    """A run as a finished rollout leaves it: target + vocab records, one ref per sample, end-of-stream."""
+             store: str = "files", store_dir: Path | None = None, end_of_stream: bool = True,
+             vocab_samples: list[dict[str, torch.Tensor]] | None = None) -> list[str]:
+    """A run as a finished rollout leaves it: target + vocab records, one ref per sample, end-of-stream.
+    The draft vocabulary is counted on `vocab_samples` (default: `samples`)."""
     from dataflow.control.db import connect
     from dataflow.control.meta import RunMeta
     from dataflow.control.queue import RefItem, RefQueue
@@ -75,7 +77,8 @@ def seed_run(db: Path, model_dir: Path, samples: list[dict[str, torch.Tensor]], 
     conn = connect(db)
     meta = RunMeta(conn)
     write_target(meta, target_record(model_dir))
-    write_vocab_once(meta, draft_vocab_for(samples, load_target_head(model_dir).lm_head, draft_vocab_size))
+    lm_head = load_target_head(model_dir).lm_head
+    write_vocab_once(meta, draft_vocab_for(vocab_samples or samples, lm_head, draft_vocab_size))
     writer = open_writer(conn, store=store, producer_id="rollout-0", max_inflight_bytes=64 << 20, store_dir=store_dir)
     keys = [str(i) for i in range(len(samples))]
     for key, sample in zip(keys, samples):

@@ -33,9 +33,10 @@ from dataflow.train.dist import Dist, all_sum, all_true, barrier, gather_ints, s
 from dataflow.train.epochs import replay_epochs
 from dataflow.train.lock import hold_trainer_lock, refuse_unless_all_locked
 from dataflow.train.loss import loss_tokens
-from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe
+from dataflow.train.metrics import MetricsLog, StatusLine, Window, describe, expected_acceptance
 from dataflow.train.source import LeasedSample, MicroBatch, RefSource, check_features, collate
 from dataflow.train.step import TrainStep, keep_freed_memory
+from dataflow.train.validation import ValidationSet
 from dataflow.transport.gc import compact_trained
 
 IDLE_SLEEP_S = (0.05, 1.0)  # back-off bounds while the queue is empty
@@ -46,6 +47,7 @@ class Progress:
     step: int = 0
     samples: int = 0
     tokens: int = 0
+    held_out: int = 0  # samples acked without training (--validation-share); the schedule counts them
     uncovered: list[int] = field(default_factory=list)  # ref ids acked since the last recorded checkpoint
 
 
@@ -62,7 +64,7 @@ class Trainer:
         self.out = check_out_dir(options.out)
         self.status = StatusLine(live=options.progress, speak=dist.is_main)
         self.stop_requested = False
-        self._last_heartbeat, self._last_row = 0.0, {}
+        self._last_heartbeat, self._last_row, self._last_validation = 0.0, {}, {}
         self.progress, self.metrics = Progress(), None
         try:
             self._build()
@@ -88,6 +90,8 @@ class Trainer:
         # The target's dtype: features are collated in it and the export is written in it.
         self.target_dtype = torch_dtype(target.dtype)
         self.aux_layers = list(target.aux_layers)  # exported, so that servers capture the layers it was trained on
+        self.validation = ValidationSet(config.validation_share, options.validation_tokens)
+        self._validated = (-1, 0)  # (step, held-out samples) of the last measurement
 
     # ---- start: put back what the last run left, resume from the last durable checkpoint ----
 
@@ -109,7 +113,8 @@ class Trainer:
             check_draft_matches(state, self.model, last.path)
             self.step.load_state_dict(state["model"], state)
             torch.set_rng_state(state["rng"])
-            self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"])
+            self.progress = Progress(step=state["step"], samples=state["samples"], tokens=state["tokens"],
+                                     held_out=state.get("held_out", 0))
             self.status.print(f"resumed from {last.path} (step {last.step})")
         self.metrics = MetricsLog(self.out, resume_step=self.progress.step, report_to=self.options.report_to,
                                   run_id=self.meta.run_id) if self.dist.is_main else None
@@ -189,21 +194,25 @@ class Trainer:
             sleep = min(sleep * 2, IDLE_SLEEP_S[1])
 
     def _train_step(self, micro: list[list[LeasedSample]], window: Window) -> None:
+        held = self._hold_out(micro)
+        if held:
+            self.progress.uncovered += self.source.ack(held)
         # A step can outlast the heartbeat's staleness and --lease-ttl (the first one compiles): a side thread
         # keeps both fresh until the ack, so the trainer neither looks dead nor trains a lapsed ref twice.
         with self._beating("training"):
-            batches = [b for b in (self._collate(mb) for mb in micro) if b is not None]
+            batches = [b for b in (self._collate(mb) for mb in micro if mb) if b is not None]
             samples = [s for mb in micro for s in mb]  # after _collate dropped any lost ones
             local_tokens = sum(int(loss_tokens(b.loss_mask)) for b in batches)
-            n_samples, n_tokens = all_sum(self.dist, [len(samples), local_tokens])
-            if n_samples == 0:  # every sample was lost: no update (AdamW would still move on momentum)
+            n_samples, n_tokens, n_held = all_sum(self.dist, [len(samples), local_tokens, len(held)])
+            self.progress.held_out += int(n_held)
+            if n_samples == 0:  # every sample was lost or held out: no update (AdamW would still move on momentum)
                 return
             sums = self._accumulate(batches, max(n_tokens, 1.0))
             sum_gradients(self.dist, self.step.params)
             if self.progress.step == 0:  # fixed once; a resumed run reads it from the checkpoint
                 total = schedule_total(self.meta, self.tasks, self.queue, self.options)
                 self.step.schedule.total, self.step.schedule.unit = total
-            self.step.update(step=self.progress.step, samples=self.progress.samples)
+            self.step.update(step=self.progress.step, samples=self.progress.samples + self.progress.held_out)
         acked = self.source.ack(samples)
         if len(acked) < len(samples):  # stalled past --lease-ttl (stopped, database locked): may train twice
             self.status.print(f"warning: {len(samples) - len(acked)} leases lapsed before the ack; raise --lease-ttl")
@@ -215,10 +224,45 @@ class Trainer:
         self.progress.uncovered += acked
         window.add(loss=totals[2] / max(n_tokens, 1.0), loss_sum=totals[3 : 3 + k], correct=totals[3 + k : 3 + 2 * k],
                    count=totals[3 + 2 * k :], samples=int(totals[0]), tokens=int(totals[1]))
+        if self.validation.share and self.progress.step % self.options.validate_every == 0:
+            self._validate()
         if self.progress.step % self.options.save_every == 0:
             self._checkpoint()
         self.source.keep_alive()
         self._heartbeat("training")
+
+    def _hold_out(self, micro: list[list[LeasedSample]]) -> list[LeasedSample]:
+        """Take the held-out prompts' samples (--validation-share) out of the step: copied into the validation
+        set where it has room, and returned to be acked untrained."""
+        held = [s for mb in micro for s in mb if self.validation.wants(s)]
+        if not held:
+            return []
+        for mb in micro:
+            mb[:] = [s for s in mb if not self.validation.wants(s)]
+        copies = self.validation.copies(held)
+        held = self.source.confirm(held)  # after the copy: bytes reused under it (a lapsed lease) are dropped
+        confirmed = {s.lease.token for s in held}
+        self.validation.add([c for c in copies if c.lease.token in confirmed])
+        return held
+
+    def _validate(self) -> None:
+        """The draft's per-step accuracies and τ̂ on the held-out samples (every rank's), as a metrics row."""
+        k = self.config.ttt_length
+        with self._beating("measuring held-out acceptance"):
+            correct, count = self.validation.accuracy_sums(self.step, self.config.batch_tokens, k, self.dist.device)
+        totals = all_sum(self.dist, correct + count + [len(self.validation.samples), self.validation.tokens])
+        self._validated = (self.progress.step, len(self.validation.samples))
+        if not totals[2 * k]:
+            return
+        accs = [c / max(n, 1.0) for c, n in zip(totals[:k], totals[k : 2 * k])]
+        row = {"step": self.progress.step, **{f"val_acc_{i}": a for i, a in enumerate(accs)},
+               "val_tau_hat": expected_acceptance(accs), "val_samples": int(totals[2 * k]),
+               "val_tokens": int(totals[2 * k + 1])}
+        self._last_validation = row
+        if self.metrics is not None:
+            self.metrics.write(row)
+            self.status.step(f"step {row['step']}  held-out tau-hat {row['val_tau_hat']:.2f}  acc_0 "
+                             f"{accs[0]:.3f}  on {row['val_samples']} samples")
 
     def _collate(self, samples: list[LeasedSample]) -> MicroBatch | None:
         """Copy a micro-batch out of the store; samples whose bytes changed under us are dropped (LOST)."""
@@ -259,7 +303,7 @@ class Trainer:
                 "train_config": self.config.recorded(),
                 "refs": covered,
                 "run_id": self.meta.run_id,
-                **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens")},
+                **{name: getattr(self.progress, name) for name in ("step", "samples", "tokens", "held_out")},
             }
             path = ckpt.write_checkpoint(self.out, self.progress.step, self.model, state, dtype=self.target_dtype,
                                          include_embed=self.config.export_embed_tokens, aux_layers=self.aux_layers)
@@ -273,6 +317,8 @@ class Trainer:
     def _finish(self, ending: str) -> None:
         last = self.meta.last_checkpoint()
         path = Path(last.path) if last is not None and last.step == self.progress.step else None
+        if self.validation.share and self._validated != (self.progress.step, len(self.validation.samples)):
+            self._validate()  # the end: the last step or the last held-out samples came after the last measurement
         if path is None and self.progress.step > 0:
             path = self._checkpoint()
         finished = ending == "finished"  # the stream drained; --max-steps, SIGTERM and idle are pauses
@@ -343,11 +389,11 @@ class Trainer:
 
     def _heartbeat_info(self) -> dict:
         info = {"step": self.progress.step, "samples": self.progress.samples, "lost": self.source.lost}
-        shown = ("loss", "acc_0", "tau_hat", "samples_per_s", "tokens_per_s")
-        return info | {k: round(v, 4) for k, v in self._last_row.items() if k in shown}
+        shown = ("loss", "acc_0", "tau_hat", "samples_per_s", "tokens_per_s", "val_tau_hat", "val_samples")
+        return info | {k: round(v, 4) for k, v in (self._last_row | self._last_validation).items() if k in shown}
 
     def _log(self, window: Window) -> Window:
-        if self.progress.step % self.options.log_every:
+        if self.progress.step % self.options.log_every or not window.steps:  # not again after a step with no update
             return window
         row = window.summary(self.progress.step, self.step.last_lr)
         self._last_row = row
