@@ -49,7 +49,7 @@ export HF_HUB_OFFLINE=1
     --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
     --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 200 \
-    --validation-share "$VALIDATION_SHARE" --validate-every 50
+    --validation-share "$VALIDATION_SHARE" --validate-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \
     --max-new-tokens "$EVAL_TOKENS" ${EVAL_THREADS:+--threads "$EVAL_THREADS"} --json > "$RUN_DIR/eval.json"
