@@ -317,11 +317,12 @@ class Trainer:
     def _finish(self, ending: str) -> None:
         last = self.meta.last_checkpoint()
         path = Path(last.path) if last is not None and last.step == self.progress.step else None
-        if self.validation.share and self._validated != (self.progress.step, len(self.validation.samples)):
-            self._validate()  # the end: the last step or the last held-out samples came after the last measurement
         if path is None and self.progress.step > 0:
             path = self._checkpoint()
         finished = ending == "finished"  # the stream drained; --max-steps, SIGTERM and idle are pauses
+        measured = (self.progress.step, len(self.validation.samples))
+        if finished and self.validation.share and self._validated != measured:
+            self._validate()  # the last step or the last held-out samples came after the last measurement
         if finished and self.dist.is_main:
             if path is not None:
                 ckpt.mark_final(self.out, path)
