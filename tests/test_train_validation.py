@@ -39,7 +39,8 @@ def test_holding_prompts_out_trains_the_same_draft_as_never_publishing_them(tmp_
     config = dict(lr=3e-3, warmup=0.0, decay="none", ttt_length=3, batch_tokens=32)
     db = new_run(tmp_path, tiny_train_target, samples, name="held")
     train(db, TrainConfig(**config, validation_share=SHARE),
-          TrainOptions(out=tmp_path / "out-held", validate_every=2, log_every=1, progress=False, compile=False))
+          TrainOptions(out=tmp_path / "out-held", validate_every=2, save_every=3, log_every=1, progress=False,
+                       compile=False))
     kept = [s for i, s in enumerate(samples) if i not in held]
     kept_db = tmp_path / "kept.sqlite"  # the same draft vocabulary: counted on all the samples
     seed_run(kept_db, tiny_train_target, kept, draft_vocab_size=DRAFT_VOCAB, store_dir=tmp_path / "kept-store",
@@ -49,9 +50,11 @@ def test_holding_prompts_out_trains_the_same_draft_as_never_publishing_them(tmp_
     assert max_difference(final_weights(tmp_path / "out-held"), final_weights(tmp_path / "out-kept")) <= 1e-6
 
     meta = RunMeta(connect(db))
-    assert meta.run_finished() and RefQueue(meta.conn).counts()["trained"] == len(samples)  # held out, yet consumed
+    counts = RefQueue(meta.conn).counts()
+    # Held out, yet consumed; "7" was acked after the checkpoint of the last step (6): not left ACKED.
+    assert meta.run_finished() and (counts["trained"], counts["acked"]) == (len(samples), 0), counts
     state = read_training_state(meta.last_checkpoint().path)
-    assert (state["samples"], state["held_out"]) == (len(kept), len(held))
+    assert (state["samples"], state["held_out"]) == (len(kept), 1)  # written at step 6, before "7" came
     rows = read_metrics(tmp_path / "out-held")
     measured = [r for r in rows if "val_tau_hat" in r]
     # Every 2 steps, and at the end: "7" came last, alone, after the measurement at step 6 (no step of its own).

@@ -290,11 +290,15 @@ class Trainer:
 
     # ---- checkpoints, ending ----
 
-    def _checkpoint(self) -> Path | None:
-        """Rank 0 writes; the refs every rank acked since the last one become TRAINED with it."""
+    def _checkpoint(self, unchanged: Path | None = None) -> Path | None:
+        """Rank 0 writes; the refs every rank acked since the last one become TRAINED with it. `unchanged`:
+        the last checkpoint, still the weights (only held-out refs were acked since): recorded again, not
+        rewritten."""
         covered = gather_ints(self.dist, self.progress.uncovered)
-        path = None
-        if self.dist.is_main:
+        path = unchanged
+        if self.dist.is_main and unchanged is not None:
+            self.meta.record_checkpoint(self.progress.step, str(unchanged), covered)
+        elif self.dist.is_main:
             state = {
                 "model": {n: t for n, t in self.model.state_dict().items() if n != ckpt.EMBED_NAME},
                 **self.step.state_dict(),
@@ -319,6 +323,8 @@ class Trainer:
         path = Path(last.path) if last is not None and last.step == self.progress.step else None
         if path is None and self.progress.step > 0:
             path = self._checkpoint()
+        elif path is not None and all_sum(self.dist, [len(self.progress.uncovered)])[0]:
+            self._checkpoint(unchanged=path)  # held-out refs acked after the last step: not left ACKED
         finished = ending == "finished"  # the stream drained; --max-steps, SIGTERM and idle are pauses
         measured = (self.progress.step, len(self.validation.samples))
         if finished and self.validation.share and self._validated != measured:
