@@ -233,17 +233,19 @@ class Trainer:
 
     def _hold_out(self, micro: list[list[LeasedSample]]) -> list[LeasedSample]:
         """Take the held-out prompts' samples (--validation-share) out of the step: copied into the validation
-        set where it has room, and returned to be acked untrained."""
+        set where it has room, and returned to be acked untrained. Only a copy needs the store to confirm its
+        bytes: a held-out sample already held (a later epoch) or past the set's budget is acked unchecked."""
         held = [s for mb in micro for s in mb if self.validation.wants(s)]
         if not held:
             return []
+        tokens = {s.lease.token for s in held}
         for mb in micro:
-            mb[:] = [s for s in mb if not self.validation.wants(s)]
+            mb[:] = [s for s in mb if s.lease.token not in tokens]
         copies = self.validation.copies(held)
-        held = self.source.confirm(held)  # after the copy: bytes reused under it (a lapsed lease) are dropped
-        confirmed = {s.lease.token for s in held}
-        self.validation.add([c for c in copies if c.lease.token in confirmed])
-        return held
+        confirmed = self.source.confirm(copies)  # after the copy: bytes reused under it (a lapsed lease) are dropped
+        self.validation.add(confirmed)
+        dropped = {c.lease.token for c in copies} - {c.lease.token for c in confirmed}
+        return [s for s in held if s.lease.token not in dropped]
 
     def _validate(self) -> None:
         """The draft's per-step accuracies and τ̂ on the held-out samples (every rank's), as a metrics row."""
