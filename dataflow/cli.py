@@ -359,7 +359,7 @@ def rollout_configs(p: dict):
     "Hardware": (*HARDWARE_PANEL, "compile"),
     "Optimiser": ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
                   "batch_tokens", "seed"),
-    "Draft": ("ttt_length", "draft_config", "export_embed_tokens"),
+    "Draft": ("ttt_length", "draft_init", "draft_config", "export_embed_tokens"),
     "Length and checkpoints": ("max_steps", "epochs", "save_every", "keep", "lease_ttl", "fill_wait"),
     "Held-out acceptance": ("validation_share", "validate_every", "validation_tokens"),
 })
@@ -382,6 +382,9 @@ def train(
     ttt_length: int = typer.Option(7, "--ttt-length", help="Unrolled training-time-test steps."),
     dtype: Dtype = typer.Option("auto", "--dtype", help="Compute: auto (bf16 where fast), bf16 (fp32 master weights), fp32."),
     seed: int = typer.Option(0, "--seed", help="Seeds the draft's initial weights."),
+    draft_init: Literal["random", "target"] = typer.Option(
+        "random", "--draft-init", help="Start the draft random (seeded) or from the target's last layer and head."
+    ),
     draft_config: Path = typer.Option(None, "--draft-config", help="JSON of draft shape fields to override."),
     export_embed_tokens: bool = typer.Option(False, "--export-embed-tokens", help="Also export embed_tokens."),
     validation_share: float = typer.Option(
@@ -445,7 +448,7 @@ def train_configs(p: dict):
             draft_overrides=json.loads(draft_config.read_text()) if draft_config else {},
             **{name: p[name] for name in ("lr", "warmup", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
                                           "grad_clip", "grad_accum", "batch_tokens", "ttt_length", "seed",
-                                          "export_embed_tokens", "validation_share")},
+                                          "draft_init", "export_embed_tokens", "validation_share")},
             dtype=SHORT_DTYPES.get(p["dtype"], p["dtype"]),
         )
         options = TrainOptions(

@@ -32,7 +32,7 @@ from dataflow.control.queue import RefQueue
 from dataflow.keys import EPOCH_MARK, prompt_of
 from dataflow.records import read_target, read_vocab
 from dataflow.train.build import build_draft
-from dataflow.train.config import TrainConfig
+from dataflow.train.config import DRAFT_INITS, TrainConfig
 from dataflow.train.loss import loss_tokens
 from dataflow.train.metrics import expected_acceptance
 from dataflow.train.source import LeasedSample, collate
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--target", help="the run's target model dir, if it moved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-init", choices=DRAFT_INITS, default="random", help="the draft's starting weights")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -84,7 +85,7 @@ def main() -> None:
     if args.target:
         target = dataclasses.replace(target, model=args.target)
     config = TrainConfig(lr=args.lr, ttt_length=args.ttt_length, batch_tokens=args.batch_tokens, dtype="bf16",
-                         warmup_steps=20, seed=args.seed)
+                         warmup_steps=20, seed=args.seed, draft_init=args.draft_init)
     model, head = build_draft(target, vocab, config)
     step = TrainStep(model, head.lm_head, config, device=torch.device("cpu"), compile=True)
     trained, held = load_samples(conn, args.held_out_every, args.first_reply_only)
@@ -106,6 +107,7 @@ def main() -> None:
         correct, count = accuracy_sums(step, held_batches, args.ttt_length, torch.device("cpu"))
         accs = [c / max(n, 1.0) for c, n in zip(correct, count)]
         print(json.dumps({"epoch": epoch, "steps": steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
+                          "draft_init": args.draft_init, "seed": args.seed,
                           "first_reply_only": args.first_reply_only, "held_out_acc": [round(a, 3) for a in accs],
                           "held_out_tau_hat": round(expected_acceptance(accs), 3),
                           "seconds": round(time.monotonic() - started)}), flush=True)

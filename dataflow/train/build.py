@@ -17,6 +17,7 @@ from dataflow.control.tasks import TaskQueue
 from dataflow.errors import ConfigMismatch, InputError
 from dataflow.records import TargetRecord, VocabRecord, read_target, read_vocab
 from dataflow.train.config import TrainConfig, TrainOptions
+from dataflow.train.draft_init import init_from_target
 from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
 from dataflow.train.target import TargetHead, load_target_head
 from dataflow.train.vocab import VocabMap, vocab_from_record
@@ -71,7 +72,8 @@ def draft_config(head: TargetHead, target: TargetRecord, vocab: VocabMap, overri
 
 
 def build_draft(target: TargetRecord, vocab_record: VocabRecord, config: TrainConfig) -> tuple[Eagle3Draft, TargetHead]:
-    """The draft on CPU, seeded (identical on every rank), plus the frozen target head."""
+    """The draft on CPU, seeded or from the target's weights (identical on every rank), plus the frozen target
+    head."""
     head = load_target_head(Path(target.model))
     if head.lm_head.shape[0] != target.vocab_size:
         raise InputError(
@@ -82,6 +84,8 @@ def build_draft(target: TargetRecord, vocab_record: VocabRecord, config: TrainCo
     cfg = draft_config(head, target, vocab, config.draft_overrides)
     torch.manual_seed(config.seed)
     model = Eagle3Draft(cfg, embed_tokens=head.embed_tokens.float(), d2t=vocab.d2t, t2d=vocab.t2d)
+    if config.draft_init == "target":
+        init_from_target(model, head, target.model, target.aux_layers)
     return model, head
 
 

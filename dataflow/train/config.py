@@ -10,6 +10,8 @@ from dataflow.train.schedule import DECAYS
 
 DTYPES = ("auto", "fp32", "bf16")
 
+DRAFT_INITS = ("random", "target")
+
 TRACKERS = ("tensorboard", "wandb", "none")
 
 
@@ -37,6 +39,9 @@ class TrainConfig:
     """Compute dtype of the forward/backward: bf16 (bf16 weights and activations over fp32 master weights and
     AdamW state), fp32, or auto (bf16 where the device has fast bf16 matmuls, else fp32)."""
     seed: int = 0
+    draft_init: str = "random"
+    """The draft's starting weights: random (seeded), or target (the target's last layer and head;
+    draft_init.py)."""
     draft_overrides: dict = field(default_factory=dict)
     """--draft-config JSON: DraftConfig fields that differ from the target's shape."""
     export_embed_tokens: bool = False
@@ -57,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"--decay {self.decay!r}: pick one of {', '.join(DECAYS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: pick one of {', '.join(DTYPES)}")
+        if self.draft_init not in DRAFT_INITS:
+            raise ValueError(f"--draft-init {self.draft_init!r}: pick one of {', '.join(DRAFT_INITS)}")
         if not 0 <= self.validation_share < 1:
             raise ValueError(f"--validation-share must be in [0, 1), got {self.validation_share}")
 

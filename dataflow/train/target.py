@@ -46,6 +46,19 @@ def _read(names: dict[str, Path], name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def read_target_tensors(model_dir: str | Path, suffixes: list[str]) -> dict[str, torch.Tensor]:
+    """The target's tensors by name suffix (e.g. `layers.29.mlp.up_proj.weight`: the shortest name ending in
+    it), read from its safetensors without building the model."""
+    model_dir = Path(model_dir)
+    names = _tensor_files(model_dir)
+    found = {suffix: _find(names, suffix) for suffix in suffixes}
+    missing = [suffix for suffix, name in found.items() if name is None]
+    if missing:
+        raise InputError(f"target model {model_dir}: no tensor named like {missing[0]} ({len(missing)} missing); "
+                         "it is not a Llama-style decoder")
+    return {suffix: _read(names, name) for suffix, name in found.items()}
+
+
 def load_target_head(model_dir: str | Path) -> TargetHead:
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"

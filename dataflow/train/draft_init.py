@@ -1,0 +1,57 @@
+"""The draft's starting weights: random (seeded), or the target's own (--draft-init target).
+
+`target` starts the draft as the target's last decoder layer continuing from the top captured layer: `fc`
+passes that layer's slice of aux_hidden through unchanged, the midlayer takes the last layer's attention
+(on the hidden half of q/k/v; the embedding half stays random), MLP and norms, and the head is the target's
+final norm and its lm_head rows of the draft vocabulary. Measured on stored features (tune_on_features.py,
+the same samples and held-out prompts): see the README's "A draft worth serving".
+Parts of a target layer the draft has no place for (q/k/v biases, q/k norms) are left out: this is a
+starting point, trained from like any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dataflow.errors import InputError
+from dataflow.train.eagle3 import Eagle3Draft
+from dataflow.train.loss import draft_target_ids
+from dataflow.train.target import TargetHead, read_target_tensors
+
+
+def init_from_target(model: Eagle3Draft, head: TargetHead, model_dir: str | Path, aux_layers: tuple[int, ...]) -> None:
+    """Overwrite the draft's trainable weights with the target's (module docstring)."""
+    cfg, H = model.cfg, model.cfg.hidden_size
+    last = f"layers.{head.config['num_hidden_layers'] - 1}."
+    attention = {proj: f"{last}self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    mlp = {proj: f"{last}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
+    norms = {"hidden_norm": f"{last}input_layernorm.weight",
+             "post_attention_layernorm": f"{last}post_attention_layernorm.weight"}
+    final_norm = "norm.weight"
+    weights = read_target_tensors(model_dir, [*attention.values(), *mlp.values(), *norms.values(), final_norm])
+    midlayer = model.midlayer
+    hidden_half = {proj: getattr(midlayer.self_attn, proj).weight[:, H:] for proj in ("q_proj", "k_proj", "v_proj")}
+    targets = {
+        **{attention[p]: w for p, w in hidden_half.items()},
+        attention["o_proj"]: midlayer.self_attn.o_proj.weight,
+        **{mlp[p]: getattr(midlayer.mlp, p).weight for p in mlp},
+        **{norms[n]: getattr(midlayer, n).weight for n in norms},
+        final_norm: model.norm.weight,
+    }
+    for name, param in targets.items():
+        if weights[name].shape != param.shape:
+            raise InputError(f"--draft-init target: the target's {name} is {tuple(weights[name].shape)}, the draft's "
+                             f"place for it {tuple(param.shape)}; drop --draft-config's shape overrides or use "
+                             "--draft-init random")
+    if cfg.target_hidden_size != H:
+        raise InputError(f"--draft-init target: the captured layers are {cfg.target_hidden_size} wide, the draft "
+                         f"{H}; use --draft-init random")
+    top = max(range(len(aux_layers)), key=aux_layers.__getitem__)  # aux_hidden's slice of the top layer
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(weights[name])
+        model.fc.weight.zero_()
+        model.fc.weight[:, top * H : (top + 1) * H] = torch.eye(H)
+        model.lm_head.weight.copy_(head.lm_head.index_select(0, draft_target_ids(model.d2t)))
