@@ -26,6 +26,7 @@ SELF_PROMPTS=${SELF_PROMPTS:-180}   # prompts the target writes itself (Magpie):
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}  # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
 EPOCHS=${EPOCHS:-5}
+DRAFT_INIT=${DRAFT_INIT:-target}           # the draft starts from the target's last layer and head (or: random)
 VOCAB=${VOCAB:-8192}        # 4096 saves ~27% of the draft's FLOPs but holds ~5% fewer of the tokens it meets
 K=${K:-5}
 TTT=${TTT:-$K}              # training-time-test steps: the K draft positions the eval measures
@@ -41,7 +42,7 @@ export HF_HUB_OFFLINE=1
     --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 \
     --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
-    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 100
+    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --draft-init "$DRAFT_INIT" --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts 8 --num-draft-tokens "$K" \
     --max-new-tokens 64 --json | tee "$RUN_DIR/eval.json"

@@ -34,6 +34,7 @@ SELF_PROMPTS=${SELF_PROMPTS:-600}             # prompts the target writes itself
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}   # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
 EPOCHS=${EPOCHS:-6}                           # trainer passes over the features: held-out tau still rises at 6
+DRAFT_INIT=${DRAFT_INIT:-target}           # the draft starts from the target's last layer and head (or: random)
 VOCAB=${VOCAB:-8192}
 K=${K:-5}
 TTT=${TTT:-$K}                                # training-time-test steps: the K draft positions the eval measures
@@ -50,7 +51,7 @@ export HF_HUB_OFFLINE=1
     --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
     --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
-    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 200 \
+    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --draft-init "$DRAFT_INIT" --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 200 \
     --validation-share "$VALIDATION_SHARE" --validate-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \

@@ -3,8 +3,9 @@
 `target` starts the draft as the target's last decoder layer continuing from the top captured layer: `fc`
 passes that layer's slice of aux_hidden through unchanged, the midlayer takes the last layer's attention
 (on the hidden half of q/k/v; the embedding half stays random), MLP and norms, and the head is the target's
-final norm and its lm_head rows of the draft vocabulary. Measured on stored features (tune_on_features.py,
-the same samples and held-out prompts): see the README's "A draft worth serving".
+final norm and its lm_head rows of the draft vocabulary. On the same stored features and held-out prompts
+(scripts/tune_on_features.py, SmolLM2-135M, 1,586 samples, 3 epochs) it ends at held-out τ̂ 1.796 against
+1.739 / 1.743 from two random seeds, most of it at the first draft position (acc_0 0.477 against 0.451).
 Parts of a target layer the draft has no place for (q/k/v biases, q/k norms) are left out: this is a
 starting point, trained from like any other.
 """
