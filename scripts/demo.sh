@@ -12,6 +12,8 @@
 # Measured: 15m19s on 2 cores with .venv set up (set-up adds ~2 min), 916 samples, tau 1.48 in HF and vLLM.
 # With --batch-tokens 1024 (2026-12-07, on a machine whose bf16 matmuls ran at half that stop's speed): 33m30s,
 # tau 1.49 in HF and vLLM -- the same within 8 prompts.
+# With the draft started from the target (--draft-init target, the default now; same slow machine): 31m22s,
+# tau 1.57 in HF and vLLM, per position 0.35 / 0.13 / 0.05 / 0.03 / 0.01 (8 prompts: +0.08 is near their noise).
 # SELF_PROMPTS=300 (1,156 samples): 20m54s, tau 1.60 -- over the 20 minutes. Stop 21's demo (250 prompts, one
 # greedy reply each, 6 epochs, before the target wrote 2x faster): 16m22s, tau 1.47. Epochs matter more than
 # samples at this size: 400 prompts and 3 epochs took as long as 250 and 6, for tau 1.34.
