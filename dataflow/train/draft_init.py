@@ -26,32 +26,24 @@ from dataflow.train.target import TargetHead, read_target_tensors
 
 
 def init_from_target(model: Eagle3Draft, head: TargetHead, model_dir: str | Path, aux_layers: tuple[int, ...]) -> None:
-    """Overwrite the draft's trainable weights with the target's (module docstring)."""
-    cfg, H = model.cfg, model.cfg.hidden_size
-    last = f"layers.{head.config['num_hidden_layers'] - 1}."
-    attention = {proj: f"{last}self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    mlp = {proj: f"{last}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
-    norms = {"hidden_norm": f"{last}input_layernorm.weight",
-             "post_attention_layernorm": f"{last}post_attention_layernorm.weight"}
-    final_norm = "norm.weight"
-    weights = read_target_tensors(model_dir, [*attention.values(), *mlp.values(), *norms.values(), final_norm])
-    midlayer = model.midlayer
-    hidden_half = {proj: getattr(midlayer.self_attn, proj).weight[:, H:] for proj in ("q_proj", "k_proj", "v_proj")}
-    targets = {
-        **{attention[p]: w for p, w in hidden_half.items()},
-        attention["o_proj"]: midlayer.self_attn.o_proj.weight,
-        **{mlp[p]: getattr(midlayer.mlp, p).weight for p in mlp},
-        **{norms[n]: getattr(midlayer, n).weight for n in norms},
-        final_norm: model.norm.weight,
+    """Overwrite the draft's trainable weights with the target's (module docstring). The draft's width is the
+    target's (build.draft_config checks it), so only a --draft-config shape override can make a tensor not fit."""
+    H, last = model.cfg.hidden_size, f"layers.{head.config['num_hidden_layers'] - 1}."
+    midlayer, qkv = model.midlayer, ("q_proj", "k_proj", "v_proj")
+    targets = {  # the target's tensor name -> the draft's place for it (q/k/v: the hidden half of the input)
+        **{f"{last}self_attn.{p}.weight": getattr(midlayer.self_attn, p).weight[:, H:] for p in qkv},
+        f"{last}self_attn.o_proj.weight": midlayer.self_attn.o_proj.weight,
+        **{f"{last}mlp.{p}.weight": getattr(midlayer.mlp, p).weight for p in ("gate_proj", "up_proj", "down_proj")},
+        f"{last}input_layernorm.weight": midlayer.hidden_norm.weight,
+        f"{last}post_attention_layernorm.weight": midlayer.post_attention_layernorm.weight,
+        "norm.weight": model.norm.weight,
     }
+    weights = read_target_tensors(model_dir, list(targets))
     for name, param in targets.items():
         if weights[name].shape != param.shape:
             raise InputError(f"--draft-init target: the target's {name} is {tuple(weights[name].shape)}, the draft's "
                              f"place for it {tuple(param.shape)}; drop --draft-config's shape overrides or use "
                              "--draft-init random")
-    if cfg.target_hidden_size != H:
-        raise InputError(f"--draft-init target: the captured layers are {cfg.target_hidden_size} wide, the draft "
-                         f"{H}; use --draft-init random")
     top = max(range(len(aux_layers)), key=aux_layers.__getitem__)  # aux_hidden's slice of the top layer
     with torch.no_grad():
         for name, param in targets.items():
