@@ -6,7 +6,7 @@
 #      draft vocabulary is counted from the target's own replies) and streams their EAGLE3 features (bf16 where
 #      the CPU has native bf16; kept in a files store, so the trainer's later epochs replay them without
 #      re-running the target); the trainer, at a lower CPU priority, trains the draft on what arrives
-#   3. `dataflow eval`: speculative decoding of held-out prompts (the dataset's last 16 conversation rows,
+#   3. `dataflow eval`: speculative decoding of held-out prompts (16 conversation rows spread through the dataset,
 #      which no rollout trains on) with the trained draft and with an untrained one; τ = mean accepted
 #      length with K draft tokens
 # Measured: 15m19s on 2 cores with .venv set up (set-up adds ~2 min), 916 samples, tau 1.48 in HF and vLLM.
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 [ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh   # SKIP_SETUP=1: .venv is set up already
 
 RUN_DIR=${RUN_DIR:-runs/demo}
-SAMPLES=${SAMPLES:-}        # bundled training rows (empty: all 278; the last 16 rows are held out)
+SAMPLES=${SAMPLES:-}        # bundled training rows (empty: all 278; 16 rows spread through it are held out)
 SELF_PROMPTS=${SELF_PROMPTS:-180}   # prompts the target writes itself (Magpie): more on-policy text than 278 rows
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}  # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}

@@ -5,7 +5,7 @@
 #      conversations' prompts and to prompts it writes from its bare user header (Magpie), several sampled
 #      replies per prompt; the draft vocabulary comes from the first replies; the features go to a files
 #      store so the trainer's later epochs replay them
-#   3. `dataflow eval` on the held-out rows (the dataset's last 16 conversations: no training sample comes
+#   3. `dataflow eval` on the held-out rows (16 conversations spread through the dataset: no training sample comes
 #      from them, and self-written prompts equal to one are dropped), K = 5; and `dataflow eval --engine vllm`
 #      where the vllm extra is installed
 #   4. the learning curve (τ̂ from the trainer's per-step accuracies vs trained tokens, on the samples it trains

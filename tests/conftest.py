@@ -24,6 +24,7 @@ import pytest
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
+from dataflow.rollout.data import DEFAULT_HELD_OUT, load_dataset, split_held_out
 from dataflow.transport.owner import store_name
 from dataflow.transport.segment import SHM_DIR
 
@@ -47,6 +48,11 @@ def wait_until(predicate: Callable[[], object], what: str, *, timeout: float = W
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
         time.sleep(every)
+
+
+def training_ids(n: int) -> list[str]:
+    """The ids of the bundled dataset's first `n` rows a rollout trains on (the held-out rows skipped)."""
+    return [s.id for s in split_held_out(load_dataset().samples, DEFAULT_HELD_OUT)[0][:n]]
 
 
 def exit_code(process: subprocess.Popen | multiprocessing.Process) -> int | None:

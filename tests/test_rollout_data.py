@@ -1,9 +1,11 @@
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dataflow.errors import InputError
-from dataflow.rollout.data import default_dataset_path, load_dataset, split_held_out
+from dataflow.rollout.data import default_dataset_path, load_dataset, split_held_out, spread
 
 
 def write_jsonl(path, lines):
@@ -69,19 +71,41 @@ def test_the_bundled_dataset_has_hundreds_of_varied_real_conversations():
     assert {"qa", "code", "math", "writing", "chat"} <= categories
 
 
-def test_the_last_conversation_rows_are_held_out_and_text_rows_are_never_held_out(tmp_path):
+def test_held_out_rows_are_spread_through_the_file_and_text_rows_are_never_held_out(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"id": "a", "conversations": [{"role": "user", "content": "A"}]},
         {"id": "b", "conversations": [{"role": "user", "content": "B"}]},
-        {"id": "c", "conversations": [{"role": "user", "content": "C"}]},
         {"id": "t", "text": "pre-formatted"},
+        {"id": "c", "conversations": [{"role": "user", "content": "C"}]},
     ])
     samples = load_dataset(path).samples
     train, held_out = split_held_out(samples, 2)
-    assert [s.id for s in train] == ["a", "t"] and [s.id for s in held_out] == ["b", "c"]
+    assert [s.id for s in train] == ["b", "t"] and [s.id for s in held_out] == ["a", "c"]
+    assert split_held_out(samples, 1)[1] == [samples[1]]  # the middle conversation
     assert split_held_out(samples, 0) == (samples, [])
     with pytest.raises(InputError, match="--held-out 3: .* only 3 conversation rows"):
         split_held_out(samples, 3)
+
+
+def test_the_bundled_datasets_held_out_rows_cover_every_topic_in_proportion():
+    """The bundled file is grouped by topic: its last 16 rows are all multi-turn chat."""
+    samples = load_dataset(default_dataset_path()).samples
+    topic = lambda s: s.id.rsplit("-", 1)[0]
+    train, held_out = split_held_out(samples, 16)
+    assert {topic(s) for s in held_out} == {topic(s) for s in samples}
+    for name in {topic(s) for s in samples}:
+        share = sum(topic(s) == name for s in samples) / len(samples)
+        assert abs(sum(topic(s) == name for s in held_out) - 16 * share) <= 1, name
+    assert len(train) + len(held_out) == len(samples) and not {s.id for s in train} & {s.id for s in held_out}
+
+
+@given(st.integers(1, 500), st.integers(0, 500))
+def test_spread_picks_distinct_items_in_order(n_items, n):
+    picked = spread(list(range(n_items)), n)
+    assert len(picked) == min(n, n_items) and picked == sorted(set(picked))
+    if 0 < n <= n_items:  # evenly: gaps differ by at most one
+        gaps = [b - a for a, b in zip(picked, picked[1:])]
+        assert not gaps or max(gaps) - min(gaps) <= 1
 
 
 def test_ids_with_the_reserved_key_separators_are_bad_rows(tmp_path):

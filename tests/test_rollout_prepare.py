@@ -51,14 +51,14 @@ def test_coverage_of_the_published_tokens_reaches_the_summary_and_status(tmp_pat
 
 def test_no_training_task_prompts_with_a_held_out_row(tmp_path, tiny_engine):
     dataset = tmp_path / "d.jsonl"
-    rows = [{"id": f"r{i}", "conversations": [{"role": "user", "content": f"question {i % 4}"},
+    rows = [{"id": f"r{i}", "conversations": [{"role": "user", "content": f"question {i % 3}"},
                                                {"role": "assistant", "content": "an answer"}]} for i in range(8)]
     dataset.write_text("\n".join(map(json.dumps, rows)) + "\n")
     conn, _ = rollout(tmp_path, tiny_engine, dataset=dataset, num_samples=None, held_out=2)
     _, held_out = split_held_out(load_dataset(dataset).samples, 2)
-    assert [s.id for s in held_out] == ["r6", "r7"]  # "question 2" and "question 3"
-    # r2 and r3 repeat the held-out prompts, r4 and r5 repeat r0 and r1: only r0 and r1 are trained on
-    assert sorted(task_samples(conn)) == ["r0", "r1"]
+    assert [s.id for s in held_out] == ["r2", "r6"]  # "question 2" and "question 0"
+    # r0, r3 and r5 repeat the held-out prompts, r4 and r7 repeat r1: only r1 is trained on
+    assert sorted(task_samples(conn)) == ["r1"]
 
 
 def test_samples_per_prompt_gives_each_copy_its_own_task_and_sampled_reply(tmp_path, tiny_engine):

@@ -5,14 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import wait_until
+from conftest import training_ids, wait_until
 from test_transport_support import abandon_run
 
 from dataflow.control.db import connect
 from dataflow.control.meta import RunMeta
 from dataflow.control.queue import RefQueue
 from dataflow.control.tasks import TaskQueue
-from dataflow.rollout.data import load_dataset
 
 N = 40
 SMALL_ARENA = str(600_000)  # room for ~6 samples of the tiny target (max length 256): the rollout blocks
@@ -73,7 +72,7 @@ def test_two_rollout_processes_on_one_db_produce_every_prompt_exactly_once(db, t
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     conn = connect(db)
-    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
+    assert all_ref_keys(conn) == sorted(training_ids(N))
     produced = {p.id: p.info["samples"] for p in RunMeta(conn).processes("rollout")}
     assert sum(produced.values()) == N
     assert RunMeta(conn).end_of_stream()
@@ -89,7 +88,7 @@ def test_a_killed_rollout_restarts_and_produces_only_the_remainder(db, tiny_targ
     second = start(db, tiny_target, "--producer-id", "r", "--max-inflight-bytes", SMALL_ARENA)
     output = consume_until_exit(conn, second)
     assert second.returncode == 0, output
-    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
+    assert all_ref_keys(conn) == sorted(training_ids(N))
     assert rollout_status(conn, "r").info["samples"] == N - len(before)  # nothing produced twice
     assert TaskQueue(conn).counts() == {"pending": 0, "leased": 0, "done": N, "dead": 0}
 
@@ -115,4 +114,4 @@ def test_ctrl_c_leaves_the_run_resumable(db, tiny_target):
     assert counts["leased"] == 0 and counts["pending"] > 0  # handed back at once, not at lease expiry
     resumed = start(db, tiny_target, "--producer-id", "c", "--max-inflight-bytes", SMALL_ARENA)
     assert consume_until_exit(conn, resumed) and resumed.returncode == 0
-    assert all_ref_keys(conn) == sorted(s.id for s in load_dataset().samples[:N])
+    assert all_ref_keys(conn) == sorted(training_ids(N))

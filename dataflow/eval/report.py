@@ -24,9 +24,9 @@ class EvalConfig:
     data: Path | None = None
     """jsonl of conversations; None = the bundled dataset."""
     num_prompts: int = 8
-    """Prompts taken from the dataset's held-out rows (its last ones), which no rollout trains on."""
+    """Prompts taken from the dataset's held-out rows (spread through it), which no rollout trains on."""
     held_out: int = DEFAULT_HELD_OUT
-    """The rollout's --held-out: how many conversation rows at the dataset's end are held out."""
+    """The rollout's --held-out: how many conversation rows (spread through the dataset) are held out."""
     num_draft_tokens: int = 7
     max_new_tokens: int = 64
     aux_layers: tuple[int, ...] | None = None
@@ -52,13 +52,13 @@ def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
 
 
 def held_out_prompts(tokenizer, data: Path | None, n: int, held_out: int = DEFAULT_HELD_OUT) -> list[list[int]]:
-    """The first user turn of the last `n` held-out rows (`split_held_out`), rendered for generation."""
-    from dataflow.rollout.data import load_dataset, split_held_out
+    """The first user turn of `n` held-out rows (`split_held_out`) spread among them, rendered for generation."""
+    from dataflow.rollout.data import load_dataset, split_held_out, spread
     from dataflow.rollout.template import render
 
     _, rows = split_held_out(load_dataset(data, on_bad_row="skip").samples, held_out)
     prompts = []
-    for sample in rows[-n:]:
+    for sample in spread(rows, n):
         first_user = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
         messages = list(sample.messages[: first_user + 1])
         text = render(tokenizer, messages, add_generation_prompt=True)

@@ -44,7 +44,7 @@ def evaluate_vllm(config: EvalConfig, verbose: bool = False, on_phase=lambda wha
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     set_chat_template(tokenizer, model_dir, None)
-    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts)
+    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts, config.held_out)
     # fp32 like the HF evaluator: in bf16, verifying K drafted tokens at once rounds differently from decoding one
     # at a time, so near-ties flip and the output stops being exactly the greedy one.
     engine_config = HFEngineConfig(model_dir=model_dir, threads=config.threads, dtype="float32")

@@ -19,7 +19,7 @@ class RolloutConfig:
     num_samples: int | None = None
     """Use only the first N rows of the dataset (after the held-out rows are set aside)."""
     held_out: int = DEFAULT_HELD_OUT
-    """The dataset's last N conversation rows are never trained on: `dataflow eval` prompts with them."""
+    """N conversation rows spread through the dataset are never trained on: `dataflow eval` prompts with them."""
     self_prompts: int = 0
     """Prompts the target writes itself from its bare user header (Magpie), added to the dataset's rows."""
     prompt_temperature: float = 0.8

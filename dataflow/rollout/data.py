@@ -4,8 +4,10 @@
     {"id": "a2", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
     {"id": "a3", "text": "pre-formatted text, trained on every token"}
 
-A row without "id" gets "line<N>". The last `held_out` conversation rows are the eval's prompts
-(`split_held_out`): rollouts never train on them, `dataflow eval` prompts only with them.
+A row without "id" gets "line<N>". `held_out` conversation rows spread evenly through the file are the eval's
+prompts (`split_held_out`): rollouts never train on them, `dataflow eval` prompts only with them. Spread, not the
+last rows: a file grouped by topic (the bundled one is) would otherwise hold out, and evaluate on, its last topic
+alone, and train on little of it.
 Bad rows are reported with file and line number; `on_bad_row="skip"` drops them (and counts them),
 `"fail"` raises one InputError that also says how many would be skipped.
 """
@@ -21,7 +23,7 @@ from typing import Literal
 from dataflow.errors import InputError
 
 DEFAULT_HELD_OUT = 16
-"""Conversation rows at the end of a dataset kept for `dataflow eval` (rollout --held-out, eval --held-out)."""
+"""Conversation rows kept for `dataflow eval`, spread through the dataset (rollout --held-out, eval --held-out)."""
 
 ROLE_ALIASES = {
     "system": "system",
@@ -101,15 +103,22 @@ def decode_line(raw: bytes) -> str:
         raise BadRow(f"invalid UTF-8 at byte {e.start} of the line ({raw[e.start:e.start + 4]!r})") from None
 
 
+def spread(items: list, n: int) -> list:
+    """`n` of `items` evenly spaced through them, each from the middle of its stretch (all of them if fewer)."""
+    if n >= len(items):
+        return list(items)
+    return [items[(2 * i + 1) * len(items) // (2 * n)] for i in range(n)]
+
+
 def split_held_out(samples: list[Conversation], held_out: int) -> tuple[list[Conversation], list[Conversation]]:
-    """(rows to train on, the eval's rows): the last `held_out` conversation rows are held out."""
+    """(rows to train on, the eval's rows): `held_out` conversation rows spread evenly through the file."""
     conversations = [i for i, s in enumerate(samples) if s.messages]
     if held_out and held_out >= len(conversations):
         raise InputError(
             f"--held-out {held_out}: the dataset has only {len(conversations)} conversation rows, which leaves "
             "none to train on; pass a smaller --held-out"
         )
-    kept_out = set(conversations[len(conversations) - held_out :]) if held_out else set()
+    kept_out = set(spread(conversations, held_out)) if held_out else set()
     return [s for i, s in enumerate(samples) if i not in kept_out], [samples[i] for i in sorted(kept_out)]
 
 
