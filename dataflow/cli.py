@@ -483,6 +483,8 @@ def eval_draft(
     data: Path = typer.Option(None, "--data", help="jsonl conversations; default the bundled dataset."),
     num_prompts: int = typer.Option(8, help="Prompts from the held-out rows (spread through the dataset)."),
     held_out: int = typer.Option(16, "--held-out", help="The rollout's --held-out (rows no rollout trains on)."),
+    run: Path = typer.Option(None, "--run", help="A run's --db: prompt with the prompts its trainer held out "
+                             "(--validation-share), like the ones it trained on, instead of the dataset's held-out rows."),
     num_draft_tokens: int = typer.Option(7, "--num-draft-tokens", "-k", help="Guesses per verification step."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
     aux_layers: str = typer.Option(None, help="Comma-separated HF hidden_states indices (default 2,N//2,N-3)."),
@@ -505,6 +507,7 @@ def eval_draft(
     try:
         config = EvalConfig(
             draft=draft, target_model=target_model, data=data, num_prompts=num_prompts, held_out=held_out,
+            run=run and require_run(run),
             num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
             aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
         )
@@ -524,7 +527,7 @@ def eval_draft(
     untrained = f" (untrained {result['tau_untrained']:.2f})" if "tau_untrained" in result else ""
     steps = result.get("verify_steps", result.get("num_drafts"))
     console.print(f"{engine} draft {result['draft']}: τ = {result['tau']:.2f}{untrained}, "
-                  f"K = {result['num_draft_tokens']}, {result['prompts']} prompts, {steps} steps")
+                  f"K = {result['num_draft_tokens']}, {result['prompts']} prompts ({result['prompts_from']}), {steps} steps")
     console.print("accepted per position: " + " ".join(f"{a:.2f}" for a in result["accept_rate_per_position"]))
     console.print(f"tokens/s: greedy {result['tokens_per_s_greedy']}, speculative {result['tokens_per_s_speculative']}")
     verdict = "[green]identical to greedy decoding[/]" if result["exact_match"] else "[red]DIFFERS from greedy decoding[/]"

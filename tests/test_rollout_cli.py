@@ -77,3 +77,9 @@ def test_a_files_store_without_its_directory_is_refused_before_anything_runs(tmp
                                  "--target-model", str(tmp_path / "not-even-looked-at")])
     assert "--store files needs --store-dir" in error_line(result)
     assert not db.exists()  # refused from the options alone: no run was started
+
+
+def test_eval_on_a_run_that_does_not_exist_is_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", "--draft", str(tmp_path), "--run", str(tmp_path / "nope.sqlite")])
+    assert "nope.sqlite: no such run database" in error_line(result)
+    assert not (tmp_path / "nope.sqlite").exists()

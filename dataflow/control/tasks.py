@@ -77,6 +77,11 @@ class TaskQueue:
             )
             return sum(self.counts().values()) - before
 
+    def payloads(self) -> list[tuple[str, dict]]:
+        """Every task's (key, payload) in the order they were added (one row per sample: the eval reads them)."""
+        rows = self.conn.execute("SELECT key, payload FROM tasks ORDER BY id").fetchall()
+        return [(row["key"], json.loads(row["payload"])) for row in rows]
+
     def lease(self, owner: str, n: int = 1, ttl: float = 300.0) -> list[TaskLease]:
         """Claim up to n tasks. `owner` names this process incarnation (a restart is another owner): its own
         leases are renewed first and never reclaimed by itself."""

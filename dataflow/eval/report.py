@@ -27,6 +27,8 @@ class EvalConfig:
     """Prompts taken from the dataset's held-out rows (spread through it), which no rollout trains on."""
     held_out: int = DEFAULT_HELD_OUT
     """The rollout's --held-out: how many conversation rows (spread through the dataset) are held out."""
+    run: Path | None = None
+    """A run's database: prompt with the prompts its trainer held out (--validation-share) instead."""
     num_draft_tokens: int = 7
     max_new_tokens: int = 64
     aux_layers: tuple[int, ...] | None = None
@@ -38,7 +40,7 @@ class EvalConfig:
         for name in ("num_prompts", "num_draft_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_prompts > self.held_out:
+        if self.run is None and self.num_prompts > self.held_out:
             raise ValueError(
                 f"num_prompts {self.num_prompts} > held_out {self.held_out}: the extra prompts would be rows a "
                 "rollout trains on; pass --num-prompts at most --held-out (and the rollout the same --held-out)"
@@ -51,19 +53,50 @@ def untrained_like(draft: Eagle3Draft, seed: int) -> Eagle3Draft:
     return Eagle3Draft(draft.cfg, embed_tokens=draft.embed_tokens.weight, d2t=draft.d2t, t2d=draft.t2d).eval()
 
 
-def held_out_prompts(tokenizer, data: Path | None, n: int, held_out: int = DEFAULT_HELD_OUT) -> list[list[int]]:
-    """The first user turn of `n` held-out rows (`split_held_out`) spread among them, rendered for generation."""
+def eval_prompts(tokenizer, config: EvalConfig) -> list[list[int]]:
+    """The first user turn of `num_prompts` prompts no training sample came from, spread among them, rendered for
+    generation: the dataset's held-out rows (`split_held_out`), or with `run` the prompts its trainer held out."""
     from dataflow.rollout.data import load_dataset, split_held_out, spread
     from dataflow.rollout.template import render
 
-    _, rows = split_held_out(load_dataset(data, on_bad_row="skip").samples, held_out)
+    if config.run is None:
+        _, rows = split_held_out(load_dataset(config.data, on_bad_row="skip").samples, config.held_out)
+        conversations = [sample.messages for sample in rows]
+    else:
+        conversations = validation_conversations(config.run)
     prompts = []
-    for sample in spread(rows, n):
-        first_user = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
-        messages = list(sample.messages[: first_user + 1])
-        text = render(tokenizer, messages, add_generation_prompt=True)
+    for messages in spread(conversations, config.num_prompts):
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        text = render(tokenizer, list(messages[: first_user + 1]), add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return prompts
+
+
+def prompt_source(config: EvalConfig) -> str:
+    return "the dataset's held-out rows" if config.run is None else f"the prompts {config.run}'s trainer held out"
+
+
+def validation_conversations(run: Path) -> list[list[dict]]:
+    """One conversation per prompt the run's trainer held out (`train.validation.held_out`): prompts like the
+    ones it trained on (self-written ones too), none of whose samples it trained on. Text rows have no prompt."""
+    from dataflow.control.db import connect
+    from dataflow.control.meta import RunMeta
+    from dataflow.control.tasks import TaskQueue
+    from dataflow.keys import prompt_of
+    from dataflow.rollout.data import Conversation
+    from dataflow.train.validation import held_out
+
+    conn = connect(run)
+    share = (RunMeta(conn).get("config.train") or {}).get("validation_share", 0.0)
+    if not share:
+        raise InputError(f"--run {run}: its trainer held no prompts out (trained without --validation-share); "
+                         "evaluate on the dataset's held-out rows (drop --run)")
+    firsts: dict[str, list[dict]] = {}
+    for key, payload in TaskQueue(conn).payloads():
+        messages = Conversation.from_payload(payload).messages
+        if messages and held_out(key, share):
+            firsts.setdefault(prompt_of(key), messages)
+    return list(firsts.values())
 
 
 def load_target(spec: str | None):
@@ -99,7 +132,7 @@ def evaluate(config: EvalConfig, on_prompt=lambda i, n: None) -> dict:
         raise InputError(f"--draft {config.draft}: vocab {draft.cfg.vocab_size} does not match the target's")
     floor = untrained_like(draft, config.seed)
     eos = eos_ids(model, tokenizer)
-    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts, config.held_out)
+    prompts = eval_prompts(tokenizer, config)
     trained, untrained = SpecStats(), SpecStats()
     greedy_tokens, greedy_seconds, mismatches = 0, 0.0, 0
     for i, prompt in enumerate(prompts):
@@ -112,6 +145,7 @@ def evaluate(config: EvalConfig, on_prompt=lambda i, n: None) -> dict:
     return {
         "draft": str(config.draft),
         "prompts": len(prompts),
+        "prompts_from": prompt_source(config),
         "num_draft_tokens": config.num_draft_tokens,
         "tau": round(trained.tau, 3),
         "tau_untrained": round(untrained.tau, 3),

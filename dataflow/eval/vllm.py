@@ -16,7 +16,7 @@ import gc
 import time
 
 from dataflow.errors import InputError
-from dataflow.eval.report import EvalConfig, held_out_prompts
+from dataflow.eval.report import EvalConfig, eval_prompts, prompt_source
 from dataflow.rollout.engines.hf import HFEngineConfig, default_aux_layers
 from dataflow.rollout.engines.vllm import require_vllm, start_llm
 from dataflow.train.checkpoint import export_aux_layers
@@ -44,7 +44,7 @@ def evaluate_vllm(config: EvalConfig, verbose: bool = False, on_phase=lambda wha
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     set_chat_template(tokenizer, model_dir, None)
-    prompts = held_out_prompts(tokenizer, config.data, config.num_prompts, config.held_out)
+    prompts = eval_prompts(tokenizer, config)
     # fp32 like the HF evaluator: in bf16, verifying K drafted tokens at once rounds differently from decoding one
     # at a time, so near-ties flip and the output stops being exactly the greedy one.
     engine_config = HFEngineConfig(model_dir=model_dir, threads=config.threads, dtype="float32")
@@ -66,6 +66,7 @@ def evaluate_vllm(config: EvalConfig, verbose: bool = False, on_phase=lambda wha
         "engine": "vllm",
         "draft": str(config.draft),
         "prompts": len(prompts),
+        "prompts_from": prompt_source(config),
         "num_draft_tokens": config.num_draft_tokens,
         "tau": round(1 + accepted / drafts, 3) if drafts else 0.0,
         "accept_rate_per_position": [round(a / drafts, 3) if drafts else 0.0 for a in per_pos],
