@@ -53,6 +53,9 @@ def test_with_a_run_the_prompts_are_those_its_trainer_held_out_once_each(tmp_pat
     got = user_turns(tokenizer, eval_prompts(tokenizer, config), list(prompts.values()))
     assert got == kept_out  # one per prompt (its copies share it), in the order the run added them
 
+    RunMeta(conn).set("config.train", {"validation_share": 0.0001})  # a share no prompt here falls in
+    with pytest.raises(InputError, match=r"none of its 83 samples falls in its trainer's --validation-share 0.0001"):
+        eval_prompts(tokenizer, config)
     RunMeta(conn).set("config.train", {"validation_share": 0.0})
     with pytest.raises(InputError, match=r"held no prompts out .*\(drop --run\)"):
         eval_prompts(tokenizer, config)

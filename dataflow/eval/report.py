@@ -92,10 +92,15 @@ def validation_conversations(run: Path) -> list[list[dict]]:
         raise InputError(f"--run {run}: its trainer held no prompts out (trained without --validation-share); "
                          "evaluate on the dataset's held-out rows (drop --run)")
     firsts: dict[str, list[dict]] = {}
-    for key, payload in TaskQueue(conn).payloads():
+    tasks = TaskQueue(conn).payloads()
+    for key, payload in tasks:
         messages = Conversation.from_payload(payload).messages
         if messages and held_out(key, share):
             firsts.setdefault(prompt_of(key), messages)
+    if not firsts:
+        raise InputError(f"--run {run}: the prompt of none of its {len(tasks)} samples falls in its trainer's "
+                         f"--validation-share {share:g}; train with a larger share or evaluate on the dataset's "
+                         "held-out rows (drop --run)")
     return list(firsts.values())
 
 
