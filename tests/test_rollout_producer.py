@@ -24,7 +24,8 @@ def rollout(tmp_path, engine, **options):
 
 def test_features_read_back_through_the_store_equal_the_forward(tmp_path, tiny_engine):
     conn, config, stats = rollout(tmp_path, tiny_engine, token_budget=512)
-    samples = {s.id: s for s in load_dataset().samples if s.id in training_ids(12)}
+    trained = set(training_ids(12))
+    samples = {s.id: s for s in load_dataset().samples if s.id in trained}
     leases = RefQueue(conn).lease("test", n=100)
     assert sorted(lease.key for lease in leases) == sorted(samples) and stats.samples == 12
     reader = open_reader(conn)

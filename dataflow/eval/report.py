@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,13 @@ def validation_conversations(run: Path) -> list[list[dict]]:
     from dataflow.rollout.data import Conversation
     from dataflow.train.validation import held_out
 
-    conn = connect(run)
-    share = (RunMeta(conn).get("config.train") or {}).get("validation_share", 0.0)
+    with closing(connect(run)) as conn:
+        share = (RunMeta(conn).get("config.train") or {}).get("validation_share", 0.0)
+        tasks = TaskQueue(conn).payloads()
     if not share:
         raise InputError(f"--run {run}: its trainer held no prompts out (trained without --validation-share); "
                          "evaluate on the dataset's held-out rows (drop --run)")
     firsts: dict[str, list[dict]] = {}
-    tasks = TaskQueue(conn).payloads()
     for key, payload in tasks:
         messages = Conversation.from_payload(payload).messages
         if messages and held_out(key, share):
