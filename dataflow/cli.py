@@ -263,7 +263,7 @@ def run(
     "Data": ("dataset", "on_bad_row", "num_samples", "held_out", "epochs", "seed", "max_length", "train_only_last_turn",
              "draft_vocab_size"),
     "Regeneration": ("regenerate", "max_new_tokens", "temperature", "vocab_warmup", "self_prompts",
-                     "prompt_temperature", "samples_per_prompt"),
+                     "prompt_temperature", "samples_per_prompt", "greedy_first_reply"),
     "Throughput and memory": ("token_budget", "tasks_per_lease", "lease_ttl", "store", "store_dir", "max_inflight_bytes"),
 })
 @one_line_errors
@@ -278,6 +278,7 @@ def rollout(
     self_prompts: int = typer.Option(0, help="Prompts the target writes itself (Magpie), added to the dataset's."),
     prompt_temperature: float = typer.Option(0.8, help="Sampling temperature of the self-written prompts."),
     samples_per_prompt: int = typer.Option(1, help="Sampled replies per prompt (--regenerate, --temperature > 0)."),
+    greedy_first_reply: bool = typer.Option(False, help="With --samples-per-prompt > 1: each prompt's first reply greedy, the others sampled."),
     vocab_warmup: int = typer.Option(256, help="With --regenerate: samples regenerated first to count the vocabulary."),
     epochs: int = typer.Option(1, help="Passes over the dataset (one target forward per sample per epoch)."),
     seed: int = typer.Option(0, help="Seeds each epoch's shuffle and sampled regeneration."),
@@ -339,7 +340,7 @@ def rollout_configs(p: dict):
         aux_layers = p["aux_layers"]
         config = RolloutConfig(**{name: p[name] for name in (
             "dataset", "on_bad_row", "num_samples", "epochs", "seed", "held_out", "self_prompts",
-            "prompt_temperature", "samples_per_prompt", "vocab_warmup", "max_length", "train_only_last_turn",
+            "prompt_temperature", "samples_per_prompt", "greedy_first_reply", "vocab_warmup", "max_length", "train_only_last_turn",
             "draft_vocab_size", "regenerate", "max_new_tokens", "temperature", "token_budget", "tasks_per_lease",
             "lease_ttl", "store", "store_dir", "max_inflight_bytes", "producer_id", "wait_for_trainer")})
         engine_config = HFEngineConfig(

@@ -42,6 +42,8 @@ SAMPLES=${SAMPLES:-}                          # bundled training rows to use (em
 SELF_PROMPTS=${SELF_PROMPTS:-600}             # prompts the target writes itself
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-2}   # sampled replies per prompt
 TEMPERATURE=${TEMPERATURE:-0.7}
+GREEDY_FIRST=${GREEDY_FIRST-1}                # each prompt's first reply greedy (what greedy serving sees); empty: all sampled
+TASKS_PER_LEASE=${TASKS_PER_LEASE:-128}       # prompts regenerated per batch (HF generate: 128 writes ~20% faster than 64)
 EPOCHS=${EPOCHS:-6}                           # trainer passes over the features: held-out tau still rises at 6
 DRAFT_INIT=${DRAFT_INIT:-target}           # the draft starts from the target's last layer and head (or: random)
 VOCAB=${VOCAB:-8192}
@@ -58,9 +60,10 @@ export HF_HUB_OFFLINE=1
 
 .venv/bin/dataflow run --db "$RUN_DIR/run.sqlite" ${SAMPLES:+--num-samples "$SAMPLES"} \
     --regenerate --temperature "$TEMPERATURE" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
+    ${GREEDY_FIRST:+--greedy-first-reply} \
     --self-prompts "$SELF_PROMPTS" --max-new-tokens 128 --max-length 512 --draft-vocab-size "$VOCAB" \
     --store files --store-dir "$RUN_DIR/features" --train-epochs "$EPOCHS" \
-    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease 64 --lr 1e-3 --warmup-steps 20 --draft-init "$DRAFT_INIT" --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 200 \
+    --rollout-threads "$ROLLOUT_THREADS" --tasks-per-lease "$TASKS_PER_LEASE" --lr 1e-3 --warmup-steps 20 --draft-init "$DRAFT_INIT" --batch-tokens "$BATCH_TOKENS" --ttt-length "$TTT" --log-every 5 --save-every 200 \
     --validation-share "$VALIDATION_SHARE" --validate-every 100
 
 .venv/bin/dataflow eval --draft "$RUN_DIR/run.train/final" --num-prompts "$EVAL_PROMPTS" --num-draft-tokens "$K" \

@@ -110,6 +110,30 @@ def test_the_sampler_draws_from_the_tempered_softmax_and_never_an_impossible_id(
     assert torch.equal(first, InverseCDFSampler(0.7)(None, scores.expand(64, -1).clone()))
 
 
+def test_the_sampler_keeps_the_argmax_of_rows_at_temperature_zero_and_draws_the_others_as_before():
+    scores = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    temperatures = torch.tensor([0.0 if row % 2 == 0 else 0.7 for row in range(64)])
+    torch.manual_seed(2)
+    mixed = InverseCDFSampler(temperatures)(None, scores.clone()).argmax(dim=1)
+    torch.manual_seed(2)
+    all_sampled = InverseCDFSampler(0.7)(None, scores.clone()).argmax(dim=1)
+    assert torch.equal(mixed[0::2], scores[0::2].argmax(dim=1))  # greedy rows: the target's top-1
+    assert torch.equal(mixed[1::2], all_sampled[1::2])  # sampled rows: the same draws as with no greedy row
+    assert not torch.equal(all_sampled[0::2], scores[0::2].argmax(dim=1))  # so the greedy rows did change
+
+
+def test_per_text_temperatures_write_greedy_replies_where_zero(engine):
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nA longer question"]
+    greedy = engine.complete(texts, max_new_tokens=8, temperature=0.0)
+    torch.manual_seed(3)
+    sampled = engine.complete(texts, max_new_tokens=8, temperature=1.0)
+    torch.manual_seed(3)
+    mixed = engine.complete(texts, max_new_tokens=8, temperature=[0.0, 1.0])
+    assert mixed == [greedy[0], sampled[1]] and sampled[0] != greedy[0]
+    with pytest.raises(ValueError, match="1 temperatures for 2 rows"):
+        engine.complete(texts, max_new_tokens=8, temperature=[0.0])
+
+
 def test_sampled_completions_repeat_under_a_seed(engine):
     texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nA longer question"]
     runs = []

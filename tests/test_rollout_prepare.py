@@ -75,6 +75,17 @@ def test_samples_per_prompt_gives_each_copy_its_own_task_and_sampled_reply(tmp_p
     assert prompt_of(epoch_key(copy_id("@self7", 1), 3)) == prompt_of("@self7") == "@self7"
 
 
+def test_greedy_first_reply_writes_each_prompts_first_reply_greedily_and_samples_the_others(tmp_path, tiny_engine):
+    # vocab_warmup 2 of 6 samples: replies are written both by the vocabulary warm-up and by the producer
+    conn, _ = rollout(tmp_path, tiny_engine, num_samples=3, regenerate=True, temperature=1.0, samples_per_prompt=2,
+                      greedy_first_reply=True, max_new_tokens=8, vocab_warmup=2)
+    tasks = task_samples(conn)
+    for sample in load_dataset().samples[:3]:
+        first, copy = tasks[sample.id][0].messages, tasks[f"{sample.id}@1"][0].messages
+        (greedy,) = tiny_engine.generate([list(first[:1])], max_new_tokens=8, temperature=0.0)
+        assert first[1]["content"] == greedy and copy[1]["content"] != greedy
+
+
 def test_self_written_prompts_start_from_the_bare_user_header_and_are_distinct(tmp_path, tiny_engine):
     header = user_header(tiny_engine.tokenizer)
     assert header.endswith("<|im_start|>user\n") and "assistant" not in header.split("<|im_start|>")[-1]
@@ -99,6 +110,7 @@ def test_a_restart_keeps_the_tasks_and_vocabulary_of_the_first_start(tmp_path, t
 @pytest.mark.parametrize("options, message", [
     ({"samples_per_prompt": 2, "regenerate": True}, "temperature > 0"),
     ({"self_prompts": 3}, "needs regenerate"),
+    ({"greedy_first_reply": True, "regenerate": True, "temperature": 0.7}, "needs samples_per_prompt > 1"),
 ])
 def test_options_that_cannot_work_are_refused(options, message):
     with pytest.raises(ValueError, match=message):

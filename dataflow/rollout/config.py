@@ -26,6 +26,9 @@ class RolloutConfig:
     """Sampling temperature of the self-written prompts (SmolLM2-135M: 1.0 writes many incoherent ones)."""
     samples_per_prompt: int = 1
     """Sampled replies per prompt (each its own sample); > 1 needs --regenerate and --temperature > 0."""
+    greedy_first_reply: bool = False
+    """With samples_per_prompt > 1: each prompt's first reply is the target's greedy one (what it says when served
+    greedily), the others sampled at --temperature."""
     epochs: int = 1
     """Passes over the dataset (one target forward per sample per epoch)."""
     seed: int = 0
@@ -90,6 +93,8 @@ class RolloutConfig:
             raise ValueError("self_prompts needs regenerate (the target writes the replies to its own prompts)")
         if self.samples_per_prompt > 1 and not (self.regenerate and self.temperature > 0):
             raise ValueError("samples_per_prompt > 1 needs regenerate and temperature > 0 (else the copies are equal)")
+        if self.greedy_first_reply and self.samples_per_prompt < 2:
+            raise ValueError("greedy_first_reply needs samples_per_prompt > 1 (for greedy replies only: temperature 0)")
         if self.lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {self.lease_ttl}")
         if self.on_bad_row not in ("skip", "fail"):

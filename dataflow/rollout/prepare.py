@@ -88,7 +88,8 @@ def prepare_run(conn, config: RolloutConfig, engine: HFEngine, view: RolloutView
     order = epoch_order(with_copies(prompts, config.samples_per_prompt), config)
     view.message(
         f"prompts: {len(prompts)} ({len(held_out)} rows held out for eval, {duplicates} repeats dropped), "
-        f"x{config.samples_per_prompt} replies x{config.epochs} epochs = {len(order)} samples"
+        f"x{config.samples_per_prompt} replies{' (the first greedy)' if config.greedy_first_reply else ''} "
+        f"x{config.epochs} epochs = {len(order)} samples"
     )
     warm = {}
     if read_vocab(meta) is None:
@@ -184,7 +185,8 @@ def regenerate_warmup(
             batch = todo[start : start + config.tasks_per_lease]
             replies = regenerate_replies(
                 engine, [warmup[i][1] for i in batch], max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, seed=config.seed, contenders=contenders,
+                temperature=config.temperature, seed=config.seed, greedy_first=config.greedy_first_reply,
+                contenders=contenders,
             )
             out.update(zip(batch, replies))
             advance(len(out))

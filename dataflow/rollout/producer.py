@@ -320,6 +320,7 @@ class Producer:
             new = regenerate_replies(
                 self.engine, [samples[t] for t in todo], max_new_tokens=self.config.max_new_tokens,
                 temperature=self.config.temperature, seed=self.config.seed,
+                greedy_first=self.config.greedy_first_reply,
             )
         self.stats.regenerate_s += time.monotonic() - start
         self.drop(lost)

