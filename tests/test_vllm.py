@@ -72,6 +72,10 @@ def test_vllm_regeneration_is_batched_greedy_like_hf_and_samples_with_a_temperat
     torch.manual_seed(0)
     sampled = vllm.generate(conversations, max_new_tokens=12, temperature=1.5)
     assert all(sampled) and sampled != greedy
+    for seed in (0, 1):  # --greedy-first-reply: a greedy row among sampled ones stays greedy
+        torch.manual_seed(seed)
+        mixed = vllm.generate(conversations, max_new_tokens=12, temperature=[0.0, 1.5])
+        assert mixed[0] == greedy[0] and mixed[1] != greedy[1]
 
 
 @needs_vllm

@@ -155,16 +155,27 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        temperatures = per_row(temperature, len(texts))
+        greedy = [i for i, t in enumerate(temperatures) if t == 0]
+        if 0 < len(greedy) < len(texts):
+            # vLLM (0.32, CPU) samples a temperature-0 request too when its batch has sampled ones (measured on the
+            # tiny target: the "greedy" row changed with the seed), so greedy and sampled texts go in two batches
+            sampled = [i for i, t in enumerate(temperatures) if t > 0]
+            replies = dict(zip(greedy, self.complete([texts[i] for i in greedy], max_new_tokens=max_new_tokens,
+                                                     temperature=0.0, contenders=contenders)))
+            replies.update(zip(sampled, self.complete([texts[i] for i in sampled], max_new_tokens=max_new_tokens,
+                                                      temperature=[temperatures[i] for i in sampled],
+                                                      contenders=contenders)))
+            return [replies[i] for i in range(len(texts))]
         tok = self.tokenizer
         room = self.max_model_len - max_new_tokens  # a longer prompt keeps its last tokens
         prompts = [TokensPrompt(prompt_token_ids=tok(t, add_special_tokens=False)["input_ids"][-room:]) for t in texts]
         top_k = None if contenders is None else CONTENDERS_TOP_K
-        temperatures = per_row(temperature, len(prompts))
-        if any(t > 0 for t in temperatures):  # a seeded generator per sampled request (greedy ones need none)
+        if any(t > 0 for t in temperatures):  # (all sampled here) a seeded generator per request: slower in vLLM
             seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
-            params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, seed=s if t > 0 else None,
-                                     logprobs=top_k) for t, s in zip(temperatures, seeds)]
-        else:  # one shared params object: vLLM's sampler is slower with per-request seeds
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, seed=s, logprobs=top_k)
+                      for t, s in zip(temperatures, seeds)]
+        else:
             params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=top_k)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.take_captured(outputs)  # the prompts' hidden states were captured too: release them
