@@ -254,17 +254,19 @@ class InverseCDFSampler:
     rows' draws do not depend on which rows are greedy."""
 
     def __init__(self, temperature: float | torch.Tensor):
-        self.temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (rows or 1, 1)
+        temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (rows or 1, 1)
+        # fixed for the whole generate call: worked out once, not at every decoding step
+        self.sampled = temperature > 0
+        self.all_sampled = bool(self.sampled.all())
+        self.divisor = torch.where(self.sampled, temperature, 1.0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        temperature = self.temperature.to(scores.device)
-        sampled = temperature > 0
-        cdf = torch.softmax(scores.float() / torch.where(sampled, temperature, 1.0), dim=-1).cumsum_(dim=-1)
+        cdf = torch.softmax(scores.float() / self.divisor.to(scores.device), dim=-1).cumsum_(dim=-1)
         uniform = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
         # right: the first id whose cumulative mass exceeds the draw, so an id of zero probability never is
         drawn = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[1] - 1)
-        if not sampled.all():
-            drawn = torch.where(sampled, drawn, scores.argmax(dim=-1, keepdim=True))
+        if not self.all_sampled:
+            drawn = torch.where(self.sampled.to(scores.device), drawn, scores.argmax(dim=-1, keepdim=True))
         return scores.fill_(float("-inf")).scatter_(1, drawn, 0.0)  # in place: no fresh (rows, V) per step
 
 

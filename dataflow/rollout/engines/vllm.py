@@ -156,11 +156,11 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         temperatures = per_row(temperature, len(texts))
+        sampled = [i for i, t in enumerate(temperatures) if t > 0]
         greedy = [i for i, t in enumerate(temperatures) if t == 0]
-        if 0 < len(greedy) < len(texts):
+        if sampled and greedy:
             # vLLM (0.32, CPU) samples a temperature-0 request too when its batch has sampled ones (measured on the
             # tiny target: the "greedy" row changed with the seed), so greedy and sampled texts go in two batches
-            sampled = [i for i, t in enumerate(temperatures) if t > 0]
             replies = dict(zip(greedy, self.complete([texts[i] for i in greedy], max_new_tokens=max_new_tokens,
                                                      temperature=0.0, contenders=contenders)))
             replies.update(zip(sampled, self.complete([texts[i] for i in sampled], max_new_tokens=max_new_tokens,
@@ -171,7 +171,7 @@ class VLLMEngine:
         room = self.max_model_len - max_new_tokens  # a longer prompt keeps its last tokens
         prompts = [TokensPrompt(prompt_token_ids=tok(t, add_special_tokens=False)["input_ids"][-room:]) for t in texts]
         top_k = None if contenders is None else CONTENDERS_TOP_K
-        if any(t > 0 for t in temperatures):  # (all sampled here) a seeded generator per request: slower in vLLM
+        if sampled:  # all of them here: a seeded generator per request (vLLM's sampler is slower with them)
             seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
             params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, seed=s, logprobs=top_k)
                       for t, s in zip(temperatures, seeds)]
