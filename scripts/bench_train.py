@@ -2,6 +2,7 @@
 measured in the same run at the step's own matmul shapes and threads. Prints one JSON object last.
 
     .venv/bin/python scripts/bench_train.py [--steps 3] [--warmup 1] [--threads 2] [--modes fp32,bf16]
+    .venv/bin/python scripts/bench_train.py --modes bf16,specforge --specforge-source DIR   # + SpecForge's step
 
 Shapes: draft H 576, I 1536, 9/3 heads, target vocab 49152, draft vocab 8192, 8 x 256 tokens, TTT 7;
 random weights. The draft vocabulary holds every teacher top-1 of the batch, so every position carries loss
@@ -17,6 +18,8 @@ torch.profiler split of one step into matmul vs everything else, and `step_worki
 over two steps minus RSS after build, each mode alone in a child process). The modes' steps are
 interleaved in one process, so load from other processes on a shared machine hits them alike. `compile_s`:
 the first step's extra time, with a fresh inductor cache (what a trainer's first start pays).
+Mode `specforge` (with --specforge-source) times SpecForge's own training step on the same problem, in the
+same rounds, with the same measures: the peer that issue 17 compares against (scripts/peer_specforge.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,11 +46,21 @@ MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.at
 PROFILED_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
 
 
-def build_problem(dtype: str, compile: bool, seed: int):
-    from dataflow.train.config import TrainConfig
-    from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
+@dataclass
+class Problem:
+    """The bench's draft shapes, frozen weights, vocabulary and batch: what every mode (and the peer) trains on."""
+
+    seed: int
+    config: object  # dataflow.train.eagle3.DraftConfig
+    lm_head: torch.Tensor  # (VOCAB, H) fp32, the frozen target head
+    embed_tokens: torch.Tensor  # (VOCAB, H) fp32
+    vocab: object  # dataflow.train.vocab.DraftVocab
+    batch: object  # dataflow.train.source.MicroBatch
+
+
+def problem(seed: int) -> Problem:
+    from dataflow.train.eagle3 import DraftConfig
     from dataflow.train.source import MicroBatch
-    from dataflow.train.step import TrainStep
     from dataflow.train.vocab import vocab_from_target_ids
 
     gen = torch.Generator().manual_seed(seed)
@@ -60,13 +74,32 @@ def build_problem(dtype: str, compile: bool, seed: int):
     vocab = vocab_from_target_ids(torch.cat([tops, others]), VOCAB)
     cfg = DraftConfig(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                       head_dim=H // HEADS, vocab_size=VOCAB, draft_vocab_size=DRAFT_VOCAB, target_hidden_size=H)
-    torch.manual_seed(seed)
-    draft = Eagle3Draft(cfg, embed_tokens=torch.randn(VOCAB, H, generator=gen) * 0.05, d2t=vocab.d2t, t2d=vocab.t2d)
-    config = TrainConfig(lr=1e-3, warmup_steps=0, decay="none", ttt_length=TTT, dtype=dtype)
-    step = TrainStep(draft, lm_head, config, device=torch.device("cpu"), compile=compile)
     batch = MicroBatch(input_ids=ids, loss_mask=torch.ones(BATCH, SEQ, dtype=torch.bool), aux_hidden=aux,
                        target_hidden=target_hidden)
-    return step, batch
+    return Problem(seed=seed, config=cfg, lm_head=lm_head, embed_tokens=torch.randn(VOCAB, H, generator=gen) * 0.05,
+                   vocab=vocab, batch=batch)
+
+
+PEER = "specforge"  # the mode that runs SpecForge's own step (scripts/peer_specforge.py)
+
+
+def build_problem(mode: str, seed: int, peer_source: Path | None = None, *, compile: bool = True):
+    """(step, batch) of a mode: fp32, bf16 and bf16-eager are the trainer's TrainStep, PEER is SpecForge's."""
+    from dataflow.train.config import TrainConfig
+    from dataflow.train.eagle3 import Eagle3Draft
+    from dataflow.train.step import TrainStep
+
+    p = problem(seed)
+    if mode == PEER:
+        from peer_specforge import PeerStep
+
+        return PeerStep(peer_source, p, ttt=TTT, lr=1e-3), p.batch
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(p.config, embed_tokens=p.embed_tokens, d2t=p.vocab.d2t, t2d=p.vocab.t2d)
+    config = TrainConfig(lr=1e-3, warmup_steps=0, decay="none", ttt_length=TTT, dtype=dtype_of(mode))
+    step = TrainStep(draft, p.lm_head, config, device=torch.device("cpu"),
+                     compile=compile and not mode.endswith("-eager"))
+    return step, p.batch
 
 
 def rss_bytes() -> int:
@@ -181,7 +214,7 @@ class Round(NamedTuple):
 def train_step(step, batch, index: int, n_tokens: float) -> float:
     _, sums = step.accumulate(batch, n_tokens)
     step.update(step=index, samples=index * BATCH)
-    return float(sums.correct[0]) / max(sums.count[0], 1)
+    return float(sums.correct[0]) / max(float(sums.count[0]), 1.0)
 
 
 def count_step(step, batch, n_tokens: float) -> tuple[float, Counter]:
@@ -189,8 +222,25 @@ def count_step(step, batch, n_tokens: float) -> tuple[float, Counter]:
     shapes, flops = MatmulShapes(), FlopCounterMode(display=False)
     with flops, shapes:
         step.accumulate(batch, n_tokens)
-    step.optimizer.zero_grad(set_to_none=True)
     return flops.get_total_flops(), shapes.calls
+
+
+def count_in_child(mode: str, seed: int, peer_source: Path | None, queue) -> None:
+    """count_step of a mode that cannot be counted on an eager twin (the peer compiles at import), in a process
+    of its own: a compiled step that once runs under a dispatch mode runs eagerly from then on."""
+    step, batch = build_problem(mode, seed, peer_source)
+    flops, calls = count_step(step, batch, float(batch.loss_mask.sum()))
+    queue.put((flops, Counter({(str(func), tensors): n for (func, tensors), n in calls.items()})))
+
+
+def counted_in_child(mode: str, seed: int, peer_source: Path | None) -> tuple[float, Counter]:
+    queue = mp.get_context("spawn").Queue()
+    child = mp.get_context("spawn").Process(target=count_in_child, args=(mode, seed, peer_source, queue))
+    child.start()
+    flops, calls = queue.get()
+    child.join()
+    by_name = {str(func): func for func in MATMULS}
+    return flops, Counter({(by_name[name], tensors): n for (name, tensors), n in calls.items()})
 
 
 def profile_split(step, batch, index: int, n_tokens: float) -> dict:
@@ -201,7 +251,7 @@ def profile_split(step, batch, index: int, n_tokens: float) -> dict:
     return {"step_s": clock.wall, "matmul_s": matmul, "other_s": clock.wall - matmul}
 
 
-def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -> dict:
+def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int, peer_source: Path | None) -> dict:
     """All modes in one process, their steps interleaved round by round, each step followed by its matmul
     replay: load from other processes hits every mode and its roofline alike."""
     from dataflow.train.loss import loss_tokens
@@ -209,13 +259,14 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    built = {mode: build_problem(dtype_of(mode), compile=not mode.endswith("-eager"), seed=seed)
-             for mode in modes}
+    built = {mode: build_problem(mode, seed, peer_source) for mode in modes}
     n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
     # Counted on eager twins: a compiled step that once runs under a dispatch mode runs eagerly from then on
     # (measured: 1.30 s -> 1.80 s per bf16 step), so the timed steps never see one.
-    dtypes = {dtype_of(mode) for mode in modes}  # bf16 and bf16-eager run the same matmuls
-    counted = {dtype: count_step(*build_problem(dtype, compile=False, seed=seed), n_tokens) for dtype in dtypes}
+    dtypes = {dtype_of(mode) for mode in modes} - {PEER}  # bf16 and bf16-eager run the same matmuls
+    counted = {dtype: count_step(*build_problem(dtype, seed, compile=False), n_tokens) for dtype in dtypes}
+    if PEER in modes:
+        counted[PEER] = counted_in_child(PEER, seed, peer_source)
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
     first = {}
@@ -262,14 +313,14 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int) -
     return out
 
 
-def working_set(mode: str, steps: int, threads: int, seed: int, queue) -> None:
+def working_set(mode: str, steps: int, threads: int, seed: int, peer_source: Path | None, queue) -> None:
     """Peak RSS over `steps` steps minus RSS after build, alone in this process."""
     from dataflow.train.loss import loss_tokens
     from dataflow.train.step import keep_freed_memory
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    step, batch = build_problem(dtype_of(mode), compile=not mode.endswith("-eager"), seed=seed)
+    step, batch = build_problem(mode, seed, peer_source)
     n_tokens = float(loss_tokens(batch.loss_mask))
     built = rss_bytes()
     reset_peak_rss()
@@ -284,11 +335,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first rounds (compile, allocator); >= 1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16, bf16-eager (no torch.compile)")
+    parser.add_argument("--modes", default="fp32,bf16",
+                        help=f"fp32, bf16, bf16-eager (no torch.compile), {PEER} (SpecForge's own step)")
+    parser.add_argument("--specforge-source", type=Path, default=None,
+                        help=f"a SpecForge checkout, for the {PEER} mode (scripts/peer_specforge.py)")
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the first round compiles")
     modes = args.modes.split(",")
+    if PEER in modes and args.specforge_source is None:
+        parser.error(f"--modes {PEER} needs --specforge-source DIR (a checkout of github.com/sgl-project/SpecForge)")
     # A fresh inductor cache: compile_s is what a trainer pays on its first start on a fresh machine.
     cache = tempfile.TemporaryDirectory(prefix="bench-train-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
@@ -296,13 +352,13 @@ def main() -> None:
     memory = {}
     for mode in modes:  # each alone in a fresh process: nothing else's allocations in its RSS
         queue = ctx.Queue()
-        child = ctx.Process(target=working_set, args=(mode, 2, args.threads, args.seed, queue))
+        child = ctx.Process(target=working_set, args=(mode, 2, args.threads, args.seed, args.specforge_source, queue))
         child.start()
         memory[mode] = queue.get()
         child.join()
         print(f"{mode}: working set {memory[mode] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=cache.name)  # not the children's graphs
-    results = timing(modes, args.steps, args.warmup, args.threads, args.seed)
+    results = timing(modes, args.steps, args.warmup, args.threads, args.seed, args.specforge_source)
     for mode, r in results.items():
         r["step_working_set_bytes"] = memory[mode]
         print(f"{mode}: {r['tokens_per_s']:.0f} tokens/s, {r['gflop_per_s']:.0f} GFLOP/s "
@@ -331,6 +387,15 @@ def main() -> None:
             "bf16_matmul_s": bf16["profile"]["matmul_s"],
             "bf16_other_s": bf16["profile"]["other_s"],
             "bf16_compile_s": bf16["compile_s"],
+        }
+    if PEER in results and "bf16" in results:
+        peer, bf16 = results[PEER], results["bf16"]
+        summary |= {
+            f"bf16_speedup_vs_{PEER}": peer["step_s"] / bf16["step_s"],
+            f"bf16_speedup_vs_{PEER}_cpu_time": peer["step_cpu_s"] / bf16["step_cpu_s"],
+            f"{PEER}_fraction_of_roofline": peer["fraction_of_roofline"],
+            f"{PEER}_fraction_of_bare_reference_roofline": peer["fraction_of_bare_reference_roofline"],
+            f"{PEER}_step_working_set_bytes": peer["step_working_set_bytes"],
         }
     cache.cleanup()
     print(json.dumps(summary))
