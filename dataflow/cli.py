@@ -490,6 +490,8 @@ def eval_draft(
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
     aux_layers: str = typer.Option(None, help="Comma-separated HF hidden_states indices (default 2,N//2,N-3)."),
     threads: int = typer.Option(None, help="torch CPU threads."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Also measure an untrained draft (tau_untrained; hf engine): a third of the time."),
     engine: str = typer.Option("hf", help="hf: our chain decoding with the HF target; vllm: vLLM serves target + draft."),
     verbose: bool = typer.Option(False, "--verbose", help="Show vLLM's own log (hidden otherwise)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -509,7 +511,7 @@ def eval_draft(
         config = EvalConfig(
             draft=draft, target_model=target_model, data=data, num_prompts=num_prompts, held_out=held_out,
             run=run and require_run(run),
-            num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads,
+            num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, threads=threads, baseline=baseline,
             aux_layers=tuple(int(a) for a in aux_layers.split(",")) if aux_layers else None,
         )
     except ValueError as e:

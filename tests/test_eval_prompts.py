@@ -8,6 +8,7 @@ from dataflow.control.meta import RunMeta
 from dataflow.control.tasks import TaskQueue
 from dataflow.errors import InputError
 from dataflow.eval.report import EvalConfig, eval_prompts
+from dataflow.eval.speculative import speculative
 from dataflow.keys import copy_id
 from dataflow.rollout.data import load_dataset, split_held_out
 from dataflow.train.validation import held_out
@@ -59,3 +60,34 @@ def test_with_a_run_the_prompts_are_those_its_trainer_held_out_once_each(tmp_pat
     RunMeta(conn).set("config.train", {"validation_share": 0.0})
     with pytest.raises(InputError, match=r"held no prompts out .*\(drop --run\)"):
         eval_prompts(tokenizer, config)
+
+
+def test_no_baseline_skips_the_untrained_draft_and_still_checks_exactness(tmp_path, tiny_target, monkeypatch):
+    import json
+
+    import torch
+
+    from dataflow.eval import report
+    from dataflow.eval.report import evaluate
+    from dataflow.train.checkpoint import write_export
+    from dataflow.train.eagle3 import DraftConfig, Eagle3Draft
+
+    target = json.loads((tiny_target / "config.json").read_text())
+    vocab, draft_vocab = target["vocab_size"], 512
+    torch.manual_seed(0)
+    draft = Eagle3Draft(DraftConfig.from_target(target, draft_vocab_size=draft_vocab),
+                        embed_tokens=torch.randn(vocab, target["hidden_size"]), d2t=torch.zeros(draft_vocab, dtype=torch.long),
+                        t2d=torch.arange(vocab) < draft_vocab)
+    write_export(draft, tmp_path, dtype=torch.float32, include_embed=False, aux_layers=[2, 3, 4])
+    common = dict(draft=tmp_path, target_model=str(tiny_target), num_prompts=2, num_draft_tokens=2, max_new_tokens=6,
+                  threads=1)
+    decoded = []  # the drafts each prompt was decoded with
+    monkeypatch.setattr(report, "speculative", lambda target, d, *args: decoded.append(d) or speculative(target, d, *args))
+    with_floor = evaluate(EvalConfig(**common))
+    assert len(decoded) == 4 and len({id(d) for d in decoded}) == 2  # the trained and the untrained draft, per prompt
+    decoded.clear()
+    without = evaluate(EvalConfig(**common, baseline=False))
+    assert len(decoded) == 2 and len({id(d) for d in decoded}) == 1
+    assert "tau_untrained" in with_floor and "tau_untrained" not in without
+    assert without["exact_match"] and with_floor["exact_match"]
+    assert without["tau"] == with_floor["tau"] and without["verify_steps"] == with_floor["verify_steps"]
