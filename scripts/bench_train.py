@@ -228,8 +228,10 @@ def count_step(step, batch, n_tokens: float) -> tuple[float, Counter]:
 def count_in_child(mode: str, seed: int, peer_source: Path | None, queue) -> None:
     """count_step of a mode that cannot be counted on an eager twin (the peer compiles at import), in a process
     of its own: a compiled step that once runs under a dispatch mode runs eagerly from then on."""
+    from dataflow.train.loss import loss_tokens
+
     step, batch = build_problem(mode, seed, peer_source)
-    flops, calls = count_step(step, batch, float(batch.loss_mask.sum()))
+    flops, calls = count_step(step, batch, float(loss_tokens(batch.loss_mask)))
     queue.put((flops, Counter({(str(func), tensors): n for (func, tensors), n in calls.items()})))
 
 
