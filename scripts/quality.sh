@@ -35,7 +35,7 @@
 # eval --run tau 2.000; the trainer finished 61 min in, the three evals take the rest.
 # Trimmed to fit 60 minutes (the defaults now: 5 epochs, held-out tau-hat every 200 steps, evals without the
 # untrained baseline, eval --run only with EVAL_RUN=1; 2026-12-08, quiet machine): 60.4 min with .venv set up (set-up
-# from scratch ~2.3 min more), trainer done at 55.4 min, tau 1.682 HF = vLLM, per position
+# on a fresh clone 1m57s more), trainer done at 55.4 min, tau 1.682 HF = vLLM, per position
 # 0.40 / 0.16 / 0.07 / 0.04 / 0.02, held-out tau-hat 1.93.
 # Prints one JSON object last. Every size is a variable, so a shortened run validates the script:
 #   SELF_PROMPTS=16 SAMPLES=24 EPOCHS=1 EVAL_PROMPTS=1 EVAL_TOKENS=16 bash scripts/quality.sh
