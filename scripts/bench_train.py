@@ -226,21 +226,30 @@ def count_step(step, batch, n_tokens: float) -> tuple[float, Counter]:
 
 
 def count_in_child(mode: str, seed: int, peer_source: Path | None, queue) -> None:
-    """count_step of a mode that cannot be counted on an eager twin (the peer compiles at import), in a process
-    of its own: a compiled step that once runs under a dispatch mode runs eagerly from then on."""
+    """count_step of a mode, eagerly where the mode allows it, in a process of its own: a compiled step that once
+    runs under a dispatch mode runs eagerly from then on (measured: 1.30 s -> 1.80 s per bf16 step), and the peer
+    compiles at import, so no counted step may share the timed steps' process."""
     from dataflow.train.loss import loss_tokens
 
-    step, batch = build_problem(mode, seed, peer_source)
+    step, batch = build_problem(mode, seed, peer_source, compile=False)
     flops, calls = count_step(step, batch, float(loss_tokens(batch.loss_mask)))
     queue.put((flops, Counter({(str(func), tensors): n for (func, tensors), n in calls.items()})))
 
 
-def counted_in_child(mode: str, seed: int, peer_source: Path | None) -> tuple[float, Counter]:
-    queue = mp.get_context("spawn").Queue()
-    child = mp.get_context("spawn").Process(target=count_in_child, args=(mode, seed, peer_source, queue))
+def in_child(target, *args):
+    """target(*args, queue) in a fresh spawned process; what it puts on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, queue))
     child.start()
-    flops, calls = queue.get()
+    result = queue.get()
     child.join()
+    return result
+
+
+def counted(mode: str, seed: int, peer_source: Path | None) -> tuple[float, Counter]:
+    """FLOPs and matmul calls of one step of `mode` (count_in_child), the matmuls ready to replay."""
+    flops, calls = in_child(count_in_child, mode, seed, peer_source)
     by_name = {str(func): func for func in MATMULS}
     return flops, Counter({(by_name[name], tensors): n for (name, tensors), n in calls.items()})
 
@@ -263,12 +272,8 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int, p
     keep_freed_memory()
     built = {mode: build_problem(mode, seed, peer_source) for mode in modes}
     n_tokens = float(loss_tokens(next(iter(built.values()))[1].loss_mask))
-    # Counted on eager twins: a compiled step that once runs under a dispatch mode runs eagerly from then on
-    # (measured: 1.30 s -> 1.80 s per bf16 step), so the timed steps never see one.
-    dtypes = {dtype_of(mode) for mode in modes} - {PEER}  # bf16 and bf16-eager run the same matmuls
-    counted = {dtype: count_step(*build_problem(dtype, seed, compile=False), n_tokens) for dtype in dtypes}
-    if PEER in modes:
-        counted[PEER] = counted_in_child(PEER, seed, peer_source)
+    # bf16 and bf16-eager run the same matmuls
+    counts = {dtype: counted(dtype, seed, peer_source) for dtype in {dtype_of(mode) for mode in modes}}
     acc0 = {mode: [] for mode in modes}
     rounds = {mode: [] for mode in modes}
     first = {}
@@ -279,14 +284,14 @@ def timing(modes: list[str], steps: int, warmup: int, threads: int, seed: int, p
                 acc0[mode].append(train_step(step, batch, i, n_tokens))
             first.setdefault(mode, clock)
             if i >= warmup:
-                rounds[mode].append(Round(clock.wall, clock.cpu, *replay(counted[dtype_of(mode)][1]),
+                rounds[mode].append(Round(clock.wall, clock.cpu, *replay(counts[dtype_of(mode)][1]),
                                           reference_gflop_per_s(step.dtype), bare.measure(step.dtype)))
             print(f"round {i} {mode}: step {clock.wall:.2f}s wall, {clock.cpu:.2f}s cpu"
                   + (f"; its matmuls alone {rounds[mode][-1].matmul_wall:.2f}s" if i >= warmup else ""), file=sys.stderr, flush=True)
     bare.close()
     out = {}
     for mode, (step, batch) in built.items():
-        flops = counted[dtype_of(mode)][0]
+        flops = counts[dtype_of(mode)][0]
         runs = rounds[mode]
         wall = statistics.median(r.wall for r in runs)
         cpu = statistics.median(r.cpu for r in runs)
@@ -350,14 +355,9 @@ def main() -> None:
     # A fresh inductor cache: compile_s is what a trainer pays on its first start on a fresh machine.
     cache = tempfile.TemporaryDirectory(prefix="bench-train-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
-    ctx = mp.get_context("spawn")
     memory = {}
     for mode in modes:  # each alone in a fresh process: nothing else's allocations in its RSS
-        queue = ctx.Queue()
-        child = ctx.Process(target=working_set, args=(mode, 2, args.threads, args.seed, args.specforge_source, queue))
-        child.start()
-        memory[mode] = queue.get()
-        child.join()
+        memory[mode] = in_child(working_set, mode, 2, args.threads, args.seed, args.specforge_source)
         print(f"{mode}: working set {memory[mode] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=cache.name)  # not the children's graphs
     results = timing(modes, args.steps, args.warmup, args.threads, args.seed, args.specforge_source)
